@@ -1,0 +1,33 @@
+"""Image-processing settings; the defaults are the released processor's constants (spec section 3)."""
+
+from dataclasses import dataclass
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    image_size: int = 728  # global view side, pixels
+    crop_size: int = 504  # local crop side, pixels
+    max_image_size: int = 3024  # longer side is capped to this before planning
+    patch_size: int = 14  # ViT patch side
+    downsample_stride: int = 4  # two stride-2 convs
+    enable_patch: bool = True  # False: global view only (171 tokens an image at full size)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def tokens_per_side(self, side: int) -> int:
+        """Projected tokens along one side of a `side`-pixel square: 728 -> 13, 504 -> 9."""
+        grid = side // self.patch_size
+        for _ in range(self.downsample_stride.bit_length() - 1):
+            grid = (grid + 1) // 2  # Conv2d(k=3, s=2, p=1)
+        return grid
+
+    @property
+    def global_tokens(self) -> int:
+        return self.tokens_per_side(self.image_size) ** 2
+
+    @property
+    def crop_tokens(self) -> int:
+        return self.tokens_per_side(self.crop_size) ** 2
