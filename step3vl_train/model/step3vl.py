@@ -16,7 +16,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from step3vl_train.model.config import Step3VLConfig
-from step3vl_train.model.vision import LayerScale, StepVisionEncoder
+from step3vl_train.model.vision import LayerScale, StepVisionEncoder, VisionAttention
 
 
 class ImageTokenMismatchError(ValueError):
@@ -48,7 +48,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.positional_embedding, std=module.config.width**-0.5)
         elif isinstance(module, LayerScale):
             nn.init.constant_(module.gamma, module.init_value)
-        elif hasattr(module, "in_proj_weight"):
+        elif isinstance(module, VisionAttention):
             nn.init.normal_(module.in_proj_weight, std=self.config.vision_config.initializer_range)
             nn.init.zeros_(module.in_proj_bias)
 
@@ -163,14 +163,14 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
-    def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "4GB", **_) -> None:
+    def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "4GB") -> None:
         """Writes `config.json` and sharded safetensors with `model.safetensors.index.json`, released names."""
         from step3vl_train.model.checkpoint import save_released
 
         save_released(self, save_directory, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *_, dtype: torch.dtype | None = None, **__):
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None):
         """Reads a released-format directory; missing or unexpected tensors are an error listing them."""
         from step3vl_train.model.checkpoint import load_released
 

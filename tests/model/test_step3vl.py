@@ -122,3 +122,12 @@ def test_greedy_generation_with_kv_cache_matches_recomputation(tiny_model):
             logits = tiny_model(input_ids=expected, **images, use_cache=False).logits
             expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, expected)
+
+
+def test_fresh_initialisation_follows_pe_and_qwen(tiny_model):
+    vision = tiny_model.config.vision_config
+    block = tiny_model.vision_model.transformer.resblocks[0]
+    assert torch.all(block.ls_1.gamma == vision.ls_init_value) and torch.all(block.ls_2.gamma == vision.ls_init_value)
+    assert abs(block.attn.in_proj_weight.std().item() - vision.initializer_range) < 0.005
+    assert torch.count_nonzero(block.attn.in_proj_bias) == 0
+    assert abs(tiny_model.vision_model.positional_embedding.std().item() - vision.width**-0.5) < 0.02
