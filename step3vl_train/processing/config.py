@@ -1,6 +1,7 @@
 """Image-processing settings; the defaults are the released processor's constants (spec section 3)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -16,6 +17,15 @@ class ProcessorConfig:
     enable_patch: bool = True  # False: global view only (171 tokens an image at full size)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ProcessorConfig":
+        """From a YAML/JSON mapping; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown processor config field(s): {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in values.items()})
 
     def tokens_per_side(self, side: int) -> int:
         """Projected tokens along one side of a `side`-pixel square: 728 -> 13, 504 -> 9."""

@@ -1,0 +1,112 @@
+"""Conversation + images -> model inputs: chat rendering, crop planning, pixels, placeholder expansion.
+
+`Step3VLProcessor` handles one sample; `collate` pads samples into a `Batch` for the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from step3vl_train.processing.chat import REASONING_CHAT_TEMPLATE, render_chat
+from step3vl_train.processing.config import ProcessorConfig
+from step3vl_train.processing.pixels import image_to_pixels
+from step3vl_train.processing.placeholders import ImageTokenIds, expand_image_placeholders
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ProcessedSample:
+    """One conversation ready for the model; L counts tokens after placeholder expansion."""
+
+    input_ids: torch.Tensor  # (L,) int64
+    labels: torch.Tensor  # (L,) int64: the token where the assistant writes it, IGNORE_INDEX elsewhere
+    pixel_values: torch.Tensor | None  # (N_images, 3, S, S) global views, None without images
+    patch_pixel_values: torch.Tensor | None  # (N_crops, 3, s, s) local crops of all images, None without crops
+    num_patches: list[int]  # crops per image
+    patch_newline_mask: torch.Tensor  # (N_crops,) bool: a <patch_newline> follows the crop
+
+
+@dataclass
+class Batch:
+    """Right-padded samples; image tensors concatenated in sample order (the order of the placeholders)."""
+
+    input_ids: torch.Tensor  # (B, L) int64
+    attention_mask: torch.Tensor  # (B, L) int64, 0 on padding
+    labels: torch.Tensor  # (B, L) int64, IGNORE_INDEX on padding
+    pixel_values: torch.Tensor | None  # (ΣN_images, 3, S, S)
+    patch_pixel_values: torch.Tensor | None  # (ΣN_crops, 3, s, s)
+    num_patches: list[int]  # per image, all samples
+
+    def model_inputs(self, with_labels: bool = True) -> dict[str, Any]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                  "pixel_values": self.pixel_values, "patch_pixel_values": self.patch_pixel_values,
+                  "num_patches": self.num_patches}  # fmt: skip
+        return {**inputs, "labels": self.labels} if with_labels else inputs
+
+
+class Step3VLProcessor:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        config: ProcessorConfig | None = None,
+        chat_template: str = REASONING_CHAT_TEMPLATE,
+    ):
+        self.tokenizer = tokenizer
+        self.config = config or ProcessorConfig()
+        self.chat_template = chat_template
+        self.image_token_ids = ImageTokenIds.from_tokenizer(tokenizer)
+
+    def __call__(
+        self,
+        messages: list[dict[str, Any]],
+        images: Sequence[Image.Image] = (),
+        add_generation_prompt: bool = False,
+        sample: str = "<sample>",
+    ) -> ProcessedSample:
+        """`messages` in OpenAI-style content parts, one `{"type": "image"}` per entry of `images`, in order.
+        `sample` names the sample in errors."""
+        ids, mask = render_chat(self.tokenizer, messages, add_generation_prompt, self.chat_template)
+        views = [image_to_pixels(image, self.config) for image in images]
+        plans = [view.plan for view in views]
+        ids, mask = expand_image_placeholders(ids, mask, plans, self.config, self.image_token_ids, sample)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        crops = [view.crops for view in views if view.crops.shape[0]]
+        return ProcessedSample(
+            input_ids=input_ids,
+            labels=torch.where(torch.tensor(mask, dtype=torch.bool), input_ids, IGNORE_INDEX),
+            pixel_values=torch.stack([view.global_view for view in views]) if views else None,
+            patch_pixel_values=torch.cat(crops) if crops else None,
+            num_patches=[plan.num_crops for plan in plans],
+            patch_newline_mask=torch.tensor([m for plan in plans for m in plan.newline_mask], dtype=torch.bool),
+        )
+
+
+def collate(samples: Sequence[ProcessedSample], pad_token_id: int) -> Batch:
+    """Right-pads to the longest sample; padding is masked out of attention and loss."""
+    length = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s.input_ids, s.labels, 1
+
+    def concat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        present = [t for t in tensors if t is not None]
+        return torch.cat(present) if present else None
+
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        pixel_values=concat([s.pixel_values for s in samples]),
+        patch_pixel_values=concat([s.patch_pixel_values for s in samples]),
+        num_patches=[n for s in samples for n in s.num_patches],
+    )

@@ -1,0 +1,20 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, "launch/demo.py", f"output_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    steps = {row["step"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert steps["processed"]["num_crops"] == 6 and steps["processed"]["image_tokens"] == 6 * 9 + 16
+    assert 0 < steps["forward_backward"]["loss"] < 20 and steps["forward_backward"]["grad_norm"] > 0
+    assert steps["save_reload"]["logits_identical"] is True
+    assert steps["generate"]["new_tokens"] > 0
+    assert (tmp_path / "model" / "model.safetensors.index.json").exists()

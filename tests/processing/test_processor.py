@@ -1,0 +1,66 @@
+import pytest
+import torch
+from PIL import Image
+
+from step3vl_train.processing.config import ProcessorConfig
+from step3vl_train.processing.images import load_image
+from step3vl_train.processing.placeholders import PlaceholderMismatchError
+from step3vl_train.processing.processor import IGNORE_INDEX, Step3VLProcessor, collate
+from step3vl_train.processing.tokenizer import load_tokenizer
+from tests.conftest import REPO
+
+TINY = ProcessorConfig(image_size=224, crop_size=168, max_image_size=672)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Step3VLProcessor(load_tokenizer("tiny"), TINY)
+
+
+def conversation(n_images: int) -> list[dict]:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": "Compare them."}]
+    return [{"role": "user", "content": content},
+            {"role": "assistant", "reasoning_content": "Look closely.", "content": "They differ."}]  # fmt: skip
+
+
+def test_photo_with_crops(processor):
+    photo = load_image(REPO / "data" / "samples" / "chelsea.png")  # 451x300 -> window 168, canvas 504x336
+    sample = processor(conversation(1), [photo])
+    ids = processor.image_token_ids
+    assert sample.num_patches == [6]
+    assert sample.patch_newline_mask.tolist() == [False, False, True, False, False, False]
+    assert sample.pixel_values.shape == (1, 3, 224, 224)
+    assert sample.patch_pixel_values.shape == (6, 3, 168, 168)
+    assert int((sample.input_ids == ids.im_patch).sum()) == 6 * 9 + 16
+    assert int((sample.input_ids == ids.patch_newline).sum()) == 1
+    assert (sample.labels[sample.input_ids == ids.im_patch] == IGNORE_INDEX).all()
+    trained = sample.input_ids[sample.labels != IGNORE_INDEX]
+    assert processor.tokenizer.decode(trained) == "Look closely.\n</think>\n\nThey differ.<|im_end|>"
+
+
+def test_images_without_crops_and_text_only(processor):
+    small = Image.new("RGB", (200, 180), "red")  # fits the global view: no crops
+    sample = processor(conversation(2), [small, small])
+    assert sample.num_patches == [0, 0] and sample.patch_pixel_values is None
+    assert sample.pixel_values.shape == (2, 3, 224, 224)
+    text_only = processor(conversation(0))
+    assert text_only.pixel_values is None and text_only.num_patches == []
+
+
+def test_placeholder_image_mismatch_names_the_sample(processor):
+    with pytest.raises(PlaceholderMismatchError, match="shard-3/000017"):
+        processor(conversation(2), [Image.new("RGB", (64, 64))], sample="shard-3/000017")
+
+
+def test_collate_pads_and_keeps_image_order(processor):
+    a = processor(conversation(1), [Image.new("RGB", (600, 300), "blue")])
+    b = processor(conversation(0))
+    c = processor(conversation(1), [Image.new("RGB", (100, 100), "green")])
+    batch = collate([a, b, c], processor.tokenizer.pad_token_id)
+    lengths = [len(s.input_ids) for s in (a, b, c)]
+    assert batch.input_ids.shape == (3, max(lengths))
+    assert batch.attention_mask.sum(1).tolist() == lengths
+    assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
+    assert batch.num_patches == a.num_patches + c.num_patches
+    assert torch.equal(batch.pixel_values, torch.cat([a.pixel_values, c.pixel_values]))
+    assert torch.equal(batch.patch_pixel_values, a.patch_pixel_values)
