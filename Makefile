@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) launch/demo.py
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check step3vl_train launch tests
+	$(VENV)/bin/ruff format --check step3vl_train launch tests
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

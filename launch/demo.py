@@ -30,18 +30,27 @@ def main(cfg: DictConfig) -> None:
     model = Step3VLForConditionalGeneration(config)
     processor = Step3VLProcessor(load_tokenizer(cfg.tokenizer), ProcessorConfig.from_dict(cfg.processor))
     if processor.image_token_ids.im_patch != config.image_token_id:
-        raise ValueError(f"tokenizer's <im_patch> is id {processor.image_token_ids.im_patch}, "
-                         f"the model's image_token_id is {config.image_token_id}")  # fmt: skip
+        raise ValueError(
+            f"tokenizer's <im_patch> is id {processor.image_token_ids.im_patch}, "
+            f"the model's image_token_id is {config.image_token_id}"
+        )
     report("model", parameters=count_parameters(model))
 
     image = load_image(cfg.image)
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": cfg.question}]}
     assistant = {"role": "assistant", "reasoning_content": cfg.reasoning, "content": cfg.answer}
     sample = processor([user, assistant], [image], sample=cfg.image)
-    report("processed", image=cfg.image, width=image.width, height=image.height, num_crops=sample.num_patches[0],
-           newlines=int(sample.patch_newline_mask.sum()), tokens=len(sample.input_ids),
-           image_tokens=int((sample.input_ids == config.image_token_id).sum()),
-           loss_tokens=int((sample.labels != -100).sum()))  # fmt: skip
+    report(
+        "processed",
+        image=cfg.image,
+        width=image.width,
+        height=image.height,
+        num_crops=sample.num_patches[0],
+        newlines=int(sample.patch_newline_mask.sum()),
+        tokens=len(sample.input_ids),
+        image_tokens=int((sample.input_ids == config.image_token_id).sum()),
+        loss_tokens=int((sample.labels != -100).sum()),
+    )
 
     batch = collate([sample], processor.tokenizer.pad_token_id)
     model.train()

@@ -1,6 +1,6 @@
 """Prints how the processor plans each image: one JSON line per image.
 
-    python launch/inspect_image.py PATH [PATH...] [--processor configs/processor/tiny.yaml]
+python launch/inspect_image.py PATH [PATH...] [--processor configs/processor/tiny.yaml]
 """
 
 import argparse
@@ -31,8 +31,18 @@ def main() -> int:
             failed += 1
             continue
         plan = plan_crops(image.width, image.height, cfg)
-        print(json.dumps({"path": path, "width": image.width, "height": image.height, "num_crops": plan.num_crops,
-                          "num_newlines": plan.num_newlines, "num_image_tokens": num_image_tokens(plan, cfg)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "path": path,
+                    "width": image.width,
+                    "height": image.height,
+                    "num_crops": plan.num_crops,
+                    "num_newlines": plan.num_newlines,
+                    "num_image_tokens": num_image_tokens(plan, cfg),
+                }
+            )
+        )
     return 1 if failed else 0
 
 

@@ -1,6 +1,6 @@
 """Prints a model preset's parameter counts and every tensor's shape, built on the meta device.
 
-    python launch/inspect_model.py model=step3vl_10b [+out=FILE]
+python launch/inspect_model.py model=step3vl_10b [+out=FILE]
 """
 
 import json

@@ -92,12 +92,12 @@ def load_released(directory: str | os.PathLike, dtype: torch.dtype | None = None
     with torch.device("meta"):
         model = Step3VLForConditionalGeneration(config)
     tensors = read_released_tensors(directory)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in tensors.items()},
-                     str(directory))  # fmt: skip
+    check_state_dict(
+        {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in tensors.items()}, str(directory)
+    )
     if dtype is not None:
         tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     # The decoder's RoPE frequencies are a non-persistent buffer, so they are rebuilt rather than loaded.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config.text_config)
     return model.eval()
-

@@ -20,7 +20,14 @@ from transformers.configuration_utils import SubConfigSpec
 # Keys older transformers wrote into a Qwen3 config that the current class folds into other fields.
 _LEGACY_TEXT_KEYS = {"rope_theta", "rope_scaling"}
 # Bookkeeping keys that transformers writes into any config; accepted on read, not written back.
-_SERIALISATION_KEYS = {"torch_dtype", "dtype", "transformers_version", "model_type", "_name_or_path", "output_attentions"}
+_SERIALISATION_KEYS = {
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "model_type",
+    "_name_or_path",
+    "output_attentions",
+}
 
 
 @strict
@@ -79,10 +86,25 @@ class Step3VLVisionConfig(PreTrainedConfig):
 
 
 _VISION_FIELDS = {
-    "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "ls_init_value", "layer_norm_eps",
-    "rope_theta", "hidden_act", "use_ln_pre", "use_ln_post", "use_cls_token", "use_abs_posemb", "use_rope2d",
-    "pool_type", "output_dim", "initializer_range",
-}  # fmt: skip
+    "image_size",
+    "patch_size",
+    "width",
+    "layers",
+    "heads",
+    "mlp_ratio",
+    "ls_init_value",
+    "layer_norm_eps",
+    "rope_theta",
+    "hidden_act",
+    "use_ln_pre",
+    "use_ln_post",
+    "use_cls_token",
+    "use_abs_posemb",
+    "use_rope2d",
+    "pool_type",
+    "output_dim",
+    "initializer_range",
+}
 
 
 @strict

@@ -27,8 +27,12 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     counts = {component: 0 for component, _ in COMPONENT_PREFIXES}
     for name, param in model.named_parameters():
         counts[component_of(name)] += param.numel()
-    return {"vision_encoder": counts["vision_encoder"], "projector": counts["projector"],
-            "decoder": counts["decoder"], "total": sum(counts.values())}  # fmt: skip
+    return {
+        "vision_encoder": counts["vision_encoder"],
+        "projector": counts["projector"],
+        "decoder": counts["decoder"],
+        "total": sum(counts.values()),
+    }
 
 
 def build_on_meta(config: Step3VLConfig) -> nn.Module:

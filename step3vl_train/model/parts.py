@@ -17,9 +17,14 @@ from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
 
 # Decoder shape fields that must agree between the Qwen3 checkpoint and our text_config.
 _DECODER_SHAPE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 # Wrappers perception_models' own loader strips (`load_ckpt`): a training-state dict and DDP/CLIP prefixes.
 _PE_CONTAINER_KEYS = ("state_dict", "weights")
 _PE_PREFIXES = ("module.", "visual.")
@@ -31,8 +36,11 @@ def load_decoder_from_qwen3(model: Step3VLForConditionalGeneration, qwen3_dir: s
     embedding becomes the untied head's starting value)."""
     source = Qwen3ForCausalLM.from_pretrained(qwen3_dir, dtype=model.lm_head.weight.dtype)
     ours, theirs = model.config.text_config, source.config
-    differ = [f"{f}: {getattr(theirs, f)} vs ours {getattr(ours, f)}" for f in _DECODER_SHAPE_FIELDS
-              if getattr(theirs, f) != getattr(ours, f)]  # fmt: skip
+    differ = [
+        f"{f}: {getattr(theirs, f)} vs ours {getattr(ours, f)}"
+        for f in _DECODER_SHAPE_FIELDS
+        if getattr(theirs, f) != getattr(ours, f)
+    ]
     if differ:
         raise ValueError(f"{qwen3_dir}: Qwen3 checkpoint does not fit text_config ({'; '.join(differ)})")
     model.model.load_state_dict(source.model.state_dict(), strict=True)

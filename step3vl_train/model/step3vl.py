@@ -92,7 +92,9 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             pieces += [crops[crop_end - num_patches[image] : crop_end].flatten(0, 1), globals_[image]]
         return torch.cat(pieces)
 
-    def vision_keepalive(self, pixel_values: torch.Tensor | None, patch_pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def vision_keepalive(
+        self, pixel_values: torch.Tensor | None, patch_pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
         """A zero that depends on every vision parameter, from a tiny zero image, for each view kind this batch lacks.
 
         In training every rank must run the vision tower for both view kinds every micro-step: ZeRO-3 gathers
@@ -140,7 +142,11 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         if inputs_embeds is None:
             image_embeds = self.image_embeddings(pixel_values, patch_pixel_values, num_patches)
-            if image_embeds is None and _is_prefill(past_key_values) and (input_ids == self.config.image_token_id).any():
+            if (
+                image_embeds is None
+                and _is_prefill(past_key_values)
+                and (input_ids == self.config.image_token_id).any()
+            ):
                 raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
             inputs_embeds = self.embed(input_ids, image_embeds)
             if self.training and torch.is_grad_enabled():

@@ -47,7 +47,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head attention with a fused q|k|v projection (`in_proj_weight`, like nn.MultiheadAttention)."""
+    """Bidirectional attention with a fused q|k|v projection (`in_proj_weight`, as nn.MultiheadAttention names it)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()

@@ -60,7 +60,7 @@ def expand_image_placeholders(
     expanded_ids: list[int] = []
     expanded_mask: list[int] = []
     images = iter(plans)
-    for token, mask in zip(input_ids, loss_mask):
+    for token, mask in zip(input_ids, loss_mask, strict=True):
         if token == ids.im_patch:
             tokens = image_token_ids(next(images), cfg, ids)
             expanded_ids += tokens

@@ -45,9 +45,13 @@ class Batch:
     num_patches: list[int]  # per image, all samples
 
     def model_inputs(self, with_labels: bool = True) -> dict[str, Any]:
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                  "pixel_values": self.pixel_values, "patch_pixel_values": self.patch_pixel_values,
-                  "num_patches": self.num_patches}  # fmt: skip
+        inputs = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values,
+            "patch_pixel_values": self.patch_pixel_values,
+            "num_patches": self.num_patches,
+        }
         return {**inputs, "labels": self.labels} if with_labels else inputs
 
 

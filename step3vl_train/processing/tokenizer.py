@@ -15,9 +15,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 # Qwen's text specials, then the image specials. The tiny tokenizer puts them at ids 0..10, so
 # `<im_patch>` is id 5 there (configs/model/tiny.yaml's image_token_id).
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-    "<im_patch>", "<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<im_patch>",
+    "<im_start>",
+    "<im_end>",
+    "<patch_start>",
+    "<patch_end>",
+    "<patch_newline>",
+)
 TINY_VOCAB_SIZE = 1024
 
 

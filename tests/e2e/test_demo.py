@@ -9,8 +9,13 @@ from tests.conftest import REPO
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    result = subprocess.run([sys.executable, "launch/demo.py", f"output_dir={tmp_path}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "launch/demo.py", f"output_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     steps = {row["step"]: row for row in map(json.loads, result.stdout.splitlines())}
     assert steps["processed"]["num_crops"] == 6 and steps["processed"]["image_tokens"] == 6 * 9 + 16

@@ -1,7 +1,7 @@
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,8 +55,11 @@ def test_missing_and_unexpected_tensors_are_listed(tiny_model, tmp_path):
     index = json.loads(index_path.read_text())
     index["weight_map"]["vision_model.class_embedding"] = shard.name
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): vit_large_projector\.weight.*"
-                                                      r"unexpected \(1\): vision_model\.class_embedding"):  # fmt: skip
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"missing \(1\): vit_large_projector\.weight.*"
+        r"unexpected \(1\): vision_model\.class_embedding",
+    ):
         Step3VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
 
 
@@ -68,8 +71,13 @@ def test_full_size_model_on_meta_has_the_released_tensors():
 
 def test_inspect_model_tool(tmp_path):
     out = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "launch/inspect_model.py", "model=step3vl_10b", f"+out={out}"],
-                            cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "launch/inspect_model.py", "model=step3vl_10b", f"+out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(out.read_text())
     assert json.loads(result.stdout) == report
     assert report["tensors"] == REFERENCE["tensors"]

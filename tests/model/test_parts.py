@@ -27,8 +27,17 @@ def test_decoder_from_qwen3_checkpoint(tiny_model, tmp_path, tied):
 
 
 def test_decoder_shape_mismatch_names_the_fields(tiny_model, tmp_path):
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16)).save_pretrained(tmp_path)  # fmt: skip
+    Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=1024,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="hidden_size: 32 vs ours 64"):
         load_decoder_from_qwen3(tiny_model, tmp_path)
 
@@ -36,14 +45,29 @@ def test_decoder_shape_mismatch_names_the_fields(tiny_model, tmp_path):
 def meta_pe_checkpoint(vision_cfg, grid: int) -> dict[str, torch.Tensor]:
     """A PE-lang trunk as Meta's perception_models saves it, at a `grid` x `grid` position table."""
     width, hidden = vision_cfg.width, vision_cfg.mlp_width
-    state = {"conv1.weight": torch.randn(width, 3, 14, 14), "positional_embedding": torch.randn(grid * grid, width),
-             "ln_pre.weight": torch.randn(width), "ln_pre.bias": torch.randn(width)}  # fmt: skip
+    state = {
+        "conv1.weight": torch.randn(width, 3, 14, 14),
+        "positional_embedding": torch.randn(grid * grid, width),
+        "ln_pre.weight": torch.randn(width),
+        "ln_pre.bias": torch.randn(width),
+    }
     for i in range(vision_cfg.layers):
-        shapes = {"ln_1.weight": (width,), "ln_1.bias": (width,), "attn.in_proj_weight": (3 * width, width),
-                  "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width),
-                  "attn.out_proj.bias": (width,), "ls_1.gamma": (width,), "ln_2.weight": (width,),
-                  "ln_2.bias": (width,), "mlp.c_fc.weight": (hidden, width), "mlp.c_fc.bias": (hidden,),
-                  "mlp.c_proj.weight": (width, hidden), "mlp.c_proj.bias": (width,), "ls_2.gamma": (width,)}  # fmt: skip
+        shapes = {
+            "ln_1.weight": (width,),
+            "ln_1.bias": (width,),
+            "attn.in_proj_weight": (3 * width, width),
+            "attn.in_proj_bias": (3 * width,),
+            "attn.out_proj.weight": (width, width),
+            "attn.out_proj.bias": (width,),
+            "ls_1.gamma": (width,),
+            "ln_2.weight": (width,),
+            "ln_2.bias": (width,),
+            "mlp.c_fc.weight": (hidden, width),
+            "mlp.c_fc.bias": (hidden,),
+            "mlp.c_proj.weight": (width, hidden),
+            "mlp.c_proj.bias": (width,),
+            "ls_2.gamma": (width,),
+        }
         state.update({f"transformer.resblocks.{i}.{k}": torch.randn(s) for k, s in shapes.items()})
     return state
 
@@ -62,8 +86,13 @@ def test_vision_from_meta_pe_checkpoint_resizes_positions(tiny_model, tmp_path):
         if name != "positional_embedding":
             assert torch.equal(loaded[name], tensor), name
     grid = vision_cfg.grid_size
-    expected = F.interpolate(pe["positional_embedding"].T.reshape(1, -1, 10, 10), size=(grid, grid),
-                             mode="bilinear", align_corners=False).reshape(vision_cfg.width, -1).T  # fmt: skip
+    expected = (
+        F.interpolate(
+            pe["positional_embedding"].T.reshape(1, -1, 10, 10), size=(grid, grid), mode="bilinear", align_corners=False
+        )
+        .reshape(vision_cfg.width, -1)
+        .T
+    )
     torch.testing.assert_close(loaded["positional_embedding"], expected)
     assert torch.equal(tiny_model.vit_large_projector.weight, projector_before)
 
@@ -73,7 +102,9 @@ def test_vision_from_pe_lists_unexpected_and_missing(tiny_model, tmp_path):
     pe["attn_pool.probe"] = torch.zeros(1)
     del pe["ln_pre.bias"]
     torch.save(pe, tmp_path / "pe.pt")
-    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): ln_pre\.bias.*unexpected \(1\): attn_pool\.probe"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing \(1\): ln_pre\.bias.*unexpected \(1\): attn_pool\.probe"
+    ):
         load_vision_from_pe(tiny_model, tmp_path / "pe.pt")
 
 

@@ -30,9 +30,13 @@ def collate_right_padded(samples: list[dict]) -> dict:
         ids[row, : len(s["input_ids"])] = s["input_ids"]
         mask[row, : len(s["input_ids"])] = 1
     cat = lambda key: torch.cat([s[key] for s in samples if s[key] is not None])  # noqa: E731
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": cat("pixel_values"),
-            "patch_pixel_values": cat("patch_pixel_values"),
-            "num_patches": [n for s in samples for n in s["num_patches"]]}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": cat("pixel_values"),
+        "patch_pixel_values": cat("patch_pixel_values"),
+        "num_patches": [n for s in samples for n in s["num_patches"]],
+    }
 
 
 def test_text_only_logits_equal_transformers_qwen3(tiny_model):
@@ -50,8 +54,12 @@ def test_mixed_batch_equals_each_sample_alone(tiny_model):
     with torch.no_grad():
         batched = tiny_model(**batch).logits
         for row, s in enumerate(samples):
-            alone = tiny_model(input_ids=s["input_ids"][None], pixel_values=s["pixel_values"],
-                               patch_pixel_values=s["patch_pixel_values"], num_patches=s["num_patches"]).logits  # fmt: skip
+            alone = tiny_model(
+                input_ids=s["input_ids"][None],
+                pixel_values=s["pixel_values"],
+                patch_pixel_values=s["patch_pixel_values"],
+                num_patches=s["num_patches"],
+            ).logits
             torch.testing.assert_close(batched[row, : alone.shape[1]], alone[0], rtol=1e-5, atol=1e-5)
 
 
@@ -74,11 +82,16 @@ def test_placeholder_count_mismatch_is_an_error(tiny_model):
     s = sample(4, [1], 0)
     ids = torch.cat([s["input_ids"], torch.tensor([IMAGE])])[None]
     with pytest.raises(ImageTokenMismatchError, match="<im_patch>"):
-        tiny_model(input_ids=ids, pixel_values=s["pixel_values"], patch_pixel_values=s["patch_pixel_values"],
-                   num_patches=[1])  # fmt: skip
+        tiny_model(
+            input_ids=ids, pixel_values=s["pixel_values"], patch_pixel_values=s["patch_pixel_values"], num_patches=[1]
+        )
     with pytest.raises(ImageTokenMismatchError, match="num_patches"):
-        tiny_model(input_ids=s["input_ids"][None], pixel_values=s["pixel_values"],
-                   patch_pixel_values=s["patch_pixel_values"], num_patches=[2])  # fmt: skip
+        tiny_model(
+            input_ids=s["input_ids"][None],
+            pixel_values=s["pixel_values"],
+            patch_pixel_values=s["patch_pixel_values"],
+            num_patches=[2],
+        )
     with pytest.raises(ImageTokenMismatchError, match="no pixel_values"):
         tiny_model(input_ids=s["input_ids"][None])
 
@@ -106,8 +119,13 @@ def test_training_step_without_images_still_runs_the_vision_tower(tiny_model):
 def test_training_step_with_images_trains_the_vision_tower(tiny_model):
     tiny_model.train()
     s = sample(4, [1], 0)
-    tiny_model(input_ids=s["input_ids"][None], pixel_values=s["pixel_values"], patch_pixel_values=s["patch_pixel_values"],
-               num_patches=[1], labels=s["input_ids"][None]).loss.backward()  # fmt: skip
+    tiny_model(
+        input_ids=s["input_ids"][None],
+        pixel_values=s["pixel_values"],
+        patch_pixel_values=s["patch_pixel_values"],
+        num_patches=[1],
+        labels=s["input_ids"][None],
+    ).loss.backward()
     assert torch.count_nonzero(tiny_model.vision_model.conv1.weight.grad) > 0
 
 

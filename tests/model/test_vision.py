@@ -39,11 +39,12 @@ def reference_image_tokens(sd: dict, vision_cfg, pixels: torch.Tensor) -> torch.
         return torch.view_as_real(pairs * rotation).flatten(-2)
 
     for i in range(vision_cfg.layers):
-        b = lambda name: w(f"transformer.resblocks.{i}.{name}")  # noqa: E731
+        b = lambda name, i=i: w(f"transformer.resblocks.{i}.{name}")  # noqa: E731
         h = F.layer_norm(x, (width,), b("ln_1.weight"), b("ln_1.bias"), eps)
         qkv = h @ b("attn.in_proj_weight").T + b("attn.in_proj_bias")
-        q, k, v = (qkv[..., j * width : (j + 1) * width].reshape(batch, -1, heads, head_dim).transpose(1, 2)
-                   for j in range(3))  # fmt: skip
+        q, k, v = (
+            qkv[..., j * width : (j + 1) * width].reshape(batch, -1, heads, head_dim).transpose(1, 2) for j in range(3)
+        )
         scores = rope(q) @ rope(k).transpose(-1, -2) / math.sqrt(head_dim)
         attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, -1, width)
         x = x + b("ls_1.gamma") * (attn @ b("attn.out_proj.weight").T + b("attn.out_proj.bias"))

@@ -26,7 +26,7 @@ def test_rendering_with_reasoning_format(tokenizer):
         "<|im_start|>user\n<im_patch>What is shown?<|im_end|>\n"
         "<|im_start|>assistant\n<think>\nWhiskers and fur.\n</think>\n\nA cat.<|im_end|>\n"
     )
-    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert trained == "Whiskers and fur.\n</think>\n\nA cat.<|im_end|>"
 
 
@@ -40,7 +40,7 @@ def test_every_assistant_turn_is_trained_and_nothing_else(tokenizer):
     second = {"role": "user", "content": "And its colour?"}
     answer = {"role": "assistant", "content": "Grey."}
     ids, mask = render_chat(tokenizer, [USER, ASSISTANT, second, answer])
-    spans = "".join(tokenizer.decode([i]) if m else "\0" for i, m in zip(ids, mask))
+    spans = "".join(tokenizer.decode([i]) if m else "\0" for i, m in zip(ids, mask, strict=True))
     assert [s for s in spans.split("\0") if s] == [
         "Whiskers and fur.\n</think>\n\nA cat.<|im_end|>",
         "\n</think>\n\nGrey.<|im_end|>",

@@ -37,9 +37,13 @@ def test_cap_truncates_to_max_size():
 def test_boxes_are_row_major_with_newline_after_each_full_row():
     plan = plan_crops(1280, 720, RELEASED)  # canvas 1512x1008: 3 columns, 2 rows
     assert plan.boxes == (
-        (0, 0, 504, 504), (504, 0, 1008, 504), (1008, 0, 1512, 504),
-        (0, 504, 504, 1008), (504, 504, 1008, 1008), (1008, 504, 1512, 1008),
-    )  # fmt: skip
+        (0, 0, 504, 504),
+        (504, 0, 1008, 504),
+        (1008, 0, 1512, 504),
+        (0, 504, 504, 1008),
+        (504, 504, 1008, 1008),
+        (1008, 504, 1512, 1008),
+    )
     assert plan.newline_mask == (False, False, True, False, False, False)
 
 

@@ -41,7 +41,7 @@ def test_expansion_keeps_text_and_masks_images():
     ids, mask = expand_image_placeholders([1, 5, 2, 5, 3], [0, 0, 1, 0, 1], plans, CFG, IDS, "s")
     assert len(ids) == 3 + 171 + 337
     assert ids[0] == 1 and ids[172] == 2 and ids[-1] == 3
-    assert [m for t, m in zip(ids, mask) if t in (1, 2, 3)] == [0, 1, 1]
+    assert [m for t, m in zip(ids, mask, strict=True) if t in (1, 2, 3)] == [0, 1, 1]
     assert sum(mask) == 2
 
 

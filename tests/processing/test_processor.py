@@ -19,8 +19,10 @@ def processor():
 
 def conversation(n_images: int) -> list[dict]:
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": "Compare them."}]
-    return [{"role": "user", "content": content},
-            {"role": "assistant", "reasoning_content": "Look closely.", "content": "They differ."}]  # fmt: skip
+    return [
+        {"role": "user", "content": content},
+        {"role": "assistant", "reasoning_content": "Look closely.", "content": "They differ."},
+    ]
 
 
 def test_photo_with_crops(processor):
