@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from step3vl_train.model.config import Step3VLVisionConfig
 
@@ -85,7 +86,9 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class ResidualAttentionBlock(nn.Module):
+class ResidualAttentionBlock(GradientCheckpointingLayer):
+    """Pre-norm block; `model.gradient_checkpointing_enable()` recomputes it in backward like the decoder layers."""
+
     def __init__(self, config: Step3VLVisionConfig):
         super().__init__()
         width, eps = config.width, config.layer_norm_eps

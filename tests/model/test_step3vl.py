@@ -149,3 +149,23 @@ def test_fresh_initialisation_follows_pe_and_qwen(tiny_model):
     assert abs(block.attn.in_proj_weight.std().item() - vision.initializer_range) < 0.005
     assert torch.count_nonzero(block.attn.in_proj_bias) == 0
     assert abs(tiny_model.vision_model.positional_embedding.std().item() - vision.width**-0.5) < 0.02
+
+
+def test_gradient_checkpointing_covers_the_vision_blocks_and_keeps_gradients(tiny_model):
+    s = sample(4, [1], 0)
+    inputs = {
+        "input_ids": s["input_ids"][None],
+        "pixel_values": s["pixel_values"],
+        "patch_pixel_values": s["patch_pixel_values"],
+        "num_patches": [1],
+        "labels": s["input_ids"][None],
+    }
+    tiny_model.train()
+    tiny_model(**inputs).loss.backward()
+    plain = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    tiny_model.gradient_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in tiny_model.vision_model.transformer.resblocks)
+    tiny_model(**inputs).loss.backward()
+    for name, param in tiny_model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
