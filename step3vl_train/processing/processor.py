@@ -35,7 +35,7 @@ class ProcessedSample:
 
 @dataclass
 class Batch:
-    """Right-padded samples; image tensors concatenated in sample order (the order of the placeholders)."""
+    """Padded samples; image tensors concatenated in sample order (the order of the placeholders)."""
 
     input_ids: torch.Tensor  # (B, L) int64
     attention_mask: torch.Tensor  # (B, L) int64, 0 on padding
@@ -92,15 +92,19 @@ class Step3VLProcessor:
         )
 
 
-def collate(samples: Sequence[ProcessedSample], pad_token_id: int) -> Batch:
-    """Right-pads to the longest sample; padding is masked out of attention and loss."""
+def collate(samples: Sequence[ProcessedSample], pad_token_id: int, padding_side: str = "right") -> Batch:
+    """Pads to the longest sample, masked out of attention and loss. Training pads on the right; batched
+    generation pads prompts on the left (`generate` derives position ids from the attention mask)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     length = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
-        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s.input_ids, s.labels, 1
+        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        input_ids[row, span], labels[row, span], attention_mask[row, span] = s.input_ids, s.labels, 1
 
     def concat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
         present = [t for t in tensors if t is not None]

@@ -66,3 +66,12 @@ def test_collate_pads_and_keeps_image_order(processor):
     assert batch.num_patches == a.num_patches + c.num_patches
     assert torch.equal(batch.pixel_values, torch.cat([a.pixel_values, c.pixel_values]))
     assert torch.equal(batch.patch_pixel_values, a.patch_pixel_values)
+
+
+def test_left_padding_for_generation(processor):
+    a, b = processor(conversation(0)), processor([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    batch = collate([a, b], processor.tokenizer.pad_token_id, padding_side="left")
+    assert batch.attention_mask[1].tolist() == [0] * (len(a.input_ids) - len(b.input_ids)) + [1] * len(b.input_ids)
+    assert torch.equal(batch.input_ids[1, -len(b.input_ids) :], b.input_ids)
+    with pytest.raises(ValueError, match="padding_side"):
+        collate([a], 0, padding_side="middle")
