@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from step3vl_train.processing.chat import REASONING_CHAT_TEMPLATE, render_chat
 from step3vl_train.processing.config import ProcessorConfig
+from step3vl_train.processing.crops import CropPlan, num_image_tokens, plan_crops
+from step3vl_train.processing.documents import render_document
 from step3vl_train.processing.pixels import image_to_pixels
 from step3vl_train.processing.placeholders import ImageTokenIds, expand_image_placeholders
 
@@ -43,16 +45,49 @@ class Batch:
     pixel_values: torch.Tensor | None  # (ΣN_images, 3, S, S)
     patch_pixel_values: torch.Tensor | None  # (ΣN_crops, 3, s, s)
     num_patches: list[int]  # per image, all samples
+    # (B, L) int64 for packed rows: restarting at each sample, which is what keeps packed samples apart.
+    position_ids: torch.Tensor | None = None
 
     def model_inputs(self, with_labels: bool = True) -> dict[str, Any]:
+        # Packed rows pass position ids instead of the padding mask: transformers builds the
+        # block-diagonal causal mask from them when no attention mask is given.
+        packed = self.position_ids is not None
         inputs = {
             "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
+            "attention_mask": None if packed else self.attention_mask,
+            "position_ids": self.position_ids,
             "pixel_values": self.pixel_values,
             "patch_pixel_values": self.patch_pixel_values,
             "num_patches": self.num_patches,
         }
         return {**inputs, "labels": self.labels} if with_labels else inputs
+
+
+@dataclass
+class TokenLayout:
+    """A sample's tokens before any pixel is computed: what packing needs to know about it."""
+
+    input_ids: list[int]  # after placeholder expansion
+    loss_mask: list[int]  # 1 where the sample is learned
+    plans: list[CropPlan]  # one per image, in placeholder order
+    image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens in input_ids
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def truncated(self, max_len: int) -> TokenLayout:
+        """The first `max_len` tokens, cut before any image that would not fit whole."""
+        cut = max_len
+        for start, end in self.image_spans:
+            if start < cut < end:
+                cut = start
+        kept = sum(end <= cut for _, end in self.image_spans)
+        return TokenLayout(self.input_ids[:cut], self.loss_mask[:cut], self.plans[:kept], self.image_spans[:kept])
+
+    @property
+    def num_views(self) -> int:
+        """ViT inputs: every image's global view and crops."""
+        return sum(1 + plan.num_crops for plan in self.plans)
 
 
 class Step3VLProcessor:
@@ -76,19 +111,47 @@ class Step3VLProcessor:
     ) -> ProcessedSample:
         """`messages` in OpenAI-style content parts, one `{"type": "image"}` per entry of `images`, in order.
         `sample` names the sample in errors."""
-        ids, mask = render_chat(self.tokenizer, messages, add_generation_prompt, self.chat_template)
+        layout = self.layout(messages, [image.size for image in images], add_generation_prompt, sample=sample)
+        return self.render(layout, images)
+
+    def layout(
+        self,
+        messages: list[dict[str, Any]] | None,
+        image_sizes: Sequence[tuple[int, int]],
+        add_generation_prompt: bool = False,
+        document: str | list[dict[str, Any]] | None = None,
+        sample: str = "<sample>",
+    ) -> TokenLayout:
+        """Tokens of a conversation (`messages`, loss on what the assistant writes) or of a pre-training
+        `document` (loss on all its text), with each image's placeholder expanded for its (width, height)."""
+        if (messages is None) == (document is None):
+            raise ValueError(f"{sample}: give exactly one of messages and document")
+        if document is not None:
+            ids, mask = render_document(self.tokenizer, document, self.image_token_ids.im_patch)
+        else:
+            ids, mask = render_chat(self.tokenizer, messages, add_generation_prompt, self.chat_template)
+        plans = [plan_crops(width, height, self.config) for width, height in image_sizes]
+        placeholders = [i for i, token in enumerate(ids) if token == self.image_token_ids.im_patch]
+        expanded, mask = expand_image_placeholders(ids, mask, plans, self.config, self.image_token_ids, sample)
+        lengths = [num_image_tokens(plan, self.config) for plan in plans]
+        starts = [at + sum(length - 1 for length in lengths[:k]) for k, at in enumerate(placeholders)]
+        spans = [(start, start + length) for start, length in zip(starts, lengths, strict=True)]
+        return TokenLayout(expanded, mask, plans, spans)
+
+    def render(self, layout: TokenLayout, images: Sequence[Image.Image]) -> ProcessedSample:
+        """Tensors of a laid-out sample; `images` are the ones its layout was planned for."""
         views = [image_to_pixels(image, self.config) for image in images]
-        plans = [view.plan for view in views]
-        ids, mask = expand_image_placeholders(ids, mask, plans, self.config, self.image_token_ids, sample)
-        input_ids = torch.tensor(ids, dtype=torch.long)
+        if [view.plan for view in views] != layout.plans:
+            raise ValueError("images differ from the ones the layout was planned for")
+        input_ids = torch.tensor(layout.input_ids, dtype=torch.long)
         crops = [view.crops for view in views if view.crops.shape[0]]
         return ProcessedSample(
             input_ids=input_ids,
-            labels=torch.where(torch.tensor(mask, dtype=torch.bool), input_ids, IGNORE_INDEX),
+            labels=torch.where(torch.tensor(layout.loss_mask, dtype=torch.bool), input_ids, IGNORE_INDEX),
             pixel_values=torch.stack([view.global_view for view in views]) if views else None,
             patch_pixel_values=torch.cat(crops) if crops else None,
-            num_patches=[plan.num_crops for plan in plans],
-            patch_newline_mask=torch.tensor([m for plan in plans for m in plan.newline_mask], dtype=torch.bool),
+            num_patches=[view.plan.num_crops for view in views],
+            patch_newline_mask=torch.tensor([m for view in views for m in view.plan.newline_mask], dtype=torch.bool),
         )
 
 
@@ -118,3 +181,15 @@ def collate(samples: Sequence[ProcessedSample], pad_token_id: int, padding_side:
         patch_pixel_values=concat([s.patch_pixel_values for s in samples]),
         num_patches=[n for s in samples for n in s.num_patches],
     )
+
+
+def load_processor(tokenizer: str = "tiny", config: str | dict | None = None) -> Step3VLProcessor:
+    """`tokenizer`: "tiny" or a tokenizer directory; `config`: a processor YAML path, a mapping, or None
+    for the released processor's settings."""
+    from omegaconf import OmegaConf
+
+    from step3vl_train.processing.tokenizer import load_tokenizer
+
+    if isinstance(config, str):
+        config = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    return Step3VLProcessor(load_tokenizer(tokenizer), ProcessorConfig.from_dict(config) if config else None)

@@ -1,0 +1,64 @@
+"""Data configuration: the dataclasses behind `configs/data/*.yaml` and the `data:` block of recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+SOURCE_KINDS = ("webdataset", "jsonl", "hf")
+OVERFLOW_POLICIES = ("truncate", "skip")
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    paths: list[str]  # webdataset: shard paths, globs, brace ranges, pipe:/http URLs; jsonl: files; hf: one dir
+    kind: str = "webdataset"
+    weight: float = 1.0  # share of the mixture's tokens, before normalisation over the sources
+    image_dir: str | None = None  # jsonl: where its `images` entries are found; default: beside the file
+    split: str = "train"  # hf: the split of a saved DatasetDict
+
+
+@dataclass
+class PackingConfig:
+    seq_len: int = 4096  # tokens per packed sequence
+    overflow: str = "truncate"  # a sample longer than seq_len: truncate (never inside an image) or skip
+    max_images_per_pack: int = 64
+    max_views_per_pack: int = 256  # ViT inputs per pack (global views + crops): bounds the ViT batch
+    window: int = 512  # samples packed together; larger packs tighter, costs memory and resume work
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig]
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    root: str | None = None  # relative source paths are read under this directory
+    micro_batch_size: int = 1  # packed sequences per rank per micro-step
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch_factor: int = 2
+    seed: int = 0
+    max_epochs: int | None = None  # passes over each source; None repeats them forever
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources is empty")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources has repeated names: {names}")
+        for source in self.sources:
+            if source.kind not in SOURCE_KINDS:
+                raise ValueError(f"data.sources.{source.name}.kind must be one of {SOURCE_KINDS}, not {source.kind!r}")
+            if source.weight <= 0:
+                raise ValueError(f"data.sources.{source.name}.weight must be positive, not {source.weight}")
+            if not source.paths:
+                raise ValueError(f"data.sources.{source.name}.paths is empty")
+        if self.packing.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"data.packing.overflow must be one of {OVERFLOW_POLICIES}, not {self.packing.overflow!r}")
+
+    @classmethod
+    def from_dict(cls, values: Any) -> DataConfig:
+        """From a mapping or DictConfig; unknown keys and missing required ones are errors naming them."""
+        merged = OmegaConf.merge(OmegaConf.structured(cls), values)
+        return OmegaConf.to_object(merged)

@@ -1,0 +1,77 @@
+"""The training data loader of one rank: packed batches, running stats, and exact resume.
+
+Built on torchdata's `StatefulDataLoader`, which snapshots every worker's stream state with each batch
+and restores workers and their round-robin turn together. Which rank reads what is decided here and
+nowhere else: rank r's worker w is reader r * num_workers + w of world_size * num_workers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from functools import partial
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from step3vl_train.data.config import DataConfig
+from step3vl_train.data.packing import PackedBatch, collate_packs
+from step3vl_train.data.stats import DataStats
+from step3vl_train.data.stream import PackedStream
+from step3vl_train.processing.processor import Batch, Step3VLProcessor
+
+# torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing we can act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+class PackedLoader:
+    def __init__(self, cfg: DataConfig, processor: Step3VLProcessor, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        pad = processor.tokenizer.pad_token_id
+        self.stream = PackedStream(cfg, processor, rank, world_size)
+        self.loader = StatefulDataLoader(
+            self.stream,
+            batch_size=cfg.micro_batch_size,
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+            persistent_workers=False,
+            collate_fn=partial(collate_packs, pad_token_id=pad if pad is not None else 0),
+        )
+        self._worker_stats: dict[int, DataStats] = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        for packed in self.loader:
+            packed: PackedBatch
+            self._worker_stats[packed.worker] = packed.stats
+            yield packed.batch
+
+    def stats(self) -> DataStats:
+        """This rank's totals over its workers, up to the last batch handed out."""
+        total = DataStats()
+        for stats in self._worker_stats.values():
+            total = total.merge(stats)
+        return total
+
+    def state_dict(self) -> dict:
+        return {
+            "topology": self._topology(),
+            "loader": self.loader.state_dict(),
+            "worker_stats": {worker: stats.state_dict() for worker, stats in self._worker_stats.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["topology"]
+        if saved != self._topology():
+            changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._topology().items() if saved[k] != v)
+            raise ValueError(
+                f"cannot resume the data loader: {changed}. Each reader's position belongs to one (rank, worker) "
+                "pair; resume with the world size and data.num_workers the checkpoint was written with."
+            )
+        self.loader.load_state_dict(state["loader"])
+        self._worker_stats = {int(w): DataStats.from_state_dict(s) for w, s in state["worker_stats"].items()}
+
+    def _topology(self) -> dict:
+        return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.cfg.num_workers}

@@ -1,0 +1,152 @@
+"""The packed sample stream of one DataLoader worker, resumable exactly.
+
+A worker fills a window of samples from its sources (in mixture order), plans packs over the window,
+and emits them one by one, decoding images only for the pack being emitted. Its state is the window's
+starting point (source cursors, mixture and skip counts) plus how many of the window's packs are out:
+a restored worker re-reads that window, plans the same packs and carries on with the next one. Nothing
+emitted is emitted again, and nothing is passed over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from step3vl_train.data.config import DataConfig
+from step3vl_train.data.encoding import EncodedSample, SampleEncoder
+from step3vl_train.data.mixture import TokenMixture
+from step3vl_train.data.packing import Pack, plan_packs
+from step3vl_train.data.skips import SkippedSample
+from step3vl_train.data.sources import SourceCursor, SourceReader, resolve_shards
+from step3vl_train.data.stats import DataStats
+from step3vl_train.processing.processor import Step3VLProcessor
+
+logger = logging.getLogger("step3vl_train.data")
+
+
+class PackedStream(IterableDataset):
+    def __init__(self, cfg: DataConfig, processor: Step3VLProcessor, rank: int, world_size: int):
+        self.cfg = cfg
+        self.encoder = SampleEncoder(processor, cfg.packing)
+        self.rank = rank
+        self.world_size = world_size
+        self.shards = {source.name: resolve_shards(source, cfg.root) for source in cfg.sources}
+        self._restored: dict | None = None
+        self._state: dict | None = None
+
+    # torchdata's StatefulDataLoader calls these inside each worker, between batches.
+    def state_dict(self) -> dict:
+        return self._state if self._state is not None else self._restored or {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state or None
+
+    def __iter__(self) -> Iterator[Pack]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = self.rank * num_workers + worker
+        readers = [
+            SourceReader(source, self.shards[source.name], reader, self.world_size * num_workers, self.cfg.seed,
+                         self.cfg.max_epochs)
+            for source in self.cfg.sources
+        ]
+        mixture = TokenMixture([s.name for s in self.cfg.sources], [s.weight for s in self.cfg.sources])
+        window = {"index": 0, "filled": DataStats(), "exhausted": []}
+        emitted, delivered = DataStats(), 0
+        if self._restored:
+            state = self._restored
+            if state["reader"] != reader:
+                raise ValueError(f"loader state belongs to reader {state['reader']}, this worker is reader {reader}")
+            window = _window_from_state(state["window"])
+            for source_reader in readers:
+                source_reader.restore(SourceCursor(**state["window"]["cursors"][source_reader.source.name]))
+            mixture.load_state_dict(state["window"]["mixture"])
+            emitted, delivered = DataStats.from_state_dict(state["emitted"]), state["delivered"]
+        while True:
+            start = {
+                "index": window["index"],
+                "cursors": {r.source.name: asdict(r.cursor) for r in readers},
+                "mixture": mixture.state_dict(),
+                "filled": window["filled"].state_dict(),
+                "exhausted": list(window["exhausted"]),
+            }
+            samples = self._fill(readers, mixture, window)
+            if not samples:
+                return
+            packs = plan_packs(
+                [len(s) for s in samples], [s.num_images for s in samples], [s.num_views for s in samples],
+                self.cfg.packing,
+            )
+            order = np.random.default_rng([self.cfg.seed, reader, window["index"]]).permutation(len(packs))
+            for number, p in enumerate(order):
+                if number < delivered:
+                    continue  # emitted before the checkpoint this worker resumed from
+                pack = self._render([samples[i] for i in packs[p]], emitted)
+                self._state = {"reader": reader, "window": start, "emitted": emitted.state_dict(),
+                               "delivered": number + 1}
+                if pack:
+                    yield Pack(pack, reader, window["filled"].merge(emitted))
+            delivered = 0
+            window["index"] += 1
+
+    def _fill(self, readers: list[SourceReader], mixture: TokenMixture, window: dict) -> list[EncodedSample]:
+        """Draws up to `packing.window` samples in mixture order; skips are counted in window["filled"]."""
+        by_name = {r.source.name: r for r in readers}
+        samples: list[EncodedSample] = []
+        while len(samples) < self.cfg.packing.window:
+            active = [name for name in by_name if name not in window["exhausted"]]
+            if not active:
+                break
+            name = mixture.pick(active)
+            source_reader = by_name[name]
+            epoch = source_reader.cursor.epoch
+            item = source_reader.next()
+            if item is None:
+                window["exhausted"].append(name)
+                continue
+            try:
+                if isinstance(item, SkippedSample):
+                    raise item
+                encoded = self.encoder.encode(item, name)
+            except SkippedSample as skip:
+                skip.log()
+                window["filled"].skips[skip.reason] += 1
+                if source_reader.cursor.epoch > epoch and not mixture.tokens[name]:
+                    logger.error("source %s gave no usable sample in a whole pass; dropping it", name)
+                    window["exhausted"].append(name)
+                continue
+            mixture.add(name, len(encoded))
+            window["filled"].truncated += encoded.truncated
+            samples.append(encoded)
+        return samples
+
+    def _render(self, pack: list[EncodedSample], emitted: DataStats) -> list:
+        rendered = []
+        for sample in pack:
+            try:
+                processed = self.encoder.render(sample)
+            except SkippedSample as skip:
+                skip.log()
+                emitted.skips[skip.reason] += 1
+                continue
+            rendered.append(processed)
+            emitted.samples += 1
+            emitted.tokens += len(sample)
+            emitted.loss_tokens += sum(sample.layout.loss_mask[1:])
+            emitted.images += sample.num_images
+            emitted.views += sample.num_views
+            emitted.text_tokens += len(sample) if not sample.num_images else 0
+            emitted.source_tokens[sample.source] += len(sample)
+        if rendered:
+            emitted.packs += 1
+            emitted.slots += self.cfg.packing.seq_len
+        return rendered
+
+
+def _window_from_state(state: dict) -> dict:
+    return {"index": state["index"], "filled": DataStats.from_state_dict(state["filled"]),
+            "exhausted": list(state["exhausted"])}

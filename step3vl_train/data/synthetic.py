@@ -1,0 +1,319 @@
+"""A synthetic corpus with known ground truth, drawn with PIL: no download, deterministic by seed.
+
+Every task type of the recipe has a generator: shapes with boxes and points (captions, grounding,
+counting, pointing), rendered text (OCR), charts, arithmetic and geometry drawn as images, text-only
+documents, SFT conversations with `<think>` reasoning, and RL prompts with verifiable answers.
+Coordinates in text are integers normalised to [0, 1000); `boxes` and `points` fields are pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "orange": (240, 150, 30),
+          "purple": (140, 60, 180), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle")
+WORDS = (
+    "the model reads every image and writes what it sees while the encoder keeps fine detail for small text "
+    "a river runs past the old mill where children count boats under a bright morning sky numbers grow "
+    "when you add them and shrink when you subtract a triangle has three sides and a square has four equal "
+    "sides the area of a rectangle is its width times its height charts compare values across categories "
+    "careful reasoning checks each step before giving the final answer language and vision meet in one model"
+).split()
+
+
+@dataclass
+class Shape:
+    kind: str
+    color: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+
+    @property
+    def center(self) -> tuple[int, int]:
+        return (self.box[0] + self.box[2]) // 2, (self.box[1] + self.box[3]) // 2
+
+
+@dataclass
+class SyntheticSample:
+    record: dict  # the sample's JSON (docs/data.md)
+    images: list[Image.Image]
+    image_format: str = "jpg"  # png for rendered text, charts and diagrams, where JPEG would smear strokes
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def image_size(rng: np.random.Generator) -> tuple[int, int]:
+    return int(rng.integers(8, 41)) * 32, int(rng.integers(8, 31)) * 32  # 256..1280 x 256..960
+
+
+def draw_shapes(rng: np.random.Generator, count: int, kinds: tuple[str, ...] = SHAPES) -> tuple[Image.Image, list[Shape]]:
+    """Non-overlapping shapes on a light background (fewer than `count` if they do not fit)."""
+    width, height = image_size(rng)
+    image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(225, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    shapes: list[Shape] = []
+    for _ in range(count * 20):
+        if len(shapes) == count:
+            break
+        side = int(rng.integers(min(width, height) // 10, min(width, height) // 4))
+        x0, y0 = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+        box = (x0, y0, x0 + side, y0 + side)
+        if any(_overlap(box, other.box) for other in shapes):
+            continue
+        shape = Shape(str(rng.choice(kinds)), str(rng.choice(list(COLORS))), box)
+        _draw_shape(draw, shape)
+        shapes.append(shape)
+    return image, shapes
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    x0, y0, x1, y1 = shape.box
+    fill = COLORS[shape.color]
+    if shape.kind == "circle":
+        draw.ellipse(shape.box, fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+
+
+def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def normalised_box(box: tuple[int, ...], size: tuple[int, int]) -> list[int]:
+    w, h = size
+    return [min(999, box[0] * 1000 // w), min(999, box[1] * 1000 // h), min(999, box[2] * 1000 // w),
+            min(999, box[3] * 1000 // h)]
+
+
+def render_text_image(lines: list[str], size: int = 28) -> Image.Image:
+    face = font(size)
+    width = max(int(face.getlength(line)) for line in lines) + 2 * size
+    image = Image.new("RGB", (max(width, 64), (len(lines) + 1) * int(size * 1.4)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((size, size // 2 + i * int(size * 1.4)), line, font=face, fill="black")
+    return image
+
+
+def draw_bar_chart(rng: np.random.Generator) -> tuple[Image.Image, dict[str, int]]:
+    labels = [chr(ord("A") + i) for i in range(int(rng.integers(3, 7)))]
+    values = {label: int(rng.integers(1, 50)) for label in labels}
+    width, height = 120 * len(labels) + 80, 480
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    face = font(22)
+    scale = 360 / max(values.values())
+    for i, (label, value) in enumerate(values.items()):
+        x0 = 60 + i * 120
+        top = 420 - int(value * scale)
+        draw.rectangle((x0, top, x0 + 80, 420), fill=COLORS[list(COLORS)[i % len(COLORS)]])
+        draw.text((x0 + 30, 430), label, font=face, fill="black")
+        draw.text((x0 + 25, top - 28), str(value), font=face, fill="black")
+    draw.line((50, 420, width - 20, 420), fill="black", width=2)
+    return image, values
+
+
+def sentences(rng: np.random.Generator, count: int) -> str:
+    out = []
+    for _ in range(count):
+        words = [str(w) for w in rng.choice(WORDS, int(rng.integers(6, 16)))]
+        if rng.random() < 0.3:
+            a, b = (int(x) for x in rng.integers(2, 500, 2))
+            words += ["and", str(a), "plus", str(b), "is", str(a + b)]
+        out.append(" ".join(words).capitalize() + ".")
+    return " ".join(out)
+
+
+def describe(shapes: list[Shape], size: tuple[int, int]) -> str:
+    parts = [f"a {s.color} {s.kind} at {normalised_box(s.box, size)}" for s in shapes]
+    return f"The image shows {len(shapes)} shape(s): " + "; ".join(parts) + "."
+
+
+def arithmetic(rng: np.random.Generator) -> tuple[str, int, str]:
+    """A problem, its answer and the worked steps."""
+    a, b, c = (int(x) for x in rng.integers(2, 60, 3))
+    return f"{a} x {b} + {c}", a * b + c, f"First {a} x {b} = {a * b}. Then {a * b} + {c} = {a * b + c}."
+
+
+def think(reasoning: str, answer: str) -> dict:
+    return {"role": "assistant", "reasoning_content": reasoning, "content": answer}
+
+
+def user(*parts: str | None) -> dict:
+    """A user turn; None stands for an image."""
+    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]}
+
+
+# ---- pre-training documents -------------------------------------------------------------------------
+
+
+def pretrain_text(rng):
+    return SyntheticSample({"text": sentences(rng, int(rng.integers(5, 120)))}, [])
+
+
+def pretrain_caption(rng):
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 6)))
+    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": describe(shapes, image.size)}]}, [image])
+
+
+def pretrain_interleaved(rng):
+    parts, images = [], []
+    for _ in range(int(rng.integers(2, 4))):
+        image, shapes = draw_shapes(rng, int(rng.integers(1, 4)))
+        parts += [{"type": "text", "text": sentences(rng, int(rng.integers(1, 6)))}, {"type": "image"},
+                  {"type": "text", "text": describe(shapes, image.size)}]
+        images.append(image)
+    return SyntheticSample({"text": parts}, images)
+
+
+def pretrain_ocr(rng):
+    lines = [" ".join(str(w) for w in rng.choice(WORDS, int(rng.integers(3, 8)))) for _ in range(int(rng.integers(1, 6)))]
+    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": "Text: " + "\n".join(lines)}]},
+                           [render_text_image(lines)], "png")
+
+
+def pretrain_grounding(rng):
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
+    target = shapes[0]
+    text = f"The {target.color} {target.kind} is at <box>{normalised_box(target.box, image.size)}</box>."
+    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": text}]}, [image])
+
+
+def pretrain_counting(rng):
+    kind = str(rng.choice(SHAPES))
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 10)), (kind,))
+    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": f"There are {len(shapes)} {kind}s."}]},
+                           [image])
+
+
+def pretrain_chart(rng):
+    image, values = draw_bar_chart(rng)
+    text = "A bar chart. " + ", ".join(f"{k} = {v}" for k, v in values.items()) + "."
+    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": text}]}, [image], "png")
+
+
+def pretrain_math(rng):
+    problem, answer, steps = arithmetic(rng)
+    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": f"{steps} The answer is {answer}."}]},
+                           [render_text_image([f"{problem} = ?"], 36)], "png")
+
+
+# ---- SFT conversations --------------------------------------------------------------------------------
+
+
+def sft_text(rng):
+    problem, answer, steps = arithmetic(rng)
+    question = f"{sentences(rng, int(rng.integers(0, 3)))} Compute {problem}."
+    return SyntheticSample({"messages": [user(question), think(steps, f"The answer is {answer}.")]}, [])
+
+
+def sft_vqa(rng):
+    kind = str(rng.choice(SHAPES))
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 9)), (kind, str(rng.choice(SHAPES))))
+    n = sum(s.kind == kind for s in shapes)
+    steps = " ".join(f"A {s.kind} at {normalised_box(s.box, image.size)}." for s in shapes)
+    return SyntheticSample({"messages": [user(None, f"How many {kind}s are there?"),
+                                         think(f"{steps} That makes {n} {kind}(s).", str(n))]}, [image])
+
+
+def sft_ocr(rng):
+    lines = [" ".join(str(w) for w in rng.choice(WORDS, int(rng.integers(2, 7)))) for _ in range(int(rng.integers(1, 4)))]
+    return SyntheticSample({"messages": [user(None, "Read out the text in the image."),
+                                         think("I read the lines from top to bottom.", "\n".join(lines))]},
+                           [render_text_image(lines)], "png")
+
+
+def sft_grounding(rng):
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
+    target = shapes[-1]
+    box = normalised_box(target.box, image.size)
+    return SyntheticSample({"messages": [user(None, f"Where is the {target.color} {target.kind}?"),
+                                         think(f"The {target.color} {target.kind} spans {box}.", f"<box>{box}</box>")]},
+                           [image])
+
+
+def sft_chart(rng):
+    image, values = draw_bar_chart(rng)
+    best = max(values, key=lambda k: (values[k], k))
+    steps = " ".join(f"{k} is {v}." for k, v in values.items())
+    return SyntheticSample({"messages": [user(None, "Which bar is the tallest?"),
+                                         think(f"{steps} The largest value is {values[best]}.", best)]}, [image], "png")
+
+
+def sft_math(rng):
+    problem, answer, steps = arithmetic(rng)
+    return SyntheticSample({"messages": [user(None, "Solve the problem in the image."), think(steps, str(answer))]},
+                           [render_text_image([f"{problem} = ?"], 36)], "png")
+
+
+# ---- RL prompts ---------------------------------------------------------------------------------------
+
+
+def rl_math(rng):
+    problem, answer, _ = arithmetic(rng)
+    return SyntheticSample({"messages": [user(None, "Solve the problem in the image. Put the final answer last.")],
+                            "answer": str(answer), "reward": "math"}, [render_text_image([f"{problem} = ?"], 36)], "png")
+
+
+def rl_geometry(rng):
+    a, b = (int(x) for x in rng.integers(2, 30, 2))
+    image = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((120, 100, 520, 380), outline="black", width=4)
+    draw.text((300, 60), f"a = {a}", font=font(28), fill="black")
+    draw.text((530, 220), f"b = {b}", font=font(28), fill="black")
+    question = str(rng.choice(["area", "perimeter"]))
+    answer = a * b if question == "area" else 2 * (a + b)
+    return SyntheticSample({"messages": [user(None, f"What is the {question} of the rectangle?")],
+                            "answer": str(answer), "reward": "math"}, [image], "png")
+
+
+def rl_counting(rng):
+    kind = str(rng.choice(SHAPES))
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 10)), (kind,))
+    return SyntheticSample({"messages": [user(None, f"How many {kind}s are in the image?")],
+                            "answer": str(len(shapes)), "reward": "math"}, [image])
+
+
+def rl_grounding(rng):
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
+    target = shapes[0]
+    return SyntheticSample({"messages": [user(None, f"Give the bounding box of the {target.color} {target.kind}.")],
+                            "answer": normalised_box(target.box, image.size), "reward": "grounding",
+                            "boxes": [list(target.box)]}, [image])
+
+
+def rl_pointing(rng):
+    image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
+    target = shapes[0]
+    return SyntheticSample({"messages": [user(None, f"Point at the {target.color} {target.kind}.")],
+                            "answer": list(target.center), "reward": "pointing", "boxes": [list(target.box)],
+                            "points": [list(target.center)]}, [image])
+
+
+TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = {
+    "pretrain": {"text": pretrain_text, "caption": pretrain_caption, "interleaved": pretrain_interleaved,
+                 "ocr": pretrain_ocr, "grounding": pretrain_grounding, "counting": pretrain_counting,
+                 "chart": pretrain_chart, "math": pretrain_math},
+    "sft": {"text": sft_text, "vqa": sft_vqa, "ocr": sft_ocr, "grounding": sft_grounding, "chart": sft_chart,
+            "math": sft_math},
+    "rl": {"math": rl_math, "geometry": rl_geometry, "counting": rl_counting, "grounding": rl_grounding,
+           "pointing": rl_pointing},
+}
+
+
+def make_sample(kind: str, index: int, seed: int) -> tuple[str, SyntheticSample]:
+    """The `index`-th sample of a `kind` corpus: tasks take turns; each sample has its own generator."""
+    tasks = TASKS[kind]
+    task = list(tasks)[index % len(tasks)]
+    sample = tasks[task](np.random.default_rng([seed, index]))
+    sample.record["source"] = f"synthetic/{kind}/{task}"
+    return task, sample
