@@ -58,7 +58,9 @@ def main() -> None:
     for _ in progress:
         batches += 1
         stats = loader.stats()
-        progress.set_postfix(tokens=stats.tokens, eff=f"{stats.packing_efficiency:.3f}", skipped=sum(stats.skips.values()))
+        progress.set_postfix(
+            tokens=stats.tokens, eff=f"{stats.packing_efficiency:.3f}", skipped=sum(stats.skips.values())
+        )
         if args.batches and batches >= args.batches:
             break
     elapsed = time.perf_counter() - start

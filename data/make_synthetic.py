@@ -10,12 +10,8 @@ with the given tokenizer and processor. The last line printed is a JSON summary.
 
 import argparse
 import json
-import os
 
-from tqdm import tqdm
-
-from step3vl_train.data.shards import ShardSetWriter, encode_image
-from step3vl_train.data.synthetic import TASKS, make_sample
+from step3vl_train.data.synthetic import TASKS, write_corpus
 from step3vl_train.processing.processor import load_processor
 
 
@@ -32,21 +28,11 @@ def main() -> None:
     processor = load_processor(args.tokenizer, args.processor)
 
     def count_tokens(record: dict, images: list) -> int:
-        return len(processor.layout(record.get("messages"), [image.size for image in images], document=record.get("text")))
+        sizes = [image.size for image in images]
+        return len(processor.layout(record.get("messages"), sizes, document=record.get("text")))
 
-    writers = {
-        task: ShardSetWriter(os.path.join(args.out, task), max_samples=args.shard_size)
-        for task in TASKS[args.kind]
-    }
-    for index in tqdm(range(args.num), desc=f"synthetic {args.kind}", unit="sample"):
-        task, sample = make_sample(args.kind, index, args.seed)
-        writer = writers[task]
-        writer.count_tokens = lambda record, _images, images=sample.images: count_tokens(record, images)
-        suffixes = [sample.image_format] * len(sample.images)
-        encoded = [encode_image(image, sample.image_format) for image in sample.images]
-        writer.write(f"{task}-{index:08d}", sample.record, encoded, suffixes)
-    summary = {task: writer.close() for task, writer in writers.items() if writer.shards}
-    print(json.dumps({task: {k: v for k, v in m.items() if k != "shards"} for task, m in summary.items()}))
+    manifests = write_corpus(args.kind, args.out, args.num, args.seed, args.shard_size, count_tokens, progress=True)
+    print(json.dumps({task: {k: v for k, v in m.items() if k != "shards"} for task, m in manifests.items()}))
 
 
 if __name__ == "__main__":

@@ -96,8 +96,13 @@ def _image_size(key: str, data: bytes) -> tuple[int, int]:
 def sample_record(sample: Sample) -> dict:
     """The schema's JSON for a sample, without empty optional fields."""
     record = {"messages": sample.messages} if sample.messages is not None else {"text": sample.text}
-    optional = {"source": sample.source, "answer": sample.answer, "reward": sample.reward, "boxes": sample.boxes,
-                "points": sample.points}
+    optional = {
+        "source": sample.source,
+        "answer": sample.answer,
+        "reward": sample.reward,
+        "boxes": sample.boxes,
+        "points": sample.points,
+    }
     return {**record, **{k: v for k, v in optional.items() if v not in (None, [])}}
 
 

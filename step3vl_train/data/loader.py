@@ -17,7 +17,7 @@ from step3vl_train.data.config import DataConfig
 from step3vl_train.data.packing import PackedBatch, collate_packs
 from step3vl_train.data.stats import DataStats
 from step3vl_train.data.stream import PackedStream
-from step3vl_train.processing.processor import Batch, Step3VLProcessor
+from step3vl_train.processing.processor import Step3VLProcessor
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing we can act on.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -42,11 +42,12 @@ class PackedLoader:
         )
         self._worker_stats: dict[int, DataStats] = {}
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[PackedBatch]:
+        """Micro-batches: `.batch` for the model, `.keys` naming the samples in each row."""
         for packed in self.loader:
-            packed: PackedBatch
             self._worker_stats[packed.worker] = packed.stats
-            yield packed.batch
+            if packed.batch is not None:
+                yield packed
 
     def stats(self) -> DataStats:
         """This rank's totals over its workers, up to the last batch handed out."""

@@ -24,7 +24,9 @@ class TokenMixture:
         candidates = [name for name in self.names if name in active]
         if not candidates:
             raise ValueError("no active source to draw from")
-        return max(candidates, key=lambda name: (self.targets[name] * total - self.tokens[name], -self.names.index(name)))
+        return max(
+            candidates, key=lambda name: (self.targets[name] * total - self.tokens[name], -self.names.index(name))
+        )
 
     def add(self, name: str, tokens: int) -> None:
         self.tokens[name] += tokens

@@ -23,6 +23,7 @@ class Pack:
     """One sequence of whole samples, as a worker hands it over."""
 
     samples: list[ProcessedSample]
+    keys: list[str]  # the samples' keys, in the same order
     worker: int  # global reader index of the worker that made it
     stats: DataStats  # that worker's running totals, this pack included
 
@@ -32,7 +33,8 @@ class Pack:
 
 @dataclass
 class PackedBatch:
-    batch: Batch
+    batch: Batch | None  # None only inside the loader, for a batch of empty packs
+    keys: list[list[str]]  # per row, the keys of the samples packed into it
     worker: int
     stats: DataStats
 
@@ -61,7 +63,14 @@ def plan_packs(
 
 def collate_packs(packs: Sequence[Pack], pad_token_id: int) -> PackedBatch:
     """(B, L) rows, one pack each, padded on the right to the longest; padding is its own segment
-    (positions from 0, no targets). Images are concatenated in pack order, then sample order."""
+    (positions from 0, no targets). Images are concatenated in pack order, then sample order.
+    Empty packs (a finished worker's last counts) make no row; `batch` is None if no pack has samples."""
+    # A DataLoader batch is made inside one worker, so all its packs share a worker and the last pack's
+    # totals cover the others.
+    worker, stats = packs[-1].worker, packs[-1].stats
+    packs = [pack for pack in packs if pack.samples]
+    if not packs:
+        return PackedBatch(None, [], worker, stats)
     length = max(len(pack) for pack in packs)
     input_ids = torch.full((len(packs), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(packs), length), IGNORE_INDEX, dtype=torch.long)
@@ -90,6 +99,4 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int) -> PackedBatch:
         num_patches=[n for s in samples for n in s.num_patches],
         position_ids=position_ids,
     )
-    # A DataLoader batch is made inside one worker, so all its packs share a worker and the last pack's
-    # totals cover the others.
-    return PackedBatch(batch, packs[-1].worker, packs[-1].stats)
+    return PackedBatch(batch, [pack.keys for pack in packs], worker, stats)

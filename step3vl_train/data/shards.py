@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
@@ -27,20 +26,22 @@ class ShardInfo:
 class ShardSetWriter:
     """Rolls to a new shard after `max_samples` samples or `max_bytes` bytes, whichever comes first.
     A shard is written under a temporary name and renamed once closed, so a crash leaves no half shard
-    under a real name. `count_tokens(record, images)` fills the manifest's token counts."""
+    under a real name. The manifest counts tokens where `write` is given them."""
 
     folder: str
     prefix: str = "shard"
     max_samples: int = 1000
     max_bytes: int = 1 << 30
-    count_tokens: Callable[[dict, list[bytes]], int] | None = None
     shards: list[ShardInfo] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         os.makedirs(self.folder, exist_ok=True)
         self._writer: TarWriter | None = None
+        self._counted = False
 
-    def write(self, key: str, record: dict, images: list[bytes], image_suffixes: list[str]) -> None:
+    def write(
+        self, key: str, record: dict, images: list[bytes], image_suffixes: list[str], tokens: int | None = None
+    ) -> None:
         """One sample: `KEY.json` plus `KEY.i.<suffix>` for its images, in order."""
         current = self.shards[-1] if self.shards else None
         if self._writer is None or current.samples >= self.max_samples or current.bytes >= self.max_bytes:
@@ -53,15 +54,16 @@ class ShardSetWriter:
         current.samples += 1
         current.images += len(images)
         current.bytes += sum(len(v) for k, v in entry.items() if k != "__key__")
-        if self.count_tokens is not None:
-            current.tokens += self.count_tokens(record, images)
+        if tokens is not None:
+            current.tokens += tokens
+            self._counted = True
 
     def close(self) -> dict:
         """Finishes the last shard and writes `manifest.json`; returns the manifest."""
         self._finish()
         totals = {name: sum(getattr(s, name) for s in self.shards) for name in ("samples", "tokens", "images", "bytes")}
         manifest = {**totals, "shards": [asdict(s) for s in self.shards]}
-        if self.count_tokens is None:
+        if not self._counted:
             manifest.pop("tokens")
             for shard in manifest["shards"]:
                 shard.pop("tokens")

@@ -9,6 +9,7 @@ position is a `SourceCursor`, which is all it needs to carry on exactly where it
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import tarfile
@@ -179,7 +180,7 @@ def read_tar_shard(
                     member_key, suffix = match.groups()
                     if member_key != key and key is not None:
                         if position >= index:
-                            yield _tar_sample(url, key, members), position, base + member.offset
+                            yield _tar_sample(url, key, members), position, base + member.offset if seekable else None
                         position += 1
                         members = {}
                     key = member_key
@@ -268,7 +269,10 @@ def hf_row_to_sample(key: str, row: dict) -> Sample | SkippedSample:
     try:
         record = {name: value for name, value in row.items() if value is not None and name != "images"}
         if isinstance(record.get("messages"), str):
-            record["messages"] = decode_record(key, record["messages"]).get("messages")
+            try:
+                record["messages"] = json.loads(record["messages"])
+            except json.JSONDecodeError as err:
+                raise SkippedSample("malformed_json", key, f"messages: {err}") from err
         record = _drop_arrow_nulls(record)
         images = {}
         for i, image in enumerate(row.get("images") or []):

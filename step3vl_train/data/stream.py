@@ -23,7 +23,7 @@ from step3vl_train.data.packing import Pack, plan_packs
 from step3vl_train.data.skips import SkippedSample
 from step3vl_train.data.sources import SourceCursor, SourceReader, resolve_shards
 from step3vl_train.data.stats import DataStats
-from step3vl_train.processing.processor import Step3VLProcessor
+from step3vl_train.processing.processor import ProcessedSample, Step3VLProcessor
 
 logger = logging.getLogger("step3vl_train.data")
 
@@ -50,8 +50,14 @@ class PackedStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         reader = self.rank * num_workers + worker
         readers = [
-            SourceReader(source, self.shards[source.name], reader, self.world_size * num_workers, self.cfg.seed,
-                         self.cfg.max_epochs)
+            SourceReader(
+                source,
+                self.shards[source.name],
+                reader,
+                self.world_size * num_workers,
+                self.cfg.seed,
+                self.cfg.max_epochs,
+            )
             for source in self.cfg.sources
         ]
         mixture = TokenMixture([s.name for s in self.cfg.sources], [s.weight for s in self.cfg.sources])
@@ -75,21 +81,28 @@ class PackedStream(IterableDataset):
                 "exhausted": list(window["exhausted"]),
             }
             samples = self._fill(readers, mixture, window)
-            if not samples:
+            if not samples:  # the sources are done; an empty pack carries the last counts to the loader
+                yield Pack([], [], reader, window["filled"].merge(emitted))
                 return
             packs = plan_packs(
-                [len(s) for s in samples], [s.num_images for s in samples], [s.num_views for s in samples],
+                [len(s) for s in samples],
+                [s.num_images for s in samples],
+                [s.num_views for s in samples],
                 self.cfg.packing,
             )
             order = np.random.default_rng([self.cfg.seed, reader, window["index"]]).permutation(len(packs))
             for number, p in enumerate(order):
                 if number < delivered:
                     continue  # emitted before the checkpoint this worker resumed from
-                pack = self._render([samples[i] for i in packs[p]], emitted)
-                self._state = {"reader": reader, "window": start, "emitted": emitted.state_dict(),
-                               "delivered": number + 1}
+                keys, pack = self._render([samples[i] for i in packs[p]], emitted)
+                self._state = {
+                    "reader": reader,
+                    "window": start,
+                    "emitted": emitted.state_dict(),
+                    "delivered": number + 1,
+                }
                 if pack:
-                    yield Pack(pack, reader, window["filled"].merge(emitted))
+                    yield Pack(pack, keys, reader, window["filled"].merge(emitted))
             delivered = 0
             window["index"] += 1
 
@@ -124,8 +137,8 @@ class PackedStream(IterableDataset):
             samples.append(encoded)
         return samples
 
-    def _render(self, pack: list[EncodedSample], emitted: DataStats) -> list:
-        rendered = []
+    def _render(self, pack: list[EncodedSample], emitted: DataStats) -> tuple[list[str], list[ProcessedSample]]:
+        keys, rendered = [], []
         for sample in pack:
             try:
                 processed = self.encoder.render(sample)
@@ -133,6 +146,7 @@ class PackedStream(IterableDataset):
                 skip.log()
                 emitted.skips[skip.reason] += 1
                 continue
+            keys.append(sample.key)
             rendered.append(processed)
             emitted.samples += 1
             emitted.tokens += len(sample)
@@ -144,9 +158,12 @@ class PackedStream(IterableDataset):
         if rendered:
             emitted.packs += 1
             emitted.slots += self.cfg.packing.seq_len
-        return rendered
+        return keys, rendered
 
 
 def _window_from_state(state: dict) -> dict:
-    return {"index": state["index"], "filled": DataStats.from_state_dict(state["filled"]),
-            "exhausted": list(state["exhausted"])}
+    return {
+        "index": state["index"],
+        "filled": DataStats.from_state_dict(state["filled"]),
+        "exhausted": list(state["exhausted"]),
+    }

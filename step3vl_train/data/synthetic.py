@@ -8,14 +8,21 @@ Coordinates in text are integers normalised to [0, 1000); `boxes` and `points` f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "orange": (240, 150, 30),
-          "purple": (140, 60, 180), "black": (20, 20, 20)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "orange": (240, 150, 30),
+    "purple": (140, 60, 180),
+    "black": (20, 20, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 WORDS = (
     "the model reads every image and writes what it sees while the encoder keeps fine detail for small text "
@@ -52,7 +59,9 @@ def image_size(rng: np.random.Generator) -> tuple[int, int]:
     return int(rng.integers(8, 41)) * 32, int(rng.integers(8, 31)) * 32  # 256..1280 x 256..960
 
 
-def draw_shapes(rng: np.random.Generator, count: int, kinds: tuple[str, ...] = SHAPES) -> tuple[Image.Image, list[Shape]]:
+def draw_shapes(
+    rng: np.random.Generator, count: int, kinds: tuple[str, ...] = SHAPES
+) -> tuple[Image.Image, list[Shape]]:
     """Non-overlapping shapes on a light background (fewer than `count` if they do not fit)."""
     width, height = image_size(rng)
     image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(225, 256, 3)))
@@ -89,8 +98,12 @@ def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 
 def normalised_box(box: tuple[int, ...], size: tuple[int, int]) -> list[int]:
     w, h = size
-    return [min(999, box[0] * 1000 // w), min(999, box[1] * 1000 // h), min(999, box[2] * 1000 // w),
-            min(999, box[3] * 1000 // h)]
+    return [
+        min(999, box[0] * 1000 // w),
+        min(999, box[1] * 1000 // h),
+        min(999, box[2] * 1000 // w),
+        min(999, box[3] * 1000 // h),
+    ]
 
 
 def render_text_image(lines: list[str], size: int = 28) -> Image.Image:
@@ -161,23 +174,33 @@ def pretrain_text(rng):
 
 def pretrain_caption(rng):
     image, shapes = draw_shapes(rng, int(rng.integers(1, 6)))
-    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": describe(shapes, image.size)}]}, [image])
+    return SyntheticSample(
+        {"text": [{"type": "image"}, {"type": "text", "text": describe(shapes, image.size)}]}, [image]
+    )
 
 
 def pretrain_interleaved(rng):
     parts, images = [], []
     for _ in range(int(rng.integers(2, 4))):
         image, shapes = draw_shapes(rng, int(rng.integers(1, 4)))
-        parts += [{"type": "text", "text": sentences(rng, int(rng.integers(1, 6)))}, {"type": "image"},
-                  {"type": "text", "text": describe(shapes, image.size)}]
+        parts += [
+            {"type": "text", "text": sentences(rng, int(rng.integers(1, 6)))},
+            {"type": "image"},
+            {"type": "text", "text": describe(shapes, image.size)},
+        ]
         images.append(image)
     return SyntheticSample({"text": parts}, images)
 
 
 def pretrain_ocr(rng):
-    lines = [" ".join(str(w) for w in rng.choice(WORDS, int(rng.integers(3, 8)))) for _ in range(int(rng.integers(1, 6)))]
-    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": "Text: " + "\n".join(lines)}]},
-                           [render_text_image(lines)], "png")
+    lines = [
+        " ".join(str(w) for w in rng.choice(WORDS, int(rng.integers(3, 8)))) for _ in range(int(rng.integers(1, 6)))
+    ]
+    return SyntheticSample(
+        {"text": [{"type": "image"}, {"type": "text", "text": "Text: " + "\n".join(lines)}]},
+        [render_text_image(lines)],
+        "png",
+    )
 
 
 def pretrain_grounding(rng):
@@ -190,8 +213,9 @@ def pretrain_grounding(rng):
 def pretrain_counting(rng):
     kind = str(rng.choice(SHAPES))
     image, shapes = draw_shapes(rng, int(rng.integers(1, 10)), (kind,))
-    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": f"There are {len(shapes)} {kind}s."}]},
-                           [image])
+    return SyntheticSample(
+        {"text": [{"type": "image"}, {"type": "text", "text": f"There are {len(shapes)} {kind}s."}]}, [image]
+    )
 
 
 def pretrain_chart(rng):
@@ -202,17 +226,26 @@ def pretrain_chart(rng):
 
 def pretrain_math(rng):
     problem, answer, steps = arithmetic(rng)
-    return SyntheticSample({"text": [{"type": "image"}, {"type": "text", "text": f"{steps} The answer is {answer}."}]},
-                           [render_text_image([f"{problem} = ?"], 36)], "png")
+    return SyntheticSample(
+        {"text": [{"type": "image"}, {"type": "text", "text": f"{steps} The answer is {answer}."}]},
+        [render_text_image([f"{problem} = ?"], 36)],
+        "png",
+    )
 
 
 # ---- SFT conversations --------------------------------------------------------------------------------
 
 
 def sft_text(rng):
-    problem, answer, steps = arithmetic(rng)
-    question = f"{sentences(rng, int(rng.integers(0, 3)))} Compute {problem}."
-    return SyntheticSample({"messages": [user(question), think(steps, f"The answer is {answer}.")]}, [])
+    start = total = int(rng.integers(2, 60))
+    addends = [int(x) for x in rng.integers(2, 60, int(rng.integers(1, 12)))]
+    steps = []
+    for step in addends:
+        steps.append(f"{total} + {step} = {total + step}.")
+        total += step
+    question = f"{sentences(rng, int(rng.integers(1, 25)))} Start from {start} and add "
+    question += f"{', '.join(map(str, addends))} in turn. What is the total?"
+    return SyntheticSample({"messages": [user(question), think(" ".join(steps), f"The total is {total}.")]}, [])
 
 
 def sft_vqa(rng):
@@ -220,38 +253,66 @@ def sft_vqa(rng):
     image, shapes = draw_shapes(rng, int(rng.integers(1, 9)), (kind, str(rng.choice(SHAPES))))
     n = sum(s.kind == kind for s in shapes)
     steps = " ".join(f"A {s.kind} at {normalised_box(s.box, image.size)}." for s in shapes)
-    return SyntheticSample({"messages": [user(None, f"How many {kind}s are there?"),
-                                         think(f"{steps} That makes {n} {kind}(s).", str(n))]}, [image])
+    return SyntheticSample(
+        {"messages": [user(None, f"How many {kind}s are there?"), think(f"{steps} That makes {n} {kind}(s).", str(n))]},
+        [image],
+    )
 
 
 def sft_ocr(rng):
-    lines = [" ".join(str(w) for w in rng.choice(WORDS, int(rng.integers(2, 7)))) for _ in range(int(rng.integers(1, 4)))]
-    return SyntheticSample({"messages": [user(None, "Read out the text in the image."),
-                                         think("I read the lines from top to bottom.", "\n".join(lines))]},
-                           [render_text_image(lines)], "png")
+    lines = [
+        " ".join(str(w) for w in rng.choice(WORDS, int(rng.integers(2, 7)))) for _ in range(int(rng.integers(1, 4)))
+    ]
+    return SyntheticSample(
+        {
+            "messages": [
+                user(None, "Read out the text in the image."),
+                think("I read the lines from top to bottom.", "\n".join(lines)),
+            ]
+        },
+        [render_text_image(lines)],
+        "png",
+    )
 
 
 def sft_grounding(rng):
     image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
     target = shapes[-1]
     box = normalised_box(target.box, image.size)
-    return SyntheticSample({"messages": [user(None, f"Where is the {target.color} {target.kind}?"),
-                                         think(f"The {target.color} {target.kind} spans {box}.", f"<box>{box}</box>")]},
-                           [image])
+    return SyntheticSample(
+        {
+            "messages": [
+                user(None, f"Where is the {target.color} {target.kind}?"),
+                think(f"The {target.color} {target.kind} spans {box}.", f"<box>{box}</box>"),
+            ]
+        },
+        [image],
+    )
 
 
 def sft_chart(rng):
     image, values = draw_bar_chart(rng)
     best = max(values, key=lambda k: (values[k], k))
     steps = " ".join(f"{k} is {v}." for k, v in values.items())
-    return SyntheticSample({"messages": [user(None, "Which bar is the tallest?"),
-                                         think(f"{steps} The largest value is {values[best]}.", best)]}, [image], "png")
+    return SyntheticSample(
+        {
+            "messages": [
+                user(None, "Which bar is the tallest?"),
+                think(f"{steps} The largest value is {values[best]}.", best),
+            ]
+        },
+        [image],
+        "png",
+    )
 
 
 def sft_math(rng):
     problem, answer, steps = arithmetic(rng)
-    return SyntheticSample({"messages": [user(None, "Solve the problem in the image."), think(steps, str(answer))]},
-                           [render_text_image([f"{problem} = ?"], 36)], "png")
+    return SyntheticSample(
+        {"messages": [user(None, "Solve the problem in the image."), think(steps, str(answer))]},
+        [render_text_image([f"{problem} = ?"], 36)],
+        "png",
+    )
 
 
 # ---- RL prompts ---------------------------------------------------------------------------------------
@@ -259,8 +320,15 @@ def sft_math(rng):
 
 def rl_math(rng):
     problem, answer, _ = arithmetic(rng)
-    return SyntheticSample({"messages": [user(None, "Solve the problem in the image. Put the final answer last.")],
-                            "answer": str(answer), "reward": "math"}, [render_text_image([f"{problem} = ?"], 36)], "png")
+    return SyntheticSample(
+        {
+            "messages": [user(None, "Solve the problem in the image. Put the final answer last.")],
+            "answer": str(answer),
+            "reward": "math",
+        },
+        [render_text_image([f"{problem} = ?"], 36)],
+        "png",
+    )
 
 
 def rl_geometry(rng):
@@ -272,41 +340,81 @@ def rl_geometry(rng):
     draw.text((530, 220), f"b = {b}", font=font(28), fill="black")
     question = str(rng.choice(["area", "perimeter"]))
     answer = a * b if question == "area" else 2 * (a + b)
-    return SyntheticSample({"messages": [user(None, f"What is the {question} of the rectangle?")],
-                            "answer": str(answer), "reward": "math"}, [image], "png")
+    return SyntheticSample(
+        {
+            "messages": [user(None, f"What is the {question} of the rectangle?")],
+            "answer": str(answer),
+            "reward": "math",
+        },
+        [image],
+        "png",
+    )
 
 
 def rl_counting(rng):
     kind = str(rng.choice(SHAPES))
     image, shapes = draw_shapes(rng, int(rng.integers(1, 10)), (kind,))
-    return SyntheticSample({"messages": [user(None, f"How many {kind}s are in the image?")],
-                            "answer": str(len(shapes)), "reward": "math"}, [image])
+    return SyntheticSample(
+        {"messages": [user(None, f"How many {kind}s are in the image?")], "answer": str(len(shapes)), "reward": "math"},
+        [image],
+    )
 
 
 def rl_grounding(rng):
     image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
     target = shapes[0]
-    return SyntheticSample({"messages": [user(None, f"Give the bounding box of the {target.color} {target.kind}.")],
-                            "answer": normalised_box(target.box, image.size), "reward": "grounding",
-                            "boxes": [list(target.box)]}, [image])
+    return SyntheticSample(
+        {
+            "messages": [user(None, f"Give the bounding box of the {target.color} {target.kind}.")],
+            "answer": normalised_box(target.box, image.size),
+            "reward": "grounding",
+            "boxes": [list(target.box)],
+        },
+        [image],
+    )
 
 
 def rl_pointing(rng):
     image, shapes = draw_shapes(rng, int(rng.integers(1, 5)))
     target = shapes[0]
-    return SyntheticSample({"messages": [user(None, f"Point at the {target.color} {target.kind}.")],
-                            "answer": list(target.center), "reward": "pointing", "boxes": [list(target.box)],
-                            "points": [list(target.center)]}, [image])
+    return SyntheticSample(
+        {
+            "messages": [user(None, f"Point at the {target.color} {target.kind}.")],
+            "answer": list(target.center),
+            "reward": "pointing",
+            "boxes": [list(target.box)],
+            "points": [list(target.center)],
+        },
+        [image],
+    )
 
 
 TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = {
-    "pretrain": {"text": pretrain_text, "caption": pretrain_caption, "interleaved": pretrain_interleaved,
-                 "ocr": pretrain_ocr, "grounding": pretrain_grounding, "counting": pretrain_counting,
-                 "chart": pretrain_chart, "math": pretrain_math},
-    "sft": {"text": sft_text, "vqa": sft_vqa, "ocr": sft_ocr, "grounding": sft_grounding, "chart": sft_chart,
-            "math": sft_math},
-    "rl": {"math": rl_math, "geometry": rl_geometry, "counting": rl_counting, "grounding": rl_grounding,
-           "pointing": rl_pointing},
+    "pretrain": {
+        "text": pretrain_text,
+        "caption": pretrain_caption,
+        "interleaved": pretrain_interleaved,
+        "ocr": pretrain_ocr,
+        "grounding": pretrain_grounding,
+        "counting": pretrain_counting,
+        "chart": pretrain_chart,
+        "math": pretrain_math,
+    },
+    "sft": {
+        "text": sft_text,
+        "vqa": sft_vqa,
+        "ocr": sft_ocr,
+        "grounding": sft_grounding,
+        "chart": sft_chart,
+        "math": sft_math,
+    },
+    "rl": {
+        "math": rl_math,
+        "geometry": rl_geometry,
+        "counting": rl_counting,
+        "grounding": rl_grounding,
+        "pointing": rl_pointing,
+    },
 }
 
 
@@ -317,3 +425,26 @@ def make_sample(kind: str, index: int, seed: int) -> tuple[str, SyntheticSample]
     sample = tasks[task](np.random.default_rng([seed, index]))
     sample.record["source"] = f"synthetic/{kind}/{task}"
     return task, sample
+
+
+def write_corpus(
+    kind: str,
+    out: str,
+    num: int,
+    seed: int = 0,
+    shard_size: int = 200,
+    count_tokens: Callable[[dict, list[Image.Image]], int] | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Writes `num` samples as `out/<task>/shard-NNNNNN.tar` with a manifest per task; returns the manifests."""
+    from tqdm import tqdm
+
+    from step3vl_train.data.shards import ShardSetWriter, encode_image
+
+    writers = {task: ShardSetWriter(os.path.join(out, task), max_samples=shard_size) for task in TASKS[kind]}
+    for index in tqdm(range(num), desc=f"synthetic {kind}", unit="sample", disable=not progress):
+        task, sample = make_sample(kind, index, seed)
+        tokens = count_tokens(sample.record, sample.images) if count_tokens else None
+        encoded = [encode_image(image, sample.image_format) for image in sample.images]
+        writers[task].write(f"{task}-{index:08d}", sample.record, encoded, [sample.image_format] * len(encoded), tokens)
+    return {task: writer.close() for task, writer in writers.items() if writer.shards}

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+from step3vl_train.data.synthetic import write_corpus
+from step3vl_train.processing.processor import load_processor
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    return load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
+
+
+@pytest.fixture(scope="session")
+def released_processor():
+    """The released processor's image sizes with the tiny tokenizer: full-size token counts."""
+    return load_processor("tiny", None)
+
+
+@pytest.fixture(scope="session")
+def pretrain_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "pretrain"
+    write_corpus("pretrain", str(out), num=160, seed=0, shard_size=5)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "sft"
+    write_corpus("sft", str(out), num=120, seed=0, shard_size=5)
+    return out
