@@ -50,12 +50,12 @@ class Batch:
 
     def model_inputs(self, with_labels: bool = True) -> dict[str, Any]:
         # Packed rows pass position ids instead of the padding mask: transformers builds the
-        # block-diagonal causal mask from them when no attention mask is given.
+        # block-diagonal causal mask from them, but only with no attention mask and no KV cache.
         packed = self.position_ids is not None
         inputs = {
             "input_ids": self.input_ids,
             "attention_mask": None if packed else self.attention_mask,
-            "position_ids": self.position_ids,
+            **({"position_ids": self.position_ids, "use_cache": False} if packed else {}),
             "pixel_values": self.pixel_values,
             "patch_pixel_values": self.patch_pixel_values,
             "num_patches": self.num_patches,

@@ -58,7 +58,11 @@ def write_held_out(folder: str) -> list[str]:
         ("garbage-image", json.dumps(caption("Noise.")).encode(), [("0.jpg", b"not an image at all")]),
         ("cut-image", json.dumps(caption("Cut.")).encode(), [("0.jpg", jpeg()[:2000])]),
         ("too-long", json.dumps(conversation("word " * 3000, "ok", image=False)).encode(), []),
-        ("many-images", json.dumps({"text": [{"type": "image"}] * 70}).encode(), [(f"{i}.png", png(16, 16)) for i in range(70)]),
+        (
+            "many-images",
+            json.dumps({"text": [{"type": "image"}] * 70}).encode(),
+            [(f"{i}.png", png(16, 16)) for i in range(70)],
+        ),
         ("good-2", json.dumps(conversation("What color?", "Red.")).encode(), [("0.png", png())]),
     ]
     # "missing-image": a conversation whose one image part has no image file beside it.
@@ -69,7 +73,9 @@ def write_held_out(folder: str) -> list[str]:
     truncated = os.path.join(folder, "truncated-000000.tar")
     with TarWriter(truncated) as writer:
         for i in range(TRUNCATED_GOOD + 1):
-            writer.write({"__key__": f"whole-{i}", "json": json.dumps(caption(f"Sample {i}.")).encode(), "0.jpg": jpeg()})
+            writer.write(
+                {"__key__": f"whole-{i}", "json": json.dumps(caption(f"Sample {i}.")).encode(), "0.jpg": jpeg()}
+            )
     with tarfile.open(truncated) as tar:
         last = tar.getmembers()[-1]
     with open(truncated, "r+b") as handle:

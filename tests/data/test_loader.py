@@ -1,0 +1,86 @@
+import pytest
+from broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, write_held_out
+
+from step3vl_train.data.config import DataConfig
+from step3vl_train.data.loader import PackedLoader
+
+
+def pretrain_config(root, **overrides):
+    tasks = ["text", "caption", "interleaved", "ocr", "grounding", "counting", "chart", "math"]
+    values = {
+        "root": str(root),
+        "sources": [{"name": task, "paths": [f"{task}/*.tar"]} for task in tasks],
+        "num_workers": 0,
+        "max_epochs": 1,
+    }
+    return DataConfig.from_dict({**values, **overrides})
+
+
+def drain(loader, limit=None):
+    batches = []
+    for packed in loader:
+        batches.append(packed)
+        if limit and len(batches) == limit:
+            break
+    return batches
+
+
+def test_packing_efficiency_on_the_synthetic_pretraining_corpus(pretrain_corpus, released_processor):
+    loader = PackedLoader(pretrain_config(pretrain_corpus), released_processor)
+    batches = drain(loader)
+    stats = loader.stats()
+    assert stats.samples == 160 and stats.skips == {}
+    assert stats.packing_efficiency >= 0.95, stats.summary()
+    assert stats.packs == len(batches) and all(b.batch.input_ids.shape[1] <= 4096 for b in batches)
+
+
+def test_every_sample_once_per_epoch_over_ranks_and_workers(pretrain_corpus, tiny_processor):
+    keys = []
+    for rank in range(2):
+        cfg = pretrain_config(pretrain_corpus, num_workers=2, packing={"seq_len": 1024, "window": 16})
+        loader = PackedLoader(cfg, tiny_processor, rank=rank, world_size=2)
+        keys += [key for packed in drain(loader) for row in packed.keys for key in row]
+        assert loader.stats().samples > 0
+    assert len(keys) == len(set(keys)) == 160
+
+
+def test_held_out_shards_skip_counts(tmp_path, tiny_processor):
+    paths = write_held_out(str(tmp_path))
+    cfg = DataConfig.from_dict({"sources": [{"name": "held_out", "paths": paths}], "num_workers": 2, "max_epochs": 1})
+    loader = PackedLoader(cfg, tiny_processor)
+    keys = [key for packed in drain(loader) for row in packed.keys for key in row]
+    stats = loader.stats()
+    assert dict(stats.skips) == EXPECTED_SKIPS
+    assert stats.samples == len(keys) == GOOD + TRUNCATED_GOOD
+    assert stats.summary()["skipped_samples"] == sum(EXPECTED_SKIPS.values()) - EXPECTED_SKIPS["unreadable_shard"]
+
+
+def test_token_shares_follow_the_sft_mix(sft_corpus, tiny_processor):
+    multimodal = ["vqa", "ocr", "grounding", "chart", "math"]
+    cfg = DataConfig.from_dict(
+        {
+            "root": str(sft_corpus),
+            "sources": [{"name": "text", "paths": ["text/*.tar"], "weight": 0.9}]
+            + [{"name": task, "paths": [f"{task}/*.tar"], "weight": 0.02} for task in multimodal],
+            "num_workers": 0,
+            "packing": {"seq_len": 2048, "window": 64},
+        }
+    )
+    loader = PackedLoader(cfg, tiny_processor)
+    drain(loader, limit=20)
+    summary = loader.stats().summary()
+    assert summary["text_share"] == pytest.approx(0.9, abs=0.03)
+    assert summary["share/vqa"] == pytest.approx(0.02, abs=0.01)
+
+
+def test_changed_topology_is_refused(pretrain_corpus, tiny_processor):
+    cfg = pretrain_config(pretrain_corpus, num_workers=2)
+    loader = PackedLoader(cfg, tiny_processor)
+    drain(loader, limit=2)
+    state = loader.state_dict()
+    fewer = PackedLoader(pretrain_config(pretrain_corpus, num_workers=1), tiny_processor)
+    with pytest.raises(ValueError, match="num_workers 2 -> 1"):
+        fewer.load_state_dict(state)
+    other_world = PackedLoader(cfg, tiny_processor, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="world_size 1 -> 2"):
+        other_world.load_state_dict(state)
