@@ -75,7 +75,8 @@ class ShardSetWriter:
         self._finish()
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self.shards.append(ShardInfo(name))
-        self._writer = TarWriter(os.path.join(self.folder, name + ".tmp"))
+        # A fixed mtime keeps shards byte-identical across runs with the same content.
+        self._writer = TarWriter(os.path.join(self.folder, name + ".tmp"), mtime=0)
 
     def _finish(self) -> None:
         if self._writer is not None:
