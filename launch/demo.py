@@ -1,5 +1,6 @@
 """The tiny CPU pipeline on a real photo: build the model, process an image and a conversation, one
-forward pass with loss, save and reload in the released layout, then a short greedy generation.
+forward pass with loss, save and reload in the released layout, a short greedy generation, then
+packed batches of a synthetic pre-training corpus through the data loader and the model.
 
     python launch/demo.py [model=tiny processor=tiny image=PATH ...]
 """
@@ -11,6 +12,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from step3vl_train.data.config import DataConfig
+from step3vl_train.data.loader import PackedLoader
+from step3vl_train.data.synthetic import write_corpus
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.counting import count_parameters
 from step3vl_train.processing.config import ProcessorConfig
@@ -73,6 +77,30 @@ def main(cfg: DictConfig) -> None:
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     # The weights are random until trained, so the text is noise; the point is the cached decode path.
     report("generate", new_tokens=len(new_tokens), text=processor.tokenizer.decode(new_tokens))
+
+    corpus = Path(cfg.output_dir) / "synthetic" / "pretrain"
+    write_corpus("pretrain", str(corpus), num=cfg.synthetic_samples, seed=cfg.seed, shard_size=4)
+    recipe = OmegaConf.load(Path(__file__).parents[1] / "recipes" / "phase1.yaml").data
+    data_cfg = DataConfig.from_dict(
+        OmegaConf.merge(recipe, {"root": str(corpus), "packing": {"seq_len": cfg.packed_seq_len}})
+    )
+    loader = PackedLoader(data_cfg, processor)
+    model.train()
+    for index, packed in zip(range(cfg.packed_batches), loader, strict=False):
+        loss = model(**packed.batch.model_inputs()).loss
+        loss.backward()
+        report(
+            "packed_batch",
+            index=index,
+            shape=list(packed.batch.input_ids.shape),
+            samples=len(packed.keys[0]),
+            images=len(packed.batch.num_patches),
+            loss=round(loss.item(), 4),
+        )
+    stats = loader.stats().summary()
+    report(
+        "data", **{k: stats[k] for k in ("samples", "tokens", "packing_efficiency", "text_share", "skipped_samples")}
+    )
 
 
 if __name__ == "__main__":

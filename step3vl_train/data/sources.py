@@ -107,9 +107,8 @@ class SourceReader:
         epoch = start.epoch
         while self.max_epochs is None or epoch < self.max_epochs:
             shards, stride, phase = self.shard_order(epoch)
-            if not shards:  # more readers than shards and samples can feed: this one idles
-                return
             first = start.shard if epoch == start.epoch else 0
+            produced = first > 0 or start.index > 0  # a resumed epoch has produced before
             for position in range(first, len(shards)):
                 resume = start if (epoch, position) == (start.epoch, start.shard) else SourceCursor(epoch, position)
                 kept = (
@@ -123,7 +122,10 @@ class SourceReader:
                     yield pending
                     pending = following
                 if pending is not None:
+                    produced = True
                     yield pending[0], SourceCursor(epoch, position + 1)
+            if not produced:  # fewer samples than readers: this one gets none, in any epoch
+                return
             epoch += 1
             start = SourceCursor(epoch)
 

@@ -145,11 +145,16 @@ class Step3VLProcessor:
             raise ValueError("images differ from the ones the layout was planned for")
         input_ids = torch.tensor(layout.input_ids, dtype=torch.long)
         crops = [view.crops for view in views if view.crops.shape[0]]
+        # One image (the common case) needs no copy: its tensors are viewed, not stacked.
         return ProcessedSample(
             input_ids=input_ids,
             labels=torch.where(torch.tensor(layout.loss_mask, dtype=torch.bool), input_ids, IGNORE_INDEX),
-            pixel_values=torch.stack([view.global_view for view in views]) if views else None,
-            patch_pixel_values=torch.cat(crops) if crops else None,
+            pixel_values=(
+                views[0].global_view[None] if len(views) == 1 else torch.stack([v.global_view for v in views])
+            )
+            if views
+            else None,
+            patch_pixel_values=(crops[0] if len(crops) == 1 else torch.cat(crops)) if crops else None,
             num_patches=[view.plan.num_crops for view in views],
             patch_newline_mask=torch.tensor([m for view in views for m in view.plan.newline_mask], dtype=torch.bool),
         )

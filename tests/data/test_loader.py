@@ -84,3 +84,20 @@ def test_changed_topology_is_refused(pretrain_corpus, tiny_processor):
     other_world = PackedLoader(cfg, tiny_processor, rank=0, world_size=2)
     with pytest.raises(ValueError, match="world_size 1 -> 2"):
         other_world.load_state_dict(state)
+
+
+def test_a_source_with_nothing_usable_is_dropped_not_spun_on(tmp_path, pretrain_corpus, tiny_processor):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{oops\n" * 3)
+    cfg = pretrain_config(
+        pretrain_corpus,
+        max_epochs=None,
+        sources=[
+            {"name": "text", "paths": ["text/*.tar"]},
+            {"name": "broken", "kind": "jsonl", "paths": [str(broken)], "weight": 5.0},
+        ],
+        packing={"window": 8},
+    )
+    loader = PackedLoader(cfg, tiny_processor)
+    drain(loader, limit=3)
+    assert loader.stats().skips == {"malformed_json": 4}  # one pass, then the first line of the next

@@ -147,3 +147,11 @@ def test_last_sample_of_a_shard_moves_the_cursor_on(tmp_path):
     reader.next()
     assert (reader.cursor.shard, reader.cursor.index) == (1, 0)
     assert os.path.exists(shards[0])
+
+
+def test_a_reader_with_no_share_of_a_tiny_source_stops(tmp_path):
+    shards = [write_shard(tmp_path / "s.tar", ["only"])]
+    source = SourceConfig("a", shards)
+    assert read_all(SourceReader(source, shards, 1, 2, seed=0, max_epochs=None)) == []
+    reader = SourceReader(source, shards, 0, 2, seed=0, max_epochs=None)
+    assert [reader.next().key.endswith(":only") for _ in range(3)] == [True] * 3  # repeats, epoch after epoch
