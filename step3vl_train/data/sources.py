@@ -159,39 +159,35 @@ def read_tar_shard(
     """Samples of one webdataset tar: members grouped by key. A local file resumes by seeking to `offset`;
     a stream (pipe:, http) re-reads and drops the first `index` samples without decoding them."""
     seekable = is_local(url)
-    try:
-        stream = open(url, "rb") if seekable else _open_url(url)  # noqa: SIM115
-    except OSError as err:
-        yield SkippedSample("unreadable_shard", url, str(err)), index, offset
-        return
     base = offset if seekable and offset is not None else 0
-    skip = 0 if seekable and offset is not None else index
-    with stream:
-        if base:
-            stream.seek(base)
-        key, members = None, {}
-        position = index - skip
-        try:
+    position = index if seekable and offset is not None else 0
+    failure = None
+    try:
+        # A stream reports a failed command or download when it is closed, so closing is inside the try.
+        with open(url, "rb") if seekable else _open_url(url) as stream:  # noqa: SIM115
+            if base:
+                stream.seek(base)
+            key, members = None, {}
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
-                    if not member.isfile():
-                        continue
-                    match = MEMBER_NAME.match(member.name)
+                    match = MEMBER_NAME.match(member.name) if member.isfile() else None
                     if match is None:
                         continue
                     member_key, suffix = match.groups()
                     if member_key != key and key is not None:
                         if position >= index:
-                            yield _tar_sample(url, key, members), position, base + member.offset if seekable else None
+                            next_offset = base + member.offset if seekable else None
+                            yield _tar_sample(url, key, members), position, next_offset
                         position += 1
                         members = {}
                     key = member_key
                     members[suffix] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as err:
-            yield SkippedSample("unreadable_shard", url, f"stops after {position} samples: {err}"), position, None
-            return
-        if key is not None and position >= index:
-            yield _tar_sample(url, key, members), position, None
+            if key is not None and position >= index:
+                yield _tar_sample(url, key, members), position, None
+    except (tarfile.TarError, OSError, EOFError) as err:
+        failure = err
+    if failure is not None:
+        yield SkippedSample("unreadable_shard", url, f"stops after {position} samples: {failure}"), position, None
 
 
 def _tar_sample(url: str, key: str, members: dict[str, bytes]) -> Sample | SkippedSample:
@@ -299,7 +295,7 @@ def _drop_arrow_nulls(value):
 
 
 def _open_url(url: str):
-    from webdataset.gopen import gopen
+    from webdataset import gopen  # pipe:, http(s):// (through curl), and the other schemes it knows
 
     return gopen(url, "rb")
 

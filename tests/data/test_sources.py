@@ -155,3 +155,26 @@ def test_a_reader_with_no_share_of_a_tiny_source_stops(tmp_path):
     assert read_all(SourceReader(source, shards, 1, 2, seed=0, max_epochs=None)) == []
     reader = SourceReader(source, shards, 0, 2, seed=0, max_epochs=None)
     assert [reader.next().key.endswith(":only") for _ in range(3)] == [True] * 3  # repeats, epoch after epoch
+
+
+def test_http_shards_on_loopback(tmp_path):
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http through curl, which is not installed")
+    write_shard(tmp_path / "remote.tar", ["r0", "r1", "r2"])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/remote.tar"
+        assert keys_of(item for item, _, _ in read_tar_shard(url)) == ["r0", "r1", "r2"]
+        assert keys_of(item for item, _, _ in read_tar_shard(url, 2)) == ["r2"]
+        (missing,) = [item for item, _, _ in read_tar_shard(url.replace("remote", "absent"))]
+        assert missing.reason == "unreadable_shard"
+    finally:
+        server.shutdown()
