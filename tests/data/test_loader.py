@@ -101,3 +101,19 @@ def test_a_source_with_nothing_usable_is_dropped_not_spun_on(tmp_path, pretrain_
     loader = PackedLoader(cfg, tiny_processor)
     drain(loader, limit=3)
     assert loader.stats().skips == {"malformed_json": 4}  # one pass, then the first line of the next
+
+
+def test_resume_in_process_without_workers(pretrain_corpus, tiny_processor):
+    def config():
+        return pretrain_config(pretrain_corpus, max_epochs=None, packing={"seq_len": 1024, "window": 10})
+
+    def rows(batches):
+        return [(packed.keys, packed.batch.input_ids.tolist()) for packed in batches]
+
+    straight = rows(drain(PackedLoader(config(), tiny_processor), limit=8))
+    first = PackedLoader(config(), tiny_processor)
+    head = rows(drain(first, limit=3))
+    second = PackedLoader(config(), tiny_processor)
+    second.load_state_dict(first.state_dict())
+    assert head + rows(drain(second, limit=5)) == straight
+    assert second.stats().packs == 8
