@@ -27,7 +27,9 @@ class PackingConfig:
     overflow: str = "truncate"  # a sample longer than seq_len: truncate (never inside an image) or skip
     max_images_per_pack: int = 64
     max_views_per_pack: int = 256  # ViT inputs per pack (global views + crops): bounds the ViT batch
-    window: int = 512  # samples packed together; larger packs tighter, costs memory and resume work
+    # Packs' worth of tokens gathered before packing them: more packs tighter (the window's last pack is
+    # the one left part-full) and costs memory (encoded samples wait for their pack) and resume work.
+    window: int = 32
 
 
 @dataclass

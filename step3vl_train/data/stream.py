@@ -1,6 +1,7 @@
 """The packed sample stream of one DataLoader worker, resumable exactly.
 
-A worker fills a window of samples from its sources (in mixture order), plans packs over the window,
+A worker fills a window with samples from its sources (in mixture order) until they hold `window`
+packs' worth of tokens, plans packs over the window,
 and emits them one by one, decoding images only for the pack being emitted. Its state is the window's
 starting point (source cursors, mixture and skip counts) plus how many of the window's packs are out:
 a restored worker re-reads that window, plans the same packs and carries on with the next one. Nothing
@@ -107,10 +108,12 @@ class PackedStream(IterableDataset):
             window["index"] += 1
 
     def _fill(self, readers: list[SourceReader], mixture: TokenMixture, window: dict) -> list[EncodedSample]:
-        """Draws up to `packing.window` samples in mixture order; skips are counted in window["filled"]."""
+        """Draws samples in mixture order until they hold `packing.window` packs' worth of tokens; skips
+        are counted in window["filled"]."""
         by_name = {r.source.name: r for r in readers}
         samples: list[EncodedSample] = []
-        while len(samples) < self.cfg.packing.window:
+        budget, tokens = self.cfg.packing.window * self.cfg.packing.seq_len, 0
+        while tokens < budget:
             active = [name for name in by_name if name not in window["exhausted"]]
             if not active:
                 break
@@ -135,6 +138,7 @@ class PackedStream(IterableDataset):
             mixture.add(name, len(encoded))
             window["filled"].truncated += encoded.truncated
             samples.append(encoded)
+            tokens += len(encoded)
         return samples
 
     def _render(self, pack: list[EncodedSample], emitted: DataStats) -> tuple[list[str], list[ProcessedSample]]:

@@ -37,7 +37,7 @@ def test_packing_efficiency_on_the_synthetic_pretraining_corpus(pretrain_corpus,
 def test_every_sample_once_per_epoch_over_ranks_and_workers(pretrain_corpus, tiny_processor):
     keys = []
     for rank in range(2):
-        cfg = pretrain_config(pretrain_corpus, num_workers=2, packing={"seq_len": 1024, "window": 16})
+        cfg = pretrain_config(pretrain_corpus, num_workers=2, packing={"seq_len": 1024, "window": 4})
         loader = PackedLoader(cfg, tiny_processor, rank=rank, world_size=2)
         keys += [key for packed in drain(loader) for row in packed.keys for key in row]
         assert loader.stats().samples > 0
@@ -63,7 +63,7 @@ def test_token_shares_follow_the_sft_mix(sft_corpus, tiny_processor):
             "sources": [{"name": "text", "paths": ["text/*.tar"], "weight": 0.9}]
             + [{"name": task, "paths": [f"{task}/*.tar"], "weight": 0.02} for task in multimodal],
             "num_workers": 0,
-            "packing": {"seq_len": 2048, "window": 64},
+            "packing": {"seq_len": 2048, "window": 8},
         }
     )
     loader = PackedLoader(cfg, tiny_processor)
@@ -96,7 +96,7 @@ def test_a_source_with_nothing_usable_is_dropped_not_spun_on(tmp_path, pretrain_
             {"name": "text", "paths": ["text/*.tar"]},
             {"name": "broken", "kind": "jsonl", "paths": [str(broken)], "weight": 5.0},
         ],
-        packing={"window": 8},
+        packing={"window": 1},
     )
     loader = PackedLoader(cfg, tiny_processor)
     drain(loader, limit=3)
@@ -105,7 +105,7 @@ def test_a_source_with_nothing_usable_is_dropped_not_spun_on(tmp_path, pretrain_
 
 def test_resume_in_process_without_workers(pretrain_corpus, tiny_processor):
     def config():
-        return pretrain_config(pretrain_corpus, max_epochs=None, packing={"seq_len": 1024, "window": 10})
+        return pretrain_config(pretrain_corpus, max_epochs=None, packing={"seq_len": 1024, "window": 3})
 
     def rows(batches):
         return [(packed.keys, packed.batch.input_ids.tolist()) for packed in batches]

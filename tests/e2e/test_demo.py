@@ -24,5 +24,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert steps["generate"]["new_tokens"] > 0
     assert (tmp_path / "model" / "model.safetensors.index.json").exists()
     packed = [row for row in map(json.loads, result.stdout.splitlines()) if row["step"] == "packed_batch"]
-    assert len(packed) == 2 and all(row["samples"] > 1 and 0 < row["loss"] < 20 for row in packed)
+    assert len(packed) == 2 and all(0 < row["loss"] < 20 for row in packed)
+    assert sum(row["samples"] for row in packed) > 2 and sum(row["images"] for row in packed) > 0
     assert steps["data"]["skipped_samples"] == 0 and steps["data"]["samples"] == sum(row["samples"] for row in packed)

@@ -45,7 +45,7 @@ def main() -> None:
             "sources": [{"name": t, "paths": [f"{t}/*.tar"], "weight": 2 if t == "text" else 1} for t in TASKS],
             "num_workers": 2,
             "micro_batch_size": 2,
-            "packing": {"seq_len": 1024, "window": 24},
+            "packing": {"seq_len": 1024, "window": 12},
         }
     )
     loader = PackedLoader(cfg, load_processor("tiny", str(REPO / "configs/processor/tiny.yaml")), args.rank, args.world)

@@ -30,5 +30,5 @@ def test_resumed_batches_equal_uninterrupted_ones(pretrain_corpus, tmp_path, ran
     assert len(straight["digests"]) == BATCHES
     assert first["digests"] + second["digests"] == straight["digests"]
     assert second["stats"] == straight["stats"]  # counts carry over too: nothing counted twice
-    # With windows of 24 samples the stop lands inside a window, after more than one epoch of some source.
+    # Windows of 12 packs: the stop lands inside a window, after more than one epoch of some source.
     assert straight["stats"]["samples"] > 24
