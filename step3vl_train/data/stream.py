@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -29,6 +29,26 @@ from step3vl_train.processing.processor import ProcessedSample, Step3VLProcessor
 logger = logging.getLogger("step3vl_train.data")
 
 
+@dataclass
+class WindowStart:
+    """Where a window began: all a worker needs to draw the same samples again."""
+
+    index: int
+    cursors: dict[str, dict]  # source name -> SourceCursor fields
+    mixture: dict[str, int]  # the mixture's token counts
+    filled: dict  # skip and truncation counts (a DataStats state)
+    exhausted: list[str]  # sources that had run out
+
+
+@dataclass
+class Progress:
+    """A worker's running window: its index, fill-time counts and the sources that ran out."""
+
+    index: int = 0
+    filled: DataStats = field(default_factory=DataStats)
+    exhausted: list[str] = field(default_factory=list)
+
+
 class PackedStream(IterableDataset):
     def __init__(self, cfg: DataConfig, processor: Step3VLProcessor, rank: int, world_size: int):
         self.cfg = cfg
@@ -41,6 +61,7 @@ class PackedStream(IterableDataset):
 
     # torchdata's StatefulDataLoader calls these inside each worker, between batches.
     def state_dict(self) -> dict:
+        """{"reader", "window": WindowStart fields, "emitted": DataStats state, "delivered": packs out}."""
         return self._state if self._state is not None else self._restored or {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -62,28 +83,28 @@ class PackedStream(IterableDataset):
             for source in self.cfg.sources
         ]
         mixture = TokenMixture([s.name for s in self.cfg.sources], [s.weight for s in self.cfg.sources])
-        window = {"index": 0, "filled": DataStats(), "exhausted": []}
-        emitted, delivered = DataStats(), 0
+        progress, emitted, delivered = Progress(), DataStats(), 0
         if self._restored:
             state = self._restored
             if state["reader"] != reader:
                 raise ValueError(f"loader state belongs to reader {state['reader']}, this worker is reader {reader}")
-            window = _window_from_state(state["window"])
+            start = WindowStart(**state["window"])
             for source_reader in readers:
-                source_reader.restore(SourceCursor(**state["window"]["cursors"][source_reader.source.name]))
-            mixture.load_state_dict(state["window"]["mixture"])
+                source_reader.restore(SourceCursor(**start.cursors[source_reader.source.name]))
+            mixture.load_state_dict(start.mixture)
+            progress = Progress(start.index, DataStats.from_state_dict(start.filled), list(start.exhausted))
             emitted, delivered = DataStats.from_state_dict(state["emitted"]), state["delivered"]
         while True:
-            start = {
-                "index": window["index"],
-                "cursors": {r.source.name: asdict(r.cursor) for r in readers},
-                "mixture": mixture.state_dict(),
-                "filled": window["filled"].state_dict(),
-                "exhausted": list(window["exhausted"]),
-            }
-            samples = self._fill(readers, mixture, window)
+            start = WindowStart(
+                progress.index,
+                {r.source.name: asdict(r.cursor) for r in readers},
+                mixture.state_dict(),
+                progress.filled.state_dict(),
+                list(progress.exhausted),
+            )
+            samples = self._fill(readers, mixture, progress)
             if not samples:  # the sources are done; an empty pack carries the last counts to the loader
-                yield Pack([], [], reader, window["filled"].merge(emitted))
+                yield Pack([], [], reader, progress.filled.merge(emitted))
                 return
             packs = plan_packs(
                 [len(s) for s in samples],
@@ -91,30 +112,30 @@ class PackedStream(IterableDataset):
                 [s.num_views for s in samples],
                 self.cfg.packing,
             )
-            order = np.random.default_rng([self.cfg.seed, reader, window["index"]]).permutation(len(packs))
+            order = np.random.default_rng([self.cfg.seed, reader, progress.index]).permutation(len(packs))
             for number, p in enumerate(order):
                 if number < delivered:
                     continue  # emitted before the checkpoint this worker resumed from
                 keys, pack = self._render([samples[i] for i in packs[p]], emitted)
                 self._state = {
                     "reader": reader,
-                    "window": start,
+                    "window": asdict(start),
                     "emitted": emitted.state_dict(),
                     "delivered": number + 1,
                 }
                 if pack:
-                    yield Pack(pack, keys, reader, window["filled"].merge(emitted))
+                    yield Pack(pack, keys, reader, progress.filled.merge(emitted))
             delivered = 0
-            window["index"] += 1
+            progress.index += 1
 
-    def _fill(self, readers: list[SourceReader], mixture: TokenMixture, window: dict) -> list[EncodedSample]:
+    def _fill(self, readers: list[SourceReader], mixture: TokenMixture, progress: Progress) -> list[EncodedSample]:
         """Draws samples in mixture order until they hold `packing.window` packs' worth of tokens; skips
-        are counted in window["filled"]."""
+        are counted in progress.filled."""
         by_name = {r.source.name: r for r in readers}
         samples: list[EncodedSample] = []
         budget, tokens = self.cfg.packing.window * self.cfg.packing.seq_len, 0
         while tokens < budget:
-            active = [name for name in by_name if name not in window["exhausted"]]
+            active = [name for name in by_name if name not in progress.exhausted]
             if not active:
                 break
             name = mixture.pick(active)
@@ -122,7 +143,7 @@ class PackedStream(IterableDataset):
             epoch = source_reader.cursor.epoch
             item = source_reader.next()
             if item is None:
-                window["exhausted"].append(name)
+                progress.exhausted.append(name)
                 continue
             try:
                 if isinstance(item, SkippedSample):
@@ -130,13 +151,13 @@ class PackedStream(IterableDataset):
                 encoded = self.encoder.encode(item, name)
             except SkippedSample as skip:
                 skip.log()
-                window["filled"].skips[skip.reason] += 1
+                progress.filled.skips[skip.reason] += 1
                 if source_reader.cursor.epoch > epoch and not mixture.tokens[name]:
                     logger.error("source %s gave no usable sample in a whole pass; dropping it", name)
-                    window["exhausted"].append(name)
+                    progress.exhausted.append(name)
                 continue
             mixture.add(name, len(encoded))
-            window["filled"].truncated += encoded.truncated
+            progress.filled.truncated += encoded.truncated
             samples.append(encoded)
             tokens += len(encoded)
         return samples
@@ -163,11 +184,3 @@ class PackedStream(IterableDataset):
             emitted.packs += 1
             emitted.slots += self.cfg.packing.seq_len
         return keys, rendered
-
-
-def _window_from_state(state: dict) -> dict:
-    return {
-        "index": state["index"],
-        "filled": DataStats.from_state_dict(state["filled"]),
-        "exhausted": list(state["exhausted"]),
-    }
