@@ -1,0 +1,10 @@
+"""A synthetic corpus with known ground truth, drawn with PIL: no download, deterministic by seed.
+
+`drawing` makes the images; `tasks` turns them into pre-training documents, SFT conversations and RL
+prompts, and writes them as shards.
+"""
+
+from step3vl_train.data.synthetic.drawing import COLORS, SHAPES, draw_shapes
+from step3vl_train.data.synthetic.tasks import TASKS, SyntheticSample, make_sample, write_corpus
+
+__all__ = ["COLORS", "SHAPES", "TASKS", "SyntheticSample", "draw_shapes", "make_sample", "write_corpus"]
