@@ -4,14 +4,12 @@ import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, caption, png, write_held_out
 
 from step3vl_train.data.sources import read_tar_shard
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
 
 
 def tool(name, *args):

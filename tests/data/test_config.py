@@ -1,0 +1,38 @@
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
+
+from step3vl_train.data.config import DataConfig
+from tests.conftest import REPO
+
+
+def config(**overrides):
+    return DataConfig.from_dict({"sources": [{"name": "a", "paths": ["a/*.tar"]}], **overrides})
+
+
+def test_recipes_and_defaults_load():
+    for recipe in ("phase1", "phase2", "sft_stage1", "sft_stage2"):
+        cfg = DataConfig.from_dict(OmegaConf.load(REPO / "recipes" / f"{recipe}.yaml").data)
+        assert cfg.sources and cfg.packing.seq_len in (4096, 131072)
+    stage1 = DataConfig.from_dict(OmegaConf.load(REPO / "recipes" / "sft_stage1.yaml").data)
+    text = sum(s.weight for s in stage1.sources if s.name == "text")
+    assert text / sum(s.weight for s in stage1.sources) == pytest.approx(0.9)
+    default = OmegaConf.load(REPO / "configs" / "data" / "default.yaml")
+    assert DataConfig.from_dict(OmegaConf.merge(default, {"sources": [{"name": "x", "paths": ["x"]}]})).num_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"packing": {"seq_lenn": 5}}, ConfigKeyError, "seq_lenn"),
+        ({"sources": [{"name": "a"}]}, MissingMandatoryValue, "paths"),
+        ({"sources": [{"name": "a", "paths": ["x"], "kind": "parquet"}]}, ValueError, "kind"),
+        ({"sources": [{"name": "a", "paths": ["x"], "weight": 0}]}, ValueError, "weight"),
+        ({"sources": [{"name": "a", "paths": ["x"]}, {"name": "a", "paths": ["y"]}]}, ValueError, "repeated"),
+        ({"sources": []}, ValueError, "empty"),
+        ({"packing": {"overflow": "split"}}, ValueError, "overflow"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, error, match):
+    with pytest.raises(error, match=match):
+        config(**overrides)
