@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -113,8 +114,9 @@ class SourceReader:
                 resume = start if (epoch, position) == (start.epoch, start.shard) else SourceCursor(epoch, position)
                 kept = (
                     (item, SourceCursor(epoch, position, index + 1, offset))
-                    for item, index, offset in self._read_shard(shards[position], epoch, resume.index, resume.offset)
-                    if index % stride == phase
+                    for item, index, offset in self._read_shard(
+                        shards[position], epoch, resume.index, resume.offset, stride, phase
+                    )
                 )
                 # The shard's last sample points the cursor at the next shard, so a resume does not reopen it.
                 pending = next(kept, None)
@@ -130,34 +132,37 @@ class SourceReader:
             start = SourceCursor(epoch)
 
     def _read_shard(
-        self, url: str, epoch: int, index: int, offset: int | None
+        self, url: str, epoch: int, index: int, offset: int | None, stride: int, phase: int
     ) -> Iterator[tuple[Sample | SkippedSample, int, int | None]]:
-        """Yields (sample or skip, its index in the shard, byte offset just past it) from sample `index` on."""
+        """Yields (sample or skip, its index in the shard, byte offset just past it) from sample `index` on,
+        for the indices this reader keeps (index % stride == phase)."""
         kind = self.source.kind
         if kind == "webdataset":
-            yield from read_tar_shard(url, index, offset)
+            yield from read_tar_shard(url, index, offset, stride, phase)
         elif kind == "jsonl":
-            yield from read_jsonl_shard(url, self.source.image_dir, index, offset)
+            yield from read_jsonl_shard(url, self.source.image_dir, index, offset, stride, phase)
         else:
-            yield from self._read_hf(url, epoch, index)
+            yield from self._read_hf(url, epoch, index, stride, phase)
 
-    def _read_hf(self, path: str, epoch: int, index: int) -> Iterator[tuple[Sample | SkippedSample, int, None]]:
+    def _read_hf(
+        self, path: str, epoch: int, index: int, stride: int, phase: int
+    ) -> Iterator[tuple[Sample | SkippedSample, int, None]]:
         if self._hf_rows is None:
             self._hf_rows = load_hf_rows(path, self.source.split)
         rows = self._hf_rows
         order = np.random.default_rng([self.seed, epoch, _stable_hash(self.source.name)]).permutation(len(rows))
-        for i in range(index, len(rows)):
-            if i % self.num_readers != self.reader:  # cheap skip: rows are random access
-                continue
+        first = index + (phase - index) % stride  # rows are random access: go straight to this reader's
+        for i in range(first, len(rows), stride):
             row = int(order[i])
             yield hf_row_to_sample(f"{self.source.name}/{row}", rows[row]), i, None
 
 
 def read_tar_shard(
-    url: str, index: int = 0, offset: int | None = None
+    url: str, index: int = 0, offset: int | None = None, stride: int = 1, phase: int = 0
 ) -> Iterator[tuple[Sample | SkippedSample, int, int | None]]:
-    """Samples of one webdataset tar: members grouped by key. A local file resumes by seeking to `offset`;
-    a stream (pipe:, http) re-reads and drops the first `index` samples without decoding them."""
+    """Samples of one webdataset tar: members grouped by key; only those whose index % stride == phase
+    are decoded and yielded. A local file resumes by seeking to `offset`; a stream (pipe:, http) re-reads
+    and drops the first `index` samples without decoding them."""
     seekable = is_local(url)
     base = offset if seekable and offset is not None else 0
     position = index if seekable and offset is not None else 0
@@ -175,18 +180,18 @@ def read_tar_shard(
                         continue
                     member_key, suffix = match.groups()
                     if member_key != key and key is not None:
-                        if position >= index:
+                        if position >= index and position % stride == phase:
                             next_offset = base + member.offset if seekable else None
                             yield _tar_sample(url, key, members), position, next_offset
                         position += 1
                         members = {}
                     key = member_key
                     members[suffix] = tar.extractfile(member).read()
-            if key is not None and position >= index:
+            if key is not None and position >= index and position % stride == phase:
                 yield _tar_sample(url, key, members), position, None
     except (tarfile.TarError, OSError, EOFError) as err:
         failure = err
-    if failure is not None:
+    if failure is not None and position % stride == phase:  # one reader of a strided shard reports it
         yield SkippedSample("unreadable_shard", url, f"stops after {position} samples: {failure}"), position, None
 
 
@@ -206,15 +211,17 @@ def _tar_sample(url: str, key: str, members: dict[str, bytes]) -> Sample | Skipp
 
 
 def read_jsonl_shard(
-    path: str, image_dir: str | None, index: int = 0, offset: int | None = None
+    path: str, image_dir: str | None, index: int = 0, offset: int | None = None, stride: int = 1, phase: int = 0
 ) -> Iterator[tuple[Sample | SkippedSample, int, int | None]]:
     """One sample a non-empty line; its `images` field lists files under `image_dir` (default: the
-    file's folder). Resumes by seeking to `offset`."""
+    file's folder). Only lines whose sample index % stride == phase are parsed. Resumes by seeking to
+    `offset`."""
     folder = image_dir or os.path.dirname(path)
     try:
         handle = open(path, "rb")  # noqa: SIM115
     except OSError as err:
-        yield SkippedSample("unreadable_shard", path, str(err)), index, offset
+        if index % stride == phase:  # one reader of a strided file reports it
+            yield SkippedSample("unreadable_shard", path, str(err)), index, offset
         return
     with handle:
         position = index if offset is not None else 0
@@ -222,7 +229,7 @@ def read_jsonl_shard(
         for line in iter(handle.readline, b""):
             if not line.strip():
                 continue
-            if position >= index:
+            if position >= index and position % stride == phase:
                 yield _jsonl_sample(path, position, line, folder), position, handle.tell()
             position += 1
 
@@ -301,4 +308,4 @@ def _open_url(url: str):
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") ^ len(text)
+    return zlib.crc32(text.encode())

@@ -63,14 +63,14 @@ def test_token_shares_follow_the_sft_mix(sft_corpus, tiny_processor):
             "sources": [{"name": "text", "paths": ["text/*.tar"], "weight": 0.9}]
             + [{"name": task, "paths": [f"{task}/*.tar"], "weight": 0.02} for task in multimodal],
             "num_workers": 0,
-            "packing": {"seq_len": 2048, "window": 8},
+            "packing": {"seq_len": 2048, "window": 4},
         }
     )
     loader = PackedLoader(cfg, tiny_processor)
-    drain(loader, limit=20)
+    drain(loader, limit=60)  # about 15 windows: the one still being emitted barely moves the shares
     summary = loader.stats().summary()
-    assert summary["text_share"] == pytest.approx(0.9, abs=0.03)
-    assert summary["share/vqa"] == pytest.approx(0.02, abs=0.01)
+    assert summary["text_share"] == pytest.approx(0.9, abs=0.01)
+    assert summary["share/vqa"] == pytest.approx(0.02, abs=0.005)
 
 
 def test_changed_topology_is_refused(pretrain_corpus, tiny_processor):
