@@ -1,10 +1,10 @@
 import pytest
-from broken_data import jpeg, png
 
 from step3vl_train.data.config import PackingConfig
 from step3vl_train.data.encoding import SampleEncoder
 from step3vl_train.data.schema import build_sample
 from step3vl_train.data.skips import SkippedSample
+from tests.data.broken_data import jpeg, png
 
 
 def document(*parts):

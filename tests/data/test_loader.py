@@ -1,8 +1,8 @@
 import pytest
-from broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, write_held_out
 
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
+from tests.data.broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, write_held_out
 
 
 def pretrain_config(root, **overrides):

@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-from broken_data import caption, png
 from webdataset import TarWriter
 
 from step3vl_train.data.config import SourceConfig
@@ -15,6 +14,7 @@ from step3vl_train.data.sources import (
     read_tar_shard,
     resolve_shards,
 )
+from tests.data.broken_data import caption, png
 
 
 def write_shard(path, keys):
@@ -53,7 +53,7 @@ def test_tar_resume_by_offset_and_by_stream(tmp_path):
 
 
 def test_truncated_and_missing_shards_are_reported(tmp_path):
-    from broken_data import TRUNCATED_GOOD, write_held_out
+    from tests.data.broken_data import TRUNCATED_GOOD, write_held_out
 
     _, truncated, gone = write_held_out(str(tmp_path))
     items = [item for item, _, _ in read_tar_shard(truncated)]

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, caption, png, write_held_out
 
 from step3vl_train.data.sources import read_tar_shard
 from tests.conftest import REPO
+from tests.data.broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, caption, png, write_held_out
 
 
 def tool(name, *args):
