@@ -1,0 +1,50 @@
+"""Optimizer and learning-rate schedule settings: the dataclasses behind `configs/optim/*.yaml`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEDULE_SHAPES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose name matches `pattern` (re.search), unless an earlier group claimed them.
+    Unset fields take the optimizer's values."""
+
+    name: str
+    pattern: str
+    lr: float | None = None  # peak learning rate
+    weight_decay: float | None = None
+    warmup_tokens: int | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate against tokens trained, so it holds whatever the batch size: linear warmup from 0 to
+    each group's peak over `warmup_tokens`, then `shape` down to peak * min_lr_ratio at `decay_tokens`
+    (counted from the start, warmup included), then flat."""
+
+    shape: str = "cosine"
+    warmup_tokens: int = 0
+    decay_tokens: int = 1
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.shape not in SCHEDULE_SHAPES:
+            raise ValueError(f"optim.schedule.shape must be one of {SCHEDULE_SHAPES}, not {self.shape!r}")
+        if self.decay_tokens < 1 or self.warmup_tokens < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                "optim.schedule needs decay_tokens >= 1, warmup_tokens >= 0 and 0 <= min_lr_ratio <= 1, got "
+                f"{self.decay_tokens}, {self.warmup_tokens}, {self.min_lr_ratio}"
+            )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    param_groups: list[ParamGroupConfig] = field(default_factory=lambda: [ParamGroupConfig("all", ".*")])
