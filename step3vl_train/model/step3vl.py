@@ -71,17 +71,36 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None,
         patch_pixel_values: torch.Tensor | None,
         num_patches: list[int] | torch.Tensor | None,
-    ) -> torch.Tensor | None:
+        keep_alive: bool = False,
+        device: torch.device | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Image tokens in placeholder order: for each image, its local crops (row-major), then its global view.
 
         pixel_values: (N_images, 3, S, S) global views of every image in the batch, in order;
         patch_pixel_values: (sum(num_patches), 3, s, s) their crops; num_patches: crops per image.
-        Returns (total_image_tokens, hidden), or None when there is no image.
+        Returns (total_image_tokens, hidden), or None when there is no image, and a scalar zero.
+
+        The tower runs on the global views, then on the crops. With `keep_alive` (training), a view kind the
+        batch lacks runs on a tiny zero image in its place, and the returned zero depends on it: every rank
+        then calls the same modules in the same order every micro-step, which ZeRO-3 needs, as its parameter
+        gathers are collectives (DeepSpeed#7170: a rank that skips the tower, or runs it later, hangs the
+        others or mismatches their collectives). `device` places the zero image. No parameter is touched
+        outside its module's forward: under ZeRO-3 such an access is an all-gather of its own.
         """
-        if pixel_values is None:
-            return None
-        globals_ = self.encode_images(pixel_values)
-        crops = self.encode_images(patch_pixel_values) if _has_views(patch_pixel_values) else globals_[:0]
+        zero = torch.zeros((), device=device)
+        encoded = []
+        for views in (pixel_values, patch_pixel_values):
+            if _has_views(views):
+                encoded.append(self.encode_images(views))
+                continue
+            encoded.append(None)
+            if keep_alive:
+                side = 4 * self.config.vision_config.patch_size
+                zero = zero + self.encode_images(torch.zeros(1, 3, side, side, device=device)).sum() * 0
+        globals_, crops = encoded
+        if globals_ is None:
+            return None, zero
+        crops = crops if crops is not None else globals_[:0]
         num_patches = [int(n) for n in num_patches] if num_patches is not None else [0] * len(globals_)
         if len(num_patches) != len(globals_) or sum(num_patches) != len(crops):
             raise ImageTokenMismatchError(
@@ -90,21 +109,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pieces = []
         for image, crop_end in enumerate(itertools.accumulate(num_patches)):
             pieces += [crops[crop_end - num_patches[image] : crop_end].flatten(0, 1), globals_[image]]
-        return torch.cat(pieces)
-
-    def vision_keepalive(
-        self, pixel_values: torch.Tensor | None, patch_pixel_values: torch.Tensor | None
-    ) -> torch.Tensor:
-        """A zero that depends on every vision parameter, from a tiny zero image, for each view kind this batch lacks.
-
-        In training every rank must run the vision tower for both view kinds every micro-step: ZeRO-3 gathers
-        parameters collectively, so a rank that skips the tower deadlocks the others (DeepSpeed#7170).
-        """
-        side = 4 * self.config.vision_config.patch_size
-        weight = self.vit_large_projector.weight
-        zero_image = torch.zeros(1, 3, side, side, dtype=weight.dtype, device=weight.device)
-        missing = int(pixel_values is None) + int(not _has_views(patch_pixel_values))
-        return sum(self.encode_images(zero_image).sum() * 0 for _ in range(missing)) + weight.new_zeros(())
+        return torch.cat(pieces), zero
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, L, hidden) with image tokens written over the `<im_patch>` positions, row-major."""
@@ -141,16 +146,17 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         this batch's mean (for gradient accumulation and data parallelism).
         """
         if inputs_embeds is None:
-            image_embeds = self.image_embeddings(pixel_values, patch_pixel_values, num_patches)
+            keep_alive = self.training and torch.is_grad_enabled()
+            image_embeds, zero = self.image_embeddings(
+                pixel_values, patch_pixel_values, num_patches, keep_alive, input_ids.device
+            )
             if (
                 image_embeds is None
                 and _is_prefill(past_key_values)
                 and (input_ids == self.config.image_token_id).any()
             ):
                 raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
-            inputs_embeds = self.embed(input_ids, image_embeds)
-            if self.training and torch.is_grad_enabled():
-                inputs_embeds = inputs_embeds + self.vision_keepalive(pixel_values, patch_pixel_values)
+            inputs_embeds = self.embed(input_ids, image_embeds) + zero
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             inputs_embeds=inputs_embeds,

@@ -136,7 +136,9 @@ class StepVisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Trunk features. pixel_values: (B, 3, H, W), H and W multiples of patch_size -> (B, H/14 * W/14, width)."""
-        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))
+        # The dtype comes from this module's own parameter, gathered for its forward under ZeRO-3; reading
+        # conv1.weight here would be an extra all-gather before conv1 runs.
+        x = self.conv1(pixel_values.to(self.positional_embedding.dtype))
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = self.ln_pre(x + self.position_table(grid_h, grid_w))

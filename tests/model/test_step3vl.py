@@ -74,7 +74,7 @@ def test_image_tokens_land_crops_first_then_global(tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_model, "encode_images", tagged)
     globals_ = torch.tensor([100.0, 200.0])[:, None, None, None].expand(2, 3, 224, 224)
     crops = torch.tensor([1.0, 2.0, 3.0])[:, None, None, None].expand(3, 3, 168, 168)
-    merged = tiny_model.image_embeddings(globals_, crops, [2, 1])[:, 0].tolist()
+    merged = tiny_model.image_embeddings(globals_, crops, [2, 1])[0][:, 0].tolist()
     assert merged == [1.0] * CROP + [2.0] * CROP + [100.0] * GLOBAL + [3.0] * CROP + [200.0] * GLOBAL
 
 
@@ -114,6 +114,38 @@ def test_training_step_without_images_still_runs_the_vision_tower(tiny_model):
         assert param.grad is not None, name
         if name.startswith(("vision_model.", "vit_large_projector")):
             assert torch.count_nonzero(param.grad) == 0, name
+
+
+def test_every_batch_kind_calls_the_same_modules_in_the_same_order(tiny_model):
+    """ZeRO-3 gathers parameters module by module with collectives, so ranks holding a text-only, a
+    global-view-only and a crops-and-global batch at the same step must call the same modules in order."""
+    tiny_model.train()
+    calls = []
+    watched = {
+        "vision_model": tiny_model.vision_model,
+        "projector": tiny_model.vit_large_projector,
+        "embed_tokens": tiny_model.model.embed_tokens,
+        "lm_head": tiny_model.lm_head,
+    }
+    for name, module in watched.items():
+        module.register_forward_hook(lambda *_, name=name: calls.append(name))
+    with_crops, global_only = sample(4, [1], 0), sample(1, [0], 1)
+    runs = []
+    for s in (with_crops, global_only, None):
+        calls.clear()
+        if s is None:
+            inputs = {"input_ids": torch.randint(11, 1000, (1, 9))}
+        else:
+            inputs = {
+                "input_ids": s["input_ids"][None],
+                "pixel_values": s["pixel_values"],
+                "patch_pixel_values": s["patch_pixel_values"],
+                "num_patches": s["num_patches"],
+            }
+        tiny_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        runs.append(list(calls))
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][:4] == ["vision_model", "projector", "vision_model", "projector"]
 
 
 def test_training_step_with_images_trains_the_vision_tower(tiny_model):

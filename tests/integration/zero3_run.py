@@ -1,0 +1,61 @@
+"""One rank of a ZeRO-3 run on the CPU whose ranks hold different kinds of batch at every step.
+
+torchrun --nproc_per_node 2 zero3_run.py OUT_DIR STEPS
+Each rank writes OUT_DIR/rank{R}.json: its losses and how far the vision weights moved.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from step3vl_train.model import Step3VLConfig
+from step3vl_train.processing.processor import collate, load_processor
+from step3vl_train.train.config import OptimConfig
+from step3vl_train.train.engine import build_engine, deepspeed_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def batches(processor):
+    """Text only; an image with crops and its global view; a small image with a global view only."""
+    photo = Image.open(REPO / "data" / "samples" / "chelsea.png").convert("RGB")
+    answer = {"role": "assistant", "content": "A cat."}
+
+    def ask(*images):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What is it?"}]
+        return collate([processor([{"role": "user", "content": content}, answer], list(images))], 0)
+
+    return [ask(), ask(photo), ask(photo.resize((120, 100)))]
+
+
+def main() -> None:
+    out, steps = Path(sys.argv[1]), int(sys.argv[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    model_config = Step3VLConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/tiny.yaml")))
+    base = OmegaConf.to_container(OmegaConf.load(REPO / "configs/deepspeed/zero3.yaml"))
+    ds = build_engine(model_config, OptimConfig(lr=1e-3), deepspeed_config(base, 1, 1, 1.0, bf16=False))
+    conv = ds.model.vision_model.conv1.weight
+    with deepspeed.zero.GatheredParameters([conv]):
+        before = conv.detach().clone()
+    kinds = batches(load_processor("tiny", str(REPO / "configs/processor/tiny.yaml")))
+    losses = []
+    for step in range(steps):
+        batch = kinds[(step + rank) % len(kinds)]  # the ranks never hold the same kind at once
+        loss = ds.engine(**batch.model_inputs()).loss
+        ds.engine.backward(loss)
+        ds.engine.step()
+        losses.append(loss.item())
+    with deepspeed.zero.GatheredParameters([conv]):
+        moved = (conv.detach() - before).abs().max().item()
+    (out / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "vision_moved": moved}))
+
+
+if __name__ == "__main__":
+    main()
