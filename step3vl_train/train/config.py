@@ -48,3 +48,17 @@ class OptimConfig:
     weight_decay: float = 0.01
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     param_groups: list[ParamGroupConfig] = field(default_factory=lambda: [ParamGroupConfig("all", ".*")])
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "outputs/run"  # checkpoints/, metrics.jsonl and config.yaml go here
+    max_steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # micro-batches a step, per rank
+    grad_clip: float = 1.0
+    bf16: bool = False  # the GPU recipes turn it on
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    save_every: int = 100  # steps between checkpoints; the last step is always saved
+    keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
+    seed: int = 0

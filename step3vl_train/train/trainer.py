@@ -1,0 +1,150 @@
+"""The pre-training / SFT loop: packed batches -> DeepSpeed ZeRO-3 -> checkpoints and metrics.
+
+Rank roles, in one place: rank 0 decides the run directory, writes config.yaml, metrics.jsonl and the
+`latest` pointer; every rank reads its own slice of the data and saves its own loader and RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from step3vl_train.data.config import DataConfig
+from step3vl_train.data.loader import PackedLoader
+from step3vl_train.model import Step3VLConfig
+from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
+from step3vl_train.train.checkpoint import Checkpointer
+from step3vl_train.train.config import OptimConfig, TrainerConfig
+from step3vl_train.train.engine import build_engine, deepspeed_config
+from step3vl_train.train.metrics import MetricsLog
+from step3vl_train.train.schedule import apply_schedule
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0  # real (non-padding) tokens trained on, all ranks
+
+
+def init_distributed() -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def agreed_run_dir(output_dir: str) -> Path:
+    """Rank 0's choice of run directory, sent to the others (per-rank Hydra timestamps may differ)."""
+    chosen = [str(Path(output_dir).resolve())] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def supervised_tokens(batch: Batch) -> int:
+    """Targets the loss counts: labels past the first position (the loss is shifted by one)."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        init_distributed()
+        self.cfg = cfg
+        self.trainer = TrainerConfig(**cfg.trainer)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.run_dir = agreed_run_dir(self.trainer.output_dir)
+        torch.manual_seed(self.trainer.seed)
+        model_config = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))
+        self.optim = optim
+        data = DataConfig.from_dict(cfg.data)
+        ds_config = deepspeed_config(
+            OmegaConf.to_container(cfg.deepspeed, resolve=True),
+            data.micro_batch_size,
+            self.trainer.grad_accum,
+            self.trainer.grad_clip,
+            self.trainer.bf16,
+        )
+        self.ds = build_engine(model_config, optim, ds_config)
+        if self.trainer.gradient_checkpointing:
+            self.ds.model.gradient_checkpointing_enable()
+        processor = load_processor(cfg.tokenizer, OmegaConf.to_container(cfg.processor, resolve=True))
+        self.loader = PackedLoader(data, processor, self.rank, self.world)
+        self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
+        self.progress = Progress()
+
+    def resume(self) -> None:
+        state = self.checkpointer.load(self.ds.engine)
+        if state is not None:
+            self.progress = Progress(**state["progress"])
+            self.loader.load_state_dict(state["loader"])
+
+    def run(self) -> None:
+        self.resume()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        metrics = MetricsLog(self.run_dir, self.progress.step) if self.rank == 0 else None
+        batches = iter(self.loader)
+        bar = tqdm(total=self.trainer.max_steps, initial=self.progress.step, disable=self.rank != 0, unit="step")
+        self.ds.engine.train()
+        while self.progress.step < self.trainer.max_steps:
+            started = time.perf_counter()
+            micro = [next(batches).batch for _ in range(self.trainer.grad_accum)]
+            row = self.train_step(micro)
+            row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"])
+            if metrics is not None and self.progress.step % self.trainer.log_every == 0:
+                metrics.write(row)
+            if self.progress.step % self.trainer.save_every == 0 or self.progress.step == self.trainer.max_steps:
+                self.save()
+        bar.close()
+
+    def train_step(self, micro: list[Batch]) -> dict:
+        """One optimizer step over `grad_accum` micro-batches per rank. The loss is the sum over every
+        supervised token of the global batch divided by their number, whatever their split into ranks and
+        micro-batches (DeepSpeed averages gradients over ranks, hence the factor of world size)."""
+        counts = torch.tensor(
+            [sum(supervised_tokens(b) for b in micro), sum(int(b.attention_mask.sum()) for b in micro)],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(counts)
+        global_targets, global_tokens = int(counts[0]), int(counts[1])
+        lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            loss = self.ds.engine(**batch.model_inputs(), num_items_in_batch=torch.tensor(max(global_targets, 1))).loss
+            self.ds.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self.ds.engine.step()
+            loss_sum += loss.detach().double()
+        data = self.loader.stats().summary()
+        totals = torch.tensor([float(loss_sum), data["samples"], data["skipped_samples"]], dtype=torch.float64)
+        dist.all_reduce(totals)
+        self.progress.step += 1
+        self.progress.tokens += global_tokens
+        grad_norm = self.ds.engine.get_global_grad_norm()
+        return {
+            "step": self.progress.step,
+            "loss": float(totals[0]),
+            "lr": next(iter(lrs.values())),
+            **{f"lr/{name}": lr for name, lr in lrs.items()},
+            "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
+            "tokens": self.progress.tokens,
+            "step_tokens": global_tokens,
+            "supervised_tokens": global_targets,
+            "samples": int(totals[1]),
+            "skipped_samples": int(totals[2]),
+        }
+
+    def save(self) -> None:
+        state = {"progress": vars(self.progress).copy(), "loader": self.loader.state_dict()}
+        self.checkpointer.save(self.ds.engine, self.progress.step, state)

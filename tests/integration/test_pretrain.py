@@ -1,0 +1,63 @@
+"""launch/pretrain.py over 2 ranks of ZeRO-3 on the CPU (gloo), on the synthetic corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def command(corpus, out, *overrides):
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launch" / "pretrain.py"),
+        "+recipe=phase1", f"data.root={corpus}", "data.packing.seq_len=512", "data.packing.window=4",
+        "data.num_workers=1", "optim.lr=1e-3", "optim.schedule.shape=constant", f"trainer.output_dir={out}",
+        *overrides,
+    ]  # fmt: skip
+
+
+def environment():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows]
+
+
+def run(corpus, out, *overrides):
+    done = subprocess.run(
+        command(corpus, out, *overrides), capture_output=True, text=True, timeout=600, env=environment()
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return losses(out)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_writes_the_same_losses(pretrain_corpus, tmp_path):
+    settings = ["trainer.max_steps=8", "trainer.save_every=3"]
+    straight = run(pretrain_corpus, tmp_path / "straight", *settings)
+    assert [step for step, _ in straight] == list(range(1, 9))
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        command(pretrain_corpus, out, *settings), env=environment(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(step >= 5 for step, _ in losses(out)):
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # between the checkpoints of steps 3 and 6
+    process.wait()
+    assert (out / "checkpoints" / "latest").read_text() in ("step_3", "step_6")
+
+    resumed = run(pretrain_corpus, out, *settings)
+    assert resumed == straight
