@@ -85,15 +85,20 @@ def read_released_tensors(directory: str | os.PathLike) -> dict[str, torch.Tenso
 
 def load_released(directory: str | os.PathLike, dtype: torch.dtype | None = None):
     """Builds the model from `config.json` without initialising weights, then assigns the stored tensors."""
-    from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
-
     directory = Path(directory)
     config = Step3VLConfig.from_json_file(directory / CONFIG_NAME)
+    return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype)
+
+
+def model_from_tensors(config: Step3VLConfig, tensors: dict[str, torch.Tensor], source: str, dtype=None):
+    """The model holding exactly `tensors` (released names), built on the meta device so nothing is
+    initialised twice; `source` names where they came from in mismatch errors."""
+    from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
+
     with torch.device("meta"):
         model = Step3VLForConditionalGeneration(config)
-    tensors = read_released_tensors(directory)
     check_state_dict(
-        {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in tensors.items()}, str(directory)
+        {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in tensors.items()}, source
     )
     if dtype is not None:
         tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}

@@ -61,3 +61,30 @@ def test_killed_and_resumed_run_writes_the_same_losses(pretrain_corpus, tmp_path
 
     resumed = run(pretrain_corpus, out, *settings)
     assert resumed == straight
+
+
+@pytest.mark.slow
+def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretrain_corpus, tmp_path):
+    import torch
+
+    from step3vl_train.model import Step3VLForConditionalGeneration
+    from tests.integration.export_run import fixed_batch
+
+    out = tmp_path / "run"
+    script = REPO / "tests" / "integration" / "export_run.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    trained = subprocess.run(
+        [*launcher, str(script), str(pretrain_corpus), str(out)], capture_output=True, text=True, timeout=600,
+        env=environment(),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    exported = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "export_hf.py"), f"checkpoint={out}", f"out={tmp_path / 'hf'}"],
+        capture_output=True, text=True, timeout=300, env=environment(),
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    model = Step3VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        logits = model(**fixed_batch()).logits
+    torch.testing.assert_close(logits, torch.load(out / "live_logits.pt"), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
