@@ -53,7 +53,9 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     output_dir: str = "outputs/run"  # checkpoints/, metrics.jsonl and config.yaml go here
-    max_steps: int = 100  # optimizer steps
+    max_steps: int | None = 100  # optimizer steps; the run stops at whichever of these comes first
+    max_tokens: int | None = None  # tokens trained on, all ranks (the paper's unit)
+    init_from: str | None = None  # a released-format model directory (or an export) to start from
     grad_accum: int = 1  # micro-batches a step, per rank
     grad_clip: float = 1.0
     bf16: bool = False  # the GPU recipes turn it on
@@ -62,3 +64,7 @@ class TrainerConfig:
     save_every: int = 100  # steps between checkpoints; the last step is always saved
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("trainer needs max_steps or max_tokens")

@@ -10,6 +10,7 @@ import torch
 from transformers.integrations import HfDeepSpeedConfig
 
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
+from step3vl_train.model.checkpoint import check_state_dict, read_released_tensors
 from step3vl_train.train.config import OptimConfig
 from step3vl_train.train.optim import build_optimizer, build_param_groups
 
@@ -35,12 +36,32 @@ def deepspeed_config(
     }
 
 
-def build_engine(model_config: Step3VLConfig, optim: OptimConfig, ds_config: dict[str, Any]) -> Engine:
+def build_engine(
+    model_config: Step3VLConfig, optim: OptimConfig, ds_config: dict[str, Any], init_from: str | None = None
+) -> Engine:
     """Builds the model partitioned from the start (transformers' zero.Init path, which also gathers each
-    module to initialise it), then DeepSpeed around it. Call after torch.distributed is initialised."""
+    module to initialise it), loads `init_from` (a released-format directory) if given, then wraps it in
+    DeepSpeed. The weights must be in place before `deepspeed.initialize`, which takes its fp32 master
+    copies from them. Call after torch.distributed is initialised."""
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     model = Step3VLForConditionalGeneration._from_config(model_config, dtype=dtype)
+    if init_from:
+        load_released_into(model, init_from)
     optimizer = build_optimizer(build_param_groups(model, optim), optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return Engine(engine, model, hf_deepspeed_config)
+
+
+def load_released_into(model: Step3VLForConditionalGeneration, directory: str) -> None:
+    """Copies a released-format checkpoint into a ZeRO-3 partitioned model: each parameter is gathered,
+    rank 0 writes the stored tensor into it, and DeepSpeed partitions it again on leaving the context.
+    Names and shapes are checked first, on every rank, so a mismatch fails everywhere at once."""
+    tensors = read_released_tensors(directory)  # every rank reads: the check below needs the shapes
+    expected = {name: tuple(getattr(param, "ds_shape", param.shape)) for name, param in model.named_parameters()}
+    check_state_dict(expected, {name: tuple(t.shape) for name, t in tensors.items()}, directory)
+    rank = torch.distributed.get_rank()
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(tensors[name])

@@ -73,12 +73,14 @@ class Trainer:
             self.trainer.grad_clip,
             self.trainer.bf16,
         )
-        self.ds = build_engine(model_config, optim, ds_config)
+        self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
+        # A run with a checkpoint resumes from it; only a fresh one starts from init_from.
+        init_from = self.trainer.init_from if self.checkpointer.latest() is None else None
+        self.ds = build_engine(model_config, optim, ds_config, init_from)
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
         processor = load_processor(cfg.tokenizer, OmegaConf.to_container(cfg.processor, resolve=True))
         self.loader = PackedLoader(data, processor, self.rank, self.world)
-        self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
         self.progress = Progress()
 
     def resume(self) -> None:
@@ -96,7 +98,7 @@ class Trainer:
         batches = iter(self.loader)
         bar = tqdm(total=self.trainer.max_steps, initial=self.progress.step, disable=self.rank != 0, unit="step")
         self.ds.engine.train()
-        while self.progress.step < self.trainer.max_steps:
+        while not self.finished():
             started = time.perf_counter()
             micro = [next(batches).batch for _ in range(self.trainer.grad_accum)]
             row = self.train_step(micro)
@@ -105,9 +107,15 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"])
             if metrics is not None and self.progress.step % self.trainer.log_every == 0:
                 metrics.write(row)
-            if self.progress.step % self.trainer.save_every == 0 or self.progress.step == self.trainer.max_steps:
+            if self.progress.step % self.trainer.save_every == 0 or self.finished():
                 self.save()
         bar.close()
+
+    def finished(self) -> bool:
+        steps, tokens = self.trainer.max_steps, self.trainer.max_tokens
+        return (steps is not None and self.progress.step >= steps) or (
+            tokens is not None and self.progress.tokens >= tokens
+        )
 
     def train_step(self, micro: list[Batch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches per rank. The loss is the sum over every

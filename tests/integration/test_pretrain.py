@@ -88,3 +88,15 @@ def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretra
         logits = model(**fixed_batch()).logits
     torch.testing.assert_close(logits, torch.load(out / "live_logits.pt"), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # The export starts another run: with a learning rate of 0 its first checkpoint holds the same weights.
+    from step3vl_train.model.checkpoint import read_released_tensors
+
+    follow = tmp_path / "follow"
+    run(pretrain_corpus, follow, "trainer.max_steps=1", "optim.lr=0", f"trainer.init_from={tmp_path / 'hf'}")
+    again = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "export_hf.py"), f"checkpoint={follow}", f"out={tmp_path / 'hf2'}"],
+        capture_output=True, text=True, timeout=300, env=environment(),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-4000:]
+    first, second = read_released_tensors(tmp_path / "hf"), read_released_tensors(tmp_path / "hf2")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
