@@ -1,7 +1,8 @@
 """Pre-training on DeepSpeed ZeRO-3.
 
-torchrun --nproc_per_node 8 launch/pretrain.py +recipe=phase1 data.root=/data/pretrain
-torchrun --nproc_per_node 2 launch/pretrain.py +recipe=phase1 model=tiny data.root=outputs/synthetic/pretrain \
+torchrun --nproc_per_node 8 launch/pretrain.py +recipe=phase1 tokenizer=/models/step3vl data.root=/data/pretrain
+torchrun --nproc_per_node 2 launch/pretrain.py +recipe=phase1 model=tiny processor=tiny tokenizer=tiny \
+    data.root=outputs/synthetic/pretrain \
     trainer.max_steps=20 trainer.output_dir=outputs/pretrain_tiny   # CPU, gloo
 
 Re-running the same command resumes from the run's last complete checkpoint.

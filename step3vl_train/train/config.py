@@ -56,9 +56,10 @@ class TrainerConfig:
     max_steps: int | None = 100  # optimizer steps; the run stops at whichever of these comes first
     max_tokens: int | None = None  # tokens trained on, all ranks (the paper's unit)
     init_from: str | None = None  # a released-format model directory (or an export) to start from
+    requires_init_from: bool = False  # a later stage: starting it from random weights is a mistake
     grad_accum: int = 1  # micro-batches a step, per rank
     grad_clip: float = 1.0
-    bf16: bool = False  # the GPU recipes turn it on
+    bf16: bool | None = None  # None: bf16 where CUDA is available, fp32 on the CPU
     gradient_checkpointing: bool = False
     log_every: int = 1
     save_every: int = 100  # steps between checkpoints; the last step is always saved

@@ -71,11 +71,14 @@ class Trainer:
             data.micro_batch_size,
             self.trainer.grad_accum,
             self.trainer.grad_clip,
-            self.trainer.bf16,
+            torch.cuda.is_available() if self.trainer.bf16 is None else self.trainer.bf16,
         )
         self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
         # A run with a checkpoint resumes from it; only a fresh one starts from init_from.
-        init_from = self.trainer.init_from if self.checkpointer.latest() is None else None
+        fresh = self.checkpointer.latest() is None
+        if fresh and self.trainer.requires_init_from and not self.trainer.init_from:
+            raise ValueError("this recipe continues an earlier stage: set trainer.init_from to that stage's export")
+        init_from = self.trainer.init_from if fresh else None
         self.ds = build_engine(model_config, optim, ds_config, init_from)
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()

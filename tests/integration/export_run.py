@@ -14,6 +14,7 @@ from PIL import Image
 from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.train.recipes import register_recipes
 from step3vl_train.train.trainer import Trainer
+from tests.integration.test_pretrain import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,12 +32,8 @@ def main() -> None:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose(
             "pretrain",
-            [
-                "+recipe=phase1", f"data.root={corpus}", "data.packing.seq_len=512", "data.packing.window=4",
-                "data.num_workers=1", "optim.lr=1e-3", "optim.schedule.shape=constant", f"trainer.output_dir={out}",
-                "trainer.max_steps=2",
-            ],
-        )  # fmt: skip
+            [*TINY, f"data.root={corpus}", f"trainer.output_dir={out}", "trainer.max_steps=2"],
+        )
     trainer = Trainer(cfg)
     trainer.run()
     trainer.ds.engine.eval()

@@ -11,18 +11,25 @@ import pytest
 
 from tests.conftest import REPO
 
+# The phase-1 recipe, switched to the tiny model with short sequences, one micro-batch a step and a flat
+# learning rate, as the CPU runs it.
+TINY = [
+    "+recipe=phase1", "model=tiny", "processor=tiny", "tokenizer=tiny", "data.packing.seq_len=512",
+    "data.packing.window=4", "data.num_workers=1", "optim.lr=1e-3", "optim.schedule.shape=constant",
+    "optim.schedule.warmup_tokens=0", "trainer.grad_accum=1", "trainer.gradient_checkpointing=false",
+]  # fmt: skip
+
 
 def command(corpus, out, *overrides):
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launch" / "pretrain.py"),
-        "+recipe=phase1", f"data.root={corpus}", "data.packing.seq_len=512", "data.packing.window=4",
-        "data.num_workers=1", "optim.lr=1e-3", "optim.schedule.shape=constant", f"trainer.output_dir={out}",
-        *overrides,
+        *TINY, f"data.root={corpus}", f"trainer.output_dir={out}", *overrides,
     ]  # fmt: skip
 
 
 def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The repository root on the path, for the helper scripts that import from tests/.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def losses(out):
