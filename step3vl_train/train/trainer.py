@@ -87,6 +87,15 @@ class Trainer:
         self.progress = Progress()
 
     def resume(self) -> None:
+        latest = self.checkpointer.latest()
+        saved_world = len(list(latest.glob("trainer_rank*.pt"))) if latest is not None else self.world
+        if saved_world != self.world:
+            raise ValueError(
+                f"{latest} was written by {saved_world} ranks and this run has {self.world}: resume with "
+                f"{saved_world} ranks, or start a new run from its export (python launch/export_hf.py "
+                f"checkpoint={latest} out=DIR, then trainer.init_from=DIR), which keeps the weights but not the "
+                "optimizer state or the data position"
+            )
         state = self.checkpointer.load(self.ds.engine)
         if state is not None:
             self.progress = Progress(**state["progress"])

@@ -107,3 +107,14 @@ def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretra
     assert again.returncode == 0, again.stderr[-4000:]
     first, second = read_released_tensors(tmp_path / "hf"), read_released_tensors(tmp_path / "hf2")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_a_changed_world_size_is_refused_with_the_way_out(pretrain_corpus, tmp_path):
+    out = tmp_path / "run"
+    run(pretrain_corpus, out, "trainer.max_steps=1")
+    one_rank = command(pretrain_corpus, out, "trainer.max_steps=2")
+    one_rank[one_rank.index("--nproc_per_node") + 1] = "1"
+    done = subprocess.run(one_rank, capture_output=True, text=True, timeout=300, env=environment())
+    assert done.returncode != 0
+    assert "written by 2 ranks and this run has 1" in done.stderr and "export_hf.py" in done.stderr
