@@ -54,6 +54,28 @@ def supervised_tokens(batch: Batch) -> int:
     return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def backward_global_batch(engine, micro: list[Batch]) -> tuple[float, int, int]:
+    """Forward and backward over this rank's micro-batches of one optimizer step, leaving the last
+    `engine.step()` (the update) to the caller. The loss is the sum over every supervised token of the
+    global batch divided by their number, whatever their split into ranks, micro-batches and packs
+    (DeepSpeed averages gradients over ranks, hence the factor of world size). Returns this step's global
+    loss, supervised tokens and tokens."""
+    counts = torch.tensor(
+        [sum(supervised_tokens(b) for b in micro), sum(int(b.attention_mask.sum()) for b in micro)], dtype=torch.float64
+    )
+    dist.all_reduce(counts)
+    global_targets, global_tokens = int(counts[0]), int(counts[1])
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for index, batch in enumerate(micro):
+        loss = engine(**batch.model_inputs(), num_items_in_batch=torch.tensor(max(global_targets, 1))).loss
+        engine.backward(loss * dist.get_world_size(), scale_wrt_gas=False)
+        if index < len(micro) - 1:
+            engine.step()  # DeepSpeed counts micro-steps; only the last one updates
+        loss_sum += loss.detach().double()
+    dist.all_reduce(loss_sum)
+    return float(loss_sum), global_targets, global_tokens
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig):
         init_distributed()
@@ -130,39 +152,27 @@ class Trainer:
         )
 
     def train_step(self, micro: list[Batch]) -> dict:
-        """One optimizer step over `grad_accum` micro-batches per rank. The loss is the sum over every
-        supervised token of the global batch divided by their number, whatever their split into ranks and
-        micro-batches (DeepSpeed averages gradients over ranks, hence the factor of world size)."""
-        counts = torch.tensor(
-            [sum(supervised_tokens(b) for b in micro), sum(int(b.attention_mask.sum()) for b in micro)],
-            dtype=torch.float64,
-        )
-        dist.all_reduce(counts)
-        global_targets, global_tokens = int(counts[0]), int(counts[1])
+        """One optimizer step over `grad_accum` micro-batches per rank."""
         lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro:
-            loss = self.ds.engine(**batch.model_inputs(), num_items_in_batch=torch.tensor(max(global_targets, 1))).loss
-            self.ds.engine.backward(loss * self.world, scale_wrt_gas=False)
-            self.ds.engine.step()
-            loss_sum += loss.detach().double()
+        loss_sum, global_targets, global_tokens = backward_global_batch(self.ds.engine, micro)
+        self.ds.engine.step()
         data = self.loader.stats().summary()
-        totals = torch.tensor([float(loss_sum), data["samples"], data["skipped_samples"]], dtype=torch.float64)
+        totals = torch.tensor([data["samples"], data["skipped_samples"]], dtype=torch.float64)
         dist.all_reduce(totals)
         self.progress.step += 1
         self.progress.tokens += global_tokens
         grad_norm = self.ds.engine.get_global_grad_norm()
         return {
             "step": self.progress.step,
-            "loss": float(totals[0]),
+            "loss": loss_sum,
             "lr": next(iter(lrs.values())),
             **{f"lr/{name}": lr for name, lr in lrs.items()},
             "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
             "tokens": self.progress.tokens,
             "step_tokens": global_tokens,
             "supervised_tokens": global_targets,
-            "samples": int(totals[1]),
-            "skipped_samples": int(totals[2]),
+            "samples": int(totals[0]),
+            "skipped_samples": int(totals[1]),
         }
 
     def save(self) -> None:

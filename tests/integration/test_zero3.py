@@ -24,3 +24,20 @@ def test_ranks_with_different_batch_kinds_never_hang(tmp_path):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(result["losses"]) == 6 and all(math.isfinite(loss) for loss in result["losses"])
         assert result["vision_moved"] > 0  # the ViT was trained, not just kept alive
+
+
+@pytest.mark.slow
+def test_accumulation_and_packing_leave_the_gradients_unchanged(tmp_path):
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = SCRIPT.with_name("equivalence_run.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    grads = torch.load(tmp_path / "grads.pt")
+    reference = grads["4x1"]
+    assert any(g.abs().sum() > 0 for name, g in reference.items() if name.startswith("vision_model."))
+    for split in ("1x4", "packed"):
+        for name, grad in grads[split].items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=f"{split}: {name}")
