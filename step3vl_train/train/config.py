@@ -51,6 +51,14 @@ class OptimConfig:
 
 
 @dataclass
+class LoggingConfig:
+    project: str = "step3vl-train"
+    name: str | None = None  # default: the run directory's name
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None  # None: online with WANDB_API_KEY set, offline without
+
+
+@dataclass
 class TrainerConfig:
     output_dir: str = "outputs/run"  # checkpoints/, metrics.jsonl and config.yaml go here
     max_steps: int | None = 100  # optimizer steps; the run stops at whichever of these comes first

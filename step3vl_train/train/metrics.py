@@ -1,22 +1,55 @@
-"""Metrics: one JSON object per logged step in `<run>/metrics.jsonl`, written by rank 0."""
+"""Metrics of rank 0: one JSON object per logged step in `<run>/metrics.jsonl`, and the same rows in W&B."""
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
+
+from step3vl_train.train.config import LoggingConfig
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, resume_step: int):
+    def __init__(self, run_dir: str | Path, resume_step: int, logging: LoggingConfig, config: dict):
         """Rows past `resume_step` came from a run that died after its last checkpoint; they are dropped,
-        so the file reads as one uninterrupted run."""
-        self.path = Path(run_dir) / "metrics.jsonl"
+        so the file reads as one uninterrupted run. The W&B run is resumed under the id kept in the run
+        directory."""
+        run_dir = Path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-            ]
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+        self.wandb = _start_wandb(run_dir, logging, config)
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(run_dir: Path, logging: LoggingConfig, config: dict):
+    mode = logging.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=logging.project,
+        name=logging.name or run_dir.name,
+        tags=list(logging.tags),
+        config=config,
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        mode=mode,
+    )

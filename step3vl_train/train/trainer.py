@@ -23,7 +23,7 @@ from step3vl_train.data.loader import PackedLoader
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
-from step3vl_train.train.config import OptimConfig, TrainerConfig
+from step3vl_train.train.config import LoggingConfig, OptimConfig, TrainerConfig
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.metrics import MetricsLog
 from step3vl_train.train.schedule import apply_schedule
@@ -128,7 +128,12 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-        metrics = MetricsLog(self.run_dir, self.progress.step) if self.rank == 0 else None
+        metrics = None
+        if self.rank == 0:
+            logging = LoggingConfig(**self.cfg.logging)
+            metrics = MetricsLog(
+                self.run_dir, self.progress.step, logging, OmegaConf.to_container(self.cfg, resolve=True)
+            )
         batches = iter(self.loader)
         bar = tqdm(total=self.trainer.max_steps, initial=self.progress.step, disable=self.rank != 0, unit="step")
         self.ds.engine.train()
@@ -144,6 +149,8 @@ class Trainer:
             if self.progress.step % self.trainer.save_every == 0 or self.finished():
                 self.save()
         bar.close()
+        if metrics is not None:
+            metrics.close()
 
     def finished(self) -> bool:
         steps, tokens = self.trainer.max_steps, self.trainer.max_tokens

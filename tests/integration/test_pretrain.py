@@ -17,6 +17,7 @@ TINY = [
     "+recipe=phase1", "model=tiny", "processor=tiny", "tokenizer=tiny", "data.packing.seq_len=512",
     "data.packing.window=4", "data.num_workers=1", "optim.lr=1e-3", "optim.schedule.shape=constant",
     "optim.schedule.warmup_tokens=0", "trainer.grad_accum=1", "trainer.gradient_checkpointing=false",
+    "logging.mode=disabled",
 ]  # fmt: skip
 
 
@@ -47,7 +48,7 @@ def run(corpus, out, *overrides):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_writes_the_same_losses(pretrain_corpus, tmp_path):
-    settings = ["trainer.max_steps=8", "trainer.save_every=3"]
+    settings = ["trainer.max_steps=8", "trainer.save_every=3", "logging.mode=offline"]
     straight = run(pretrain_corpus, tmp_path / "straight", *settings)
     assert [step for step, _ in straight] == list(range(1, 9))
 
@@ -66,8 +67,11 @@ def test_killed_and_resumed_run_writes_the_same_losses(pretrain_corpus, tmp_path
     process.wait()
     assert (out / "checkpoints" / "latest").read_text() in ("step_3", "step_6")
 
+    run_id = (out / "wandb_id").read_text()
     resumed = run(pretrain_corpus, out, *settings)
     assert resumed == straight
+    assert (out / "wandb_id").read_text() == run_id  # the same W&B run carries on (offline here: no key)
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2
 
 
 @pytest.mark.slow
