@@ -73,6 +73,7 @@ class TrainerConfig:
     save_every: int = 100  # steps between checkpoints; the last step is always saved
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     seed: int = 0
+    peak_flops_per_device: float | None = None  # for MFU; None: looked up from the GPU's name
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
 from step3vl_train.model import Step3VLConfig
+from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.train.config import LoggingConfig, OptimConfig, TrainerConfig
@@ -85,6 +86,7 @@ class Trainer:
         self.run_dir = agreed_run_dir(self.trainer.output_dir)
         torch.manual_seed(self.trainer.seed)
         model_config = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        self.model_config = model_config
         optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))
         self.optim = optim
         data = DataConfig.from_dict(cfg.data)
@@ -160,11 +162,17 @@ class Trainer:
 
     def train_step(self, micro: list[Batch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches per rank."""
+        started = time.perf_counter()
         lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule)
         loss_sum, global_targets, global_tokens = backward_global_batch(self.ds.engine, micro)
         self.ds.engine.step()
+        seconds = time.perf_counter() - started
+        flops = [self.flops(batch) for batch in micro]
         data = self.loader.stats().summary()
-        totals = torch.tensor([data["samples"], data["skipped_samples"]], dtype=torch.float64)
+        totals = torch.tensor(
+            [data["samples"], data["skipped_samples"], sum(f.vit for f in flops), sum(f.decoder for f in flops)],
+            dtype=torch.float64,
+        )
         dist.all_reduce(totals)
         self.progress.step += 1
         self.progress.tokens += global_tokens
@@ -180,7 +188,22 @@ class Trainer:
             "supervised_tokens": global_targets,
             "samples": int(totals[0]),
             "skipped_samples": int(totals[1]),
+            **self.utilisation(float(totals[2]), float(totals[3]), seconds),
         }
+
+    def flops(self, batch: Batch) -> StepFlops:
+        views = [t for t in (batch.pixel_values, batch.patch_pixel_values) if t is not None]
+        sides = [t.shape[-1] for t in views for _ in range(t.shape[0])]
+        return batch_flops(self.model_config, batch.input_ids, batch.position_ids, batch.attention_mask, sides)
+
+    def utilisation(self, vit: float, decoder: float, seconds: float) -> dict:
+        """FLOP/s of the step, the ViT's apart, and MFU where the device's peak is known."""
+        row = {"flops/vit": vit, "flops/decoder": decoder, "tflops_per_s": round((vit + decoder) / seconds / 1e12, 4)}
+        peak = self.trainer.peak_flops_per_device or device_peak_flops()
+        if peak:
+            budget = peak * self.world * seconds
+            row |= {"mfu": (vit + decoder) / budget, "mfu/vit": vit / budget, "mfu/decoder": decoder / budget}
+        return row
 
     def save(self) -> None:
         state = {"progress": vars(self.progress).copy(), "loader": self.loader.state_dict()}

@@ -51,6 +51,9 @@ def test_killed_and_resumed_run_writes_the_same_losses(pretrain_corpus, tmp_path
     settings = ["trainer.max_steps=8", "trainer.save_every=3", "logging.mode=offline"]
     straight = run(pretrain_corpus, tmp_path / "straight", *settings)
     assert [step for step, _ in straight] == list(range(1, 9))
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["flops/decoder"] > 0 and row["tflops_per_s"] > 0 and "mfu" not in row for row in rows)
+    assert any(row["flops/vit"] > 0 for row in rows)  # no MFU on the CPU: no known peak
 
     out = tmp_path / "killed"
     process = subprocess.Popen(
