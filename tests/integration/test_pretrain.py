@@ -125,3 +125,18 @@ def test_a_changed_world_size_is_refused_with_the_way_out(pretrain_corpus, tmp_p
     done = subprocess.run(one_rank, capture_output=True, text=True, timeout=300, env=environment())
     assert done.returncode != 0
     assert "written by 2 ranks and this run has 1" in done.stderr and "export_hf.py" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_loss_falls_to_near_zero_on_four_documents(tmp_path):
+    """Overfitting a tiny set, with activation checkpointing on: the whole loop learns."""
+    documents = ["the cat sat on the mat and looked at the river", "numbers grow when you add them: 12 plus 30 is 42",
+                 "a red circle is left of a blue square", "careful reasoning checks each step"]  # fmt: skip
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    losses_by_step = run(
+        tmp_path, tmp_path / "run", f"data.sources=[{{name:docs,kind:jsonl,paths:[{tmp_path / 'docs.jsonl'}]}}]",
+        "data.packing.seq_len=256", "data.packing.window=1", "data.num_workers=0", "optim.lr=3e-3",
+        "trainer.gradient_checkpointing=true", "trainer.max_steps=60", "trainer.save_every=1000",
+    )  # fmt: skip
+    first, last = losses_by_step[0][1], losses_by_step[-1][1]
+    assert first > 6 and last < 0.5, losses_by_step
