@@ -74,6 +74,9 @@ class TrainerConfig:
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     seed: int = 0
     peak_flops_per_device: float | None = None  # for MFU; None: looked up from the GPU's name
+    predict_every: int = 0  # steps between greedy answers to `predict_prompts` (0: never)
+    predict_prompts: list[dict] = field(default_factory=list)  # {"image": path or null, "text": question}
+    predict_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:

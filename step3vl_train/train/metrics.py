@@ -29,6 +29,20 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
 
+    def predictions(self, step: int, rows: list[dict]) -> None:
+        """Answers to the fixed prompts: `predictions.jsonl`, and a W&B table with the images."""
+        with (self.path.parent / "predictions.jsonl").open("a") as handle:
+            for row in rows:
+                handle.write(json.dumps({"step": step, **row}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "image", "prompt", "prediction"])
+            for row in rows:
+                image = wandb.Image(row["image"]) if row.get("image") else None
+                table.add_data(step, image, row["text"], row["prediction"])
+            self.wandb.log({"predictions": table}, step=step)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -27,7 +27,10 @@ from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.train.config import LoggingConfig, OptimConfig, TrainerConfig
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.metrics import MetricsLog
+from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
 from step3vl_train.train.schedule import apply_schedule
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Trainer:
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
         processor = load_processor(cfg.tokenizer, OmegaConf.to_container(cfg.processor, resolve=True))
+        self.processor = processor
         self.loader = PackedLoader(data, processor, self.rank, self.world)
         self.progress = Progress()
 
@@ -148,6 +152,13 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"])
             if metrics is not None and self.progress.step % self.trainer.log_every == 0:
                 metrics.write(row)
+            if self.trainer.predict_every and self.progress.step % self.trainer.predict_every == 0:
+                prompts = resolve_prompt_paths(self.trainer.predict_prompts, REPO)
+                rows = answer_prompts(
+                    self.ds.engine.module, self.processor, prompts, self.trainer.predict_max_new_tokens
+                )
+                if metrics is not None:
+                    metrics.predictions(self.progress.step, rows)
             if self.progress.step % self.trainer.save_every == 0 or self.finished():
                 self.save()
         bar.close()

@@ -137,6 +137,16 @@ def test_the_loss_falls_to_near_zero_on_four_documents(tmp_path):
         tmp_path, tmp_path / "run", f"data.sources=[{{name:docs,kind:jsonl,paths:[{tmp_path / 'docs.jsonl'}]}}]",
         "data.packing.seq_len=256", "data.packing.window=1", "data.num_workers=0", "optim.lr=3e-3",
         "trainer.gradient_checkpointing=true", "trainer.max_steps=60", "trainer.save_every=1000",
+        "trainer.predict_every=30", "trainer.predict_max_new_tokens=4", "logging.mode=offline",
     )  # fmt: skip
     first, last = losses_by_step[0][1], losses_by_step[-1][1]
     assert first > 6 and last < 0.5, losses_by_step
+    # Greedy answers to the default prompts (one with the photo, one text-only) at steps 30 and 60.
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["image"] is not None) for p in predictions] == [
+        (30, True),
+        (30, False),
+        (60, True),
+        (60, False),
+    ]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/predictions_*.table.json"))
