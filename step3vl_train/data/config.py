@@ -34,7 +34,7 @@ class PackingConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig]
+    sources: list[SourceConfig] = field(default_factory=list)
     packing: PackingConfig = field(default_factory=PackingConfig)
     root: str | None = None  # relative source paths are read under this directory
     micro_batch_size: int = 1  # packed sequences per rank per micro-step
@@ -42,8 +42,13 @@ class DataConfig:
     prefetch_factor: int = 2
     seed: int = 0
     max_epochs: int | None = None  # passes over each source; None repeats them forever
+    # A shortcut: webdataset shards (paths, globs, brace ranges) read as the only source, in place of
+    # the recipe's mixture; e.g. data.train='/data/mine/shard-{000000..000099}.tar'.
+    train: str | None = None
 
     def __post_init__(self) -> None:
+        if self.train:
+            self.sources = [SourceConfig(name="train", paths=[self.train])]
         if not self.sources:
             raise ValueError("data.sources is empty")
         names = [source.name for source in self.sources]

@@ -6,6 +6,8 @@ Rank roles, in one place: rank 0 decides the run directory, writes config.yaml, 
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import time
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
+from step3vl_train.data.skips import SKIP_REASONS
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
@@ -145,7 +148,15 @@ class Trainer:
         self.ds.engine.train()
         while not self.finished():
             started = time.perf_counter()
-            micro = [next(batches).batch for _ in range(self.trainer.grad_accum)]
+            micro = [packed.batch for packed in itertools.islice(batches, self.trainer.grad_accum)]
+            # With data.max_epochs set, a rank can run out first; every rank stops together.
+            complete = torch.tensor(int(len(micro) == self.trainer.grad_accum))
+            dist.all_reduce(complete, op=dist.ReduceOp.MIN)
+            if not complete:
+                if self.rank == 0:
+                    print(f"the data ran out after step {self.progress.step}", flush=True)
+                self.save()
+                break
             row = self.train_step(micro)
             row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
             bar.update(1)
@@ -162,8 +173,18 @@ class Trainer:
             if self.progress.step % self.trainer.save_every == 0 or self.finished():
                 self.save()
         bar.close()
+        self.report_skips()
         if metrics is not None:
             metrics.close()
+
+    def report_skips(self) -> None:
+        """The run's skipped samples by reason, summed over ranks, logged by rank 0 (also in data_skips.json)."""
+        counts = torch.tensor([self.loader.stats().skips.get(r, 0) for r in SKIP_REASONS], dtype=torch.float64)
+        dist.all_reduce(counts)
+        if self.rank == 0:
+            skips = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist(), strict=True) if n}
+            (self.run_dir / "data_skips.json").write_text(json.dumps(skips, indent=1))
+            print(f"skipped samples by reason: {skips or 'none'}", flush=True)
 
     def finished(self) -> bool:
         steps, tokens = self.trainer.max_steps, self.trainer.max_tokens

@@ -36,3 +36,10 @@ def test_recipes_and_defaults_load():
 def test_bad_configs_name_the_field(overrides, error, match):
     with pytest.raises(error, match=match):
         config(**overrides)
+
+
+def test_train_shards_replace_the_recipes_mixture():
+    recipe = OmegaConf.load(REPO / "recipes" / "phase1.yaml").data
+    cfg = DataConfig.from_dict(OmegaConf.merge(recipe, {"train": "/data/mine/shard-{000000..000009}.tar"}))
+    assert [(s.name, s.paths) for s in cfg.sources] == [("train", ["/data/mine/shard-{000000..000009}.tar"])]
+    assert cfg.packing.seq_len == 4096  # the recipe's packing stays

@@ -117,9 +117,18 @@ def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretra
 
 
 @pytest.mark.slow
-def test_a_changed_world_size_is_refused_with_the_way_out(pretrain_corpus, tmp_path):
+def test_held_out_shards_skip_counts_and_a_changed_world_size(pretrain_corpus, tmp_path):
+    """Our own held-out shards (broken samples included) through the entry point: the skips are counted
+    right. Then the same run with one rank instead of two is refused, naming the way out."""
+    from tests.data.broken_data import EXPECTED_SKIPS, write_held_out
+
+    held_out = write_held_out(str(tmp_path / "held_out"))
     out = tmp_path / "run"
-    run(pretrain_corpus, out, "trainer.max_steps=1")
+    run(pretrain_corpus, out, "trainer.max_steps=1", f"data.train={tmp_path / 'held_out'}/*.tar",
+        "data.max_epochs=1", "trainer.save_every=1", "trainer.keep_last=1")  # fmt: skip
+    assert json.loads((out / "data_skips.json").read_text()) == {**EXPECTED_SKIPS, "unreadable_shard": 1}
+    assert held_out[-1].endswith("gone-000000.tar")  # not matched by the glob: only the truncated shard
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_1"]
     one_rank = command(pretrain_corpus, out, "trainer.max_steps=2")
     one_rank[one_rank.index("--nproc_per_node") + 1] = "1"
     done = subprocess.run(one_rank, capture_output=True, text=True, timeout=300, env=environment())
