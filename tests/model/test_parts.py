@@ -113,3 +113,26 @@ def test_position_table_resize_is_identity_on_its_own_grid():
     assert resize_position_table(table, 7) is table
     with pytest.raises(ValueError, match="square"):
         resize_position_table(torch.randn(50, 8), 7)
+
+
+def test_assemble_init_writes_a_model_phase_1_can_start_from(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    from step3vl_train.model import Step3VLForConditionalGeneration
+    from tests.conftest import REPO
+
+    text = tiny_model.config.text_config.to_dict()
+    qwen = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in text.items() if k != "model_type"}))
+    qwen.save_pretrained(tmp_path / "qwen3")
+    pe = meta_pe_checkpoint(tiny_model.config.vision_config, grid=tiny_model.config.vision_config.grid_size)
+    torch.save(pe, tmp_path / "pe.pt")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "assemble_init.py"), "model=tiny", f"qwen3={tmp_path / 'qwen3'}",
+         f"pe={tmp_path / 'pe.pt'}", f"out={tmp_path / 'init'}", "dtype=float32"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assembled = Step3VLForConditionalGeneration.from_pretrained(tmp_path / "init")
+    assert torch.equal(assembled.model.layers[0].mlp.up_proj.weight, qwen.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(assembled.vision_model.conv1.weight, pe["conv1.weight"])
