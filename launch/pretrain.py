@@ -17,7 +17,11 @@ from step3vl_train.train.trainer import Trainer
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
 
 
 if __name__ == "__main__":

@@ -176,6 +176,11 @@ class Trainer:
         self.report_skips()
         if metrics is not None:
             metrics.close()
+        dist.barrier()
+
+    def close(self) -> None:
+        """Tears the process group down before exit: gloo's threads otherwise abort some exits."""
+        dist.destroy_process_group()
 
     def report_skips(self) -> None:
         """The run's skipped samples by reason, summed over ranks, logged by rank 0 (also in data_skips.json)."""

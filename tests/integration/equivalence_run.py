@@ -62,6 +62,7 @@ def main() -> None:
     results = {split: gradients(model_config, split, rank) for split in ("4x1", "1x4", "packed")}
     if rank == 0:
         torch.save(results, Path(sys.argv[1]) / "grads.pt")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def main() -> None:
         logits = trainer.ds.engine(**fixed_batch()).logits
     if trainer.rank == 0:
         torch.save(logits, out / "live_logits.pt")
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def main() -> None:
     with deepspeed.zero.GatheredParameters([conv]):
         moved = (conv.detach() - before).abs().max().item()
     (out / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "vision_moved": moved}))
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
