@@ -1,0 +1,1 @@
+"""Reinforcement learning: `python rl/run.py stage=rlvr` (see docs/rl.md)."""

@@ -1,0 +1,43 @@
+"""Reward names (a sample's `reward` field) and the functions behind them; `pkg.module:fn` names a user's."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rl.rewards import verifiable
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    fn: Callable[..., float]  # fn(request, **options) -> score in [0, 1]
+    boxed: bool  # reads a single `\boxed{}` answer: several boxed answers are refused before scoring
+
+
+REWARDS: dict[str, RewardSpec] = {
+    "math": RewardSpec(verifiable.math_reward, boxed=True),
+    "choice": RewardSpec(verifiable.choice_reward, boxed=True),
+    "counting": RewardSpec(verifiable.counting_reward, boxed=True),
+    "numeric": RewardSpec(verifiable.numeric_reward, boxed=True),
+    "grounding": RewardSpec(verifiable.grounding_reward, boxed=False),
+    "pointing": RewardSpec(verifiable.pointing_reward, boxed=False),
+}
+# Scored by a model behind an OpenAI-compatible endpoint (`verifier.py`), not in the process pool.
+VERIFIER = "verifier"
+
+
+def resolve(name: str) -> RewardSpec:
+    """A registered reward, or a user's function by import path (`my_pkg.rewards:exact_match`)."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        raise KeyError(f"unknown reward {name!r}: one of {sorted(REWARDS) + [VERIFIER]}, or 'package.module:function'")
+    module, _, attribute = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise KeyError(f"reward {name!r} cannot be imported: {error}") from error
+    if not callable(fn):
+        raise KeyError(f"reward {name!r} is not callable")
+    return RewardSpec(fn, boxed=False)

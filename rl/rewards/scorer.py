@@ -1,0 +1,108 @@
+"""Scores a batch of responses: guards against obvious reward hacking, then each reward in a worker
+process with a per-call timeout (or the verifier endpoint). A hang, a crash or an exception is counted
+by its status and leaves the response out of the update; it is never a silent 0."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from pebble import ProcessExpired, ProcessPool
+
+from rl.rewards.answer import boxed_contents, split_reasoning
+from rl.rewards.registry import VERIFIER, resolve
+from rl.rewards.types import RewardRequest, RewardResult
+from rl.rewards.verifiable import NoAnswerError
+from rl.rewards.verifier import Verifier, VerifierConfig
+
+logger = logging.getLogger("rl.rewards")
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 2  # reward processes
+    timeout_s: float = 10.0  # per response; a reward still running then is killed and counted as a timeout
+    require_reasoning: bool = True  # a response with no `</think>` (or nothing before it) scores 0
+    truncated_score: float = 0.0  # a response cut at the length limit scores this, whatever its answer
+    fn: str | None = None  # one reward for every sample, overriding their `reward` fields (`pkg.mod:fn`)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # keyword arguments by reward name
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+
+def guard(request: RewardRequest, config: RewardConfig, boxed: bool) -> RewardResult | None:
+    """The result for a response that must not reach its reward, or None."""
+    if request.truncated:
+        return RewardResult(config.truncated_score, "truncated")
+    reasoning, final = split_reasoning(request.response)
+    if config.require_reasoning and not (reasoning and reasoning.strip()):
+        return RewardResult(0.0, "no_reasoning")
+    if boxed and len(boxed_contents(final)) > 1:
+        return RewardResult(0.0, "multiple_answers")
+    return None
+
+
+def run_reward(name: str, request: RewardRequest, options: dict[str, Any]) -> RewardResult:
+    """In a worker process: one reward, its exceptions turned into statuses."""
+    try:
+        score = float(resolve(name).fn(request, **options))
+    except NoAnswerError as error:
+        return RewardResult(0.0, "no_answer", str(error))
+    if not 0.0 <= score <= 1.0:
+        return RewardResult(0.0, "error", f"reward {name} returned {score}, outside [0, 1]")
+    return RewardResult(score)
+
+
+class RewardScorer:
+    def __init__(self, config: RewardConfig):
+        self.config = config
+        self.pool = ProcessPool(max_workers=config.num_workers)
+        self.verifier: Verifier | None = None
+
+    def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
+        results: list[RewardResult | None] = [None] * len(requests)
+        futures, remote = {}, []
+        for index, request in enumerate(requests):
+            name = self.config.fn or request.reward
+            if name == VERIFIER:
+                results[index] = guard(request, self.config, boxed=False)
+                if results[index] is None:
+                    remote.append(index)
+                continue
+            try:
+                spec = resolve(name)
+            except KeyError as error:
+                results[index] = RewardResult(0.0, "error", str(error))
+                continue
+            results[index] = guard(request, self.config, spec.boxed)
+            if results[index] is None:
+                options = self.config.options.get(name, {})
+                futures[index] = self.pool.schedule(
+                    run_reward, args=(name, request, options), timeout=self.config.timeout_s
+                )
+        if remote:
+            self.verifier = self.verifier or Verifier(self.config.verifier)
+            for index, result in zip(remote, self.verifier.score([requests[i] for i in remote]), strict=True):
+                results[index] = result
+        for index, future in futures.items():
+            results[index] = self._collect(future, requests[index])
+        return results  # type: ignore[return-value]
+
+    def _collect(self, future, request: RewardRequest) -> RewardResult:
+        try:
+            return future.result()
+        except FutureTimeout:
+            result = RewardResult(0.0, "timeout", f"{request.reward} ran past {self.config.timeout_s} s")
+        except ProcessExpired as error:
+            result = RewardResult(0.0, "error", f"{request.reward}: the reward process died ({error})")
+        except Exception as error:  # noqa: BLE001 - any failure of a reward is counted, never raised
+            result = RewardResult(0.0, "error", f"{request.reward}: {type(error).__name__}: {error}")
+        logger.warning("reward %s: %s", result.status, result.detail)
+        return result
+
+    def close(self) -> None:
+        self.pool.stop()
+        self.pool.join()
+        if self.verifier is not None:
+            self.verifier.close()
