@@ -100,8 +100,14 @@ def test_policy_gradient_points_towards_advantaged_tokens():
     logits = torch.zeros(1, 2, 3, requires_grad=True)
     tokens = torch.tensor([[0, 1]])
     logprobs = token_logprobs(logits, tokens)
-    loss, _ = policy_loss(logprobs, logprobs.detach(), logprobs.detach(), torch.tensor([[1.0, -1.0]]),
-                          torch.ones(1, 2), GlobalCounts(2, 1))
+    loss, _ = policy_loss(
+        logprobs,
+        logprobs.detach(),
+        logprobs.detach(),
+        torch.tensor([[1.0, -1.0]]),
+        torch.ones(1, 2),
+        GlobalCounts(2, 1),
+    )
     loss.backward()
     assert logits.grad[0, 0, 0] < 0 and logits.grad[0, 1, 1] > 0  # descent raises token 0, lowers token 1
 

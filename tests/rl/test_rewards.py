@@ -76,7 +76,13 @@ def test_reasoning_is_optional_when_configured():
 
 @pytest.mark.parametrize(
     ("response", "answer", "expected"),
-    [(T + "B", "B", 1.0), (T + "(c)", "C", 1.0), (T + r"\boxed{D}", "D", 1.0), (T + "B. a cat", "B", 1.0), (T + "A", "B", 0.0)],
+    [
+        (T + "B", "B", 1.0),
+        (T + "(c)", "C", 1.0),
+        (T + r"\boxed{D}", "D", 1.0),
+        (T + "B. a cat", "B", 1.0),
+        (T + "A", "B", 0.0),
+    ],
 )
 def test_choice(scorer, response, answer, expected):
     assert score(scorer, response, "choice", answer) == (expected, "ok")
@@ -84,7 +90,12 @@ def test_choice(scorer, response, answer, expected):
 
 @pytest.mark.parametrize(
     ("response", "answer", "expected"),
-    [(T + "There are 7.", "7", 1.0), (T + "seven", "7", 1.0), (T + r"\boxed{12}", "12", 1.0), (T + "3 then 4", "3", 0.0)],
+    [
+        (T + "There are 7.", "7", 1.0),
+        (T + "seven", "7", 1.0),
+        (T + r"\boxed{12}", "12", 1.0),
+        (T + "3 then 4", "3", 0.0),
+    ],
 )
 def test_counting(scorer, response, answer, expected):
     assert score(scorer, response, "counting", answer) == (expected, "ok")
@@ -92,7 +103,12 @@ def test_counting(scorer, response, answer, expected):
 
 @pytest.mark.parametrize(
     ("response", "answer", "expected"),
-    [(T + "about 3.14", "3.1416", 1.0), (T + "1,234.5", "1234", 1.0), (T + "3.3", "3.1416", 0.0), (T + "-2e3", "-2000", 1.0)],
+    [
+        (T + "about 3.14", "3.1416", 1.0),
+        (T + "1,234.5", "1234", 1.0),
+        (T + "3.3", "3.1416", 0.0),
+        (T + "-2e3", "-2000", 1.0),
+    ],
 )
 def test_numeric_with_relative_tolerance(scorer, response, answer, expected):
     assert score(scorer, response, "numeric", answer) == (expected, "ok")
@@ -228,8 +244,12 @@ def endpoint():
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [("ok", [(1.0, "ok"), (0.0, "ok")]), ("error", [(0.0, "error")] * 2), ("slow", [(0.0, "timeout")] * 2),
-     ("garbled", [(0.0, "error")] * 2)],
+    [
+        ("ok", [(1.0, "ok"), (0.0, "ok")]),
+        ("error", [(0.0, "error")] * 2),
+        ("slow", [(0.0, "timeout")] * 2),
+        ("garbled", [(0.0, "error")] * 2),
+    ],
 )
 def test_verifier_endpoint(endpoint, mode, expected):
     VerifierHandler.mode, VerifierHandler.calls = mode, 0
