@@ -38,8 +38,11 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.vision_model = StepVisionEncoder(vision)
         self.vit_large_projector = nn.Linear(4 * vision.width, config.hidden_size, bias=config.projector_bias)
         self.model = Qwen3Model(config.text_config)
-        self.lm_head = nn.Linear(config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.add_head(config)
         self.post_init()
+
+    def add_head(self, config: Step3VLConfig) -> None:
+        self.lm_head = nn.Linear(config.hidden_size, config.text_config.vocab_size, bias=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -145,6 +148,42 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         `num_items_in_batch` in kwargs normalises the summed loss by a global token count instead of
         this batch's mean (for gradient accumulation and data parallelism).
         """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.decode(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            pixel_values,
+            patch_pixel_values,
+            num_patches,
+            use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(
+                logits, labels, vocab_size=self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        past_key_values,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        patch_pixel_values: torch.Tensor | None,
+        num_patches: list[int] | torch.Tensor | None,
+        use_cache: bool | None,
+        **kwargs,
+    ):
+        """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded."""
         if inputs_embeds is None:
             keep_alive = self.training and torch.is_grad_enabled()
             image_embeds, zero = self.image_embeddings(
@@ -157,8 +196,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             ):
                 raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
             inputs_embeds = self.embed(input_ids, image_embeds) + zero
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(
+        return self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -166,14 +204,6 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        loss = None
-        if labels is not None:
-            loss = ForCausalLMLoss(
-                logits, labels, vocab_size=self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "4GB") -> None:
         """Writes `config.json` and sharded safetensors with `model.safetensors.index.json`, released names."""

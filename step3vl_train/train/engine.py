@@ -11,6 +11,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.checkpoint import check_state_dict, read_released_tensors
+from step3vl_train.model.value import CRITIC_ONLY, POLICY_ONLY, Step3VLForValue
 from step3vl_train.train.config import OptimConfig
 from step3vl_train.train.optim import build_optimizer, build_param_groups
 
@@ -37,17 +38,26 @@ def deepspeed_config(
 
 
 def build_engine(
-    model_config: Step3VLConfig, optim: OptimConfig, ds_config: dict[str, Any], init_from: str | None = None
+    model_config: Step3VLConfig,
+    optim: OptimConfig,
+    ds_config: dict[str, Any],
+    init_from: str | None = None,
+    model_class: type[Step3VLForConditionalGeneration] = Step3VLForConditionalGeneration,
+    freeze: tuple[str, ...] = (),
 ) -> Engine:
     """Builds the model partitioned from the start (transformers' zero.Init path, which also gathers each
     module to initialise it), loads `init_from` (a released-format directory) if given, then wraps it in
     DeepSpeed. The weights must be in place before `deepspeed.initialize`, which takes its fp32 master
-    copies from them. Call after torch.distributed is initialised."""
+    copies from them. Parameters whose names start with a prefix in `freeze` are not trained. Call after
+    torch.distributed is initialised."""
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    model = Step3VLForConditionalGeneration._from_config(model_config, dtype=dtype)
+    model = model_class._from_config(model_config, dtype=dtype)
     if init_from:
         load_released_into(model, init_from)
+    if freeze:
+        for name, param in model.named_parameters():
+            param.requires_grad_(not name.startswith(freeze))
     optimizer = build_optimizer(build_param_groups(model, optim), optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return Engine(engine, model, hf_deepspeed_config)
@@ -59,9 +69,14 @@ def load_released_into(model: Step3VLForConditionalGeneration, directory: str) -
     Names and shapes are checked first, on every rank, so a mismatch fails everywhere at once."""
     tensors = read_released_tensors(directory)  # every rank reads: the check below needs the shapes
     expected = {name: tuple(getattr(param, "ds_shape", param.shape)) for name, param in model.named_parameters()}
+    if isinstance(model, Step3VLForValue):  # a critic starts from a policy: its own head keeps its init
+        tensors = {name: t for name, t in tensors.items() if not name.startswith(POLICY_ONLY)}
+        expected = {name: shape for name, shape in expected.items() if not name.startswith(CRITIC_ONLY)}
     check_state_dict(expected, {name: tuple(t.shape) for name, t in tensors.items()}, directory)
     rank = torch.distributed.get_rank()
     for name, param in model.named_parameters():
+        if name not in tensors:
+            continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
                 param.data.copy_(tensors[name])

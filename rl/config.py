@@ -1,0 +1,146 @@
+"""RL configuration: the dataclasses behind `configs/rl.yaml` and its groups (`stage/`, `rollout/`, `reward/`).
+
+The YAML and these classes have the same shape; `RLConfig.from_dict` merges one onto the other, so an
+unknown or mistyped key is an error naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from rl.algos.advantages import ESTIMATORS
+from rl.algos.losses import AGGREGATIONS
+from rl.rewards.scorer import RewardConfig
+from step3vl_train.data.config import SourceConfig
+from step3vl_train.train.config import LoggingConfig, OptimConfig
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class PromptsConfig:
+    sources: list[SourceConfig] = field(default_factory=list)  # `weight` counts prompts here, not tokens
+    root: str | None = None
+    train: str | None = None  # a shortcut: these shards (paths, globs, braces) are the only source
+    prompts_per_step: int = 512
+    max_prompt_tokens: int = 4096  # a longer prompt is skipped (too_long) and counted
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train:
+            self.sources = [SourceConfig(name="train", paths=[self.train])]
+        if not self.sources:
+            raise ValueError("prompts.sources is empty: give prompt shards, or prompts.train=PATHS")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf: transformers generate (CPU or GPU); vllm: vLLM 0.33 (GPU)
+    n: int = 16  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 20480
+    batch_size: int = 64  # hf: sequences per generate call
+    num_engines: int = 1
+    sync_bucket_mb: int = 256  # weight sync sends parameters in buckets of about this size
+    gpu_memory_utilization: float = 0.6  # vllm
+    tensor_parallel_size: int = 1  # vllm
+    enforce_eager: bool = False  # vllm
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine must be one of {ENGINES}, not {self.engine!r}")
+
+
+@dataclass
+class AlgoConfig:
+    estimator: str = "gae"  # gae (PPO with a critic, the paper's), grpo, rloo, reinforce_pp
+    gamma: float = 1.0
+    lam: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    tis_cap: float | None = 8.0  # truncated importance sampling against the engine's log-probs; null: off
+    minibatches: int = 4  # optimizer steps per iteration, each on a quarter of the responses
+    epochs: int = 1  # passes over the iteration's responses
+    loss_aggregation: str = "token-mean"
+    value_clip: float | None = None
+    grpo_scale_by_std: bool = True
+    drop_uniform_groups: bool = False  # dynamic sampling: drop prompts whose responses all score the same
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"algo.estimator must be one of {ESTIMATORS}, not {self.estimator!r}")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"algo.loss_aggregation must be one of {AGGREGATIONS}, not {self.loss_aggregation!r}")
+
+
+@dataclass
+class ModelRoleConfig:
+    """The policy or the critic: a ZeRO-3 group of `world_size` ranks."""
+
+    init_from: str | None = None  # a released-format directory (an export); the critic defaults to the policy's
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: list[str] = field(default_factory=lambda: ["vision_model."])  # name prefixes not trained
+    micro_batch_size: int = 4  # sequences per forward
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    enabled: bool = True  # the critic: off for critic-free estimators
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/rl"
+    max_steps: int = 600  # iterations
+    save_every: int = 10
+    keep_last: int = 3
+    seed: int = 0
+    world_size: int = 2  # training ranks (each holds its policy and critic shards)
+    bf16: bool | None = None  # None: bf16 where CUDA is available
+    num_gpus_per_rank: float = 0.0  # Ray resources: 1 on a GPU cluster, 0 on the CPU
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # join a running cluster; None starts a local instance
+    num_cpus: int | None = None  # local instance: logical CPUs (default: enough for every actor)
+
+
+@dataclass
+class RLConfig:
+    stage: str = "rlvr"
+    tokenizer: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # configs/model/*.yaml
+    processor: dict[str, Any] = field(default_factory=dict)  # configs/processor/*.yaml
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # configs/deepspeed/*.yaml
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    policy: ModelRoleConfig = field(default_factory=ModelRoleConfig)
+    critic: ModelRoleConfig = field(default_factory=ModelRoleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.algo.estimator == "gae" and not self.critic.enabled:
+            raise ValueError("algo.estimator=gae needs the critic (critic.enabled=true)")
+        responses = self.prompts.prompts_per_step * self.rollout.n
+        if responses % (self.algo.minibatches * self.run.world_size):
+            raise ValueError(
+                f"{responses} responses an iteration (prompts.prompts_per_step x rollout.n) do not split into "
+                f"algo.minibatches={self.algo.minibatches} x run.world_size={self.run.world_size} equal parts"
+            )
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.critic.enabled and self.algo.estimator == "gae"
+
+    @classmethod
+    def from_dict(cls, values: Any) -> RLConfig:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), values)
+        return OmegaConf.to_object(merged)

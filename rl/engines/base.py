@@ -1,0 +1,37 @@
+"""The interface every rollout engine has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from rl.experience import Completion, Prompt
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt, in order; the same seed gives the same completions."""
+
+    def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """One bucket of new weights, in the released tensor names."""
+
+    def finish_update(self) -> int:
+        """After the last bucket: checks every weight was replaced, drops caches that hold old weights'
+        results; returns the number of tensors updated."""
+
+    def sleep(self) -> None:
+        """Frees the accelerator memory the engine holds while the trainer uses it (colocated)."""
+
+    def wake_up(self) -> None: ...

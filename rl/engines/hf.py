@@ -1,0 +1,102 @@
+"""The transformers engine: batched `generate` with a KV cache, on the CPU or a GPU.
+
+It holds an ordinary (unpartitioned) copy of the policy. Log-probs come from the raw logits of each step
+at the sampling temperature, which is what the trainer computes, so the two agree to rounding in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rl.engines.base import SamplingParams
+from rl.experience import Completion, Prompt
+from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
+from step3vl_train.processing.processor import collate
+
+logger = logging.getLogger("rl.engines")
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model_config: dict,
+        init_from: str | None,
+        pad_token_id: int,
+        batch_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        device: str | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if init_from:
+            self.model = Step3VLForConditionalGeneration.from_pretrained(init_from, dtype=dtype)
+        else:
+            self.model = Step3VLForConditionalGeneration(Step3VLConfig.from_dict(model_config)).to(dtype)
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.params = dict(self.model.named_parameters())
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+        self.updated: set[str] = set()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        rows = [prompt for prompt in prompts for _ in range(sampling.n)]
+        completions: list[Completion] = []
+        for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
+            torch.manual_seed(seed * 1_000_003 + chunk)
+            completions += self._generate(rows[start : start + self.batch_size], sampling)
+        return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
+
+    def _generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[Completion]:
+        inputs = collate([p.sample for p in prompts], self.pad_token_id, padding_side="left")
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.model_inputs(False).items()}
+        output = self.model.generate(
+            **inputs,
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=sampling.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].cpu()
+        logits = torch.stack(output.logits, dim=1).float().cpu() / sampling.temperature  # (B, T, V)
+        logprobs = logits.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        stops = torch.isin(new_tokens, torch.tensor(sampling.stop_token_ids, dtype=torch.long))
+        completions = []
+        for row in range(len(prompts)):
+            hits = stops[row].nonzero()
+            end = int(hits[0]) + 1 if len(hits) else new_tokens.shape[1]
+            completions.append(
+                Completion(
+                    new_tokens[row, :end].tolist(), logprobs[row, :end].tolist(), "stop" if len(hits) else "length"
+                )
+            )
+        return completions
+
+    def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(tensors) - set(self.params))
+        if unknown:
+            raise KeyError(f"weights the engine's model does not have: {unknown[:5]}")
+        for name, tensor in tensors.items():
+            self.params[name].data.copy_(tensor)
+        self.updated.update(tensors)
+
+    def finish_update(self) -> int:
+        missing = sorted(set(self.params) - self.updated)
+        count, self.updated = len(self.updated), set()
+        if missing:
+            raise RuntimeError(f"weight sync left {len(missing)} tensors stale, e.g. {missing[:5]}")
+        return count
+
+    def sleep(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        self.model.to(self.device)

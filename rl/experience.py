@@ -1,0 +1,96 @@
+"""What flows through an RL iteration: prompts, the engine's completions, and responses with their
+rewards, log-probs, values and advantages; and the padded batches the trainer ranks run on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from step3vl_train.processing.processor import Batch, ProcessedSample, collate
+
+
+@dataclass
+class Prompt:
+    key: str  # the sample's key: `shard.tar:KEY`
+    task: str  # the source it came from, for per-task metrics
+    sample: ProcessedSample  # the prompt's tokens (generation prompt included) and pixels
+    messages: list[dict[str, Any]]  # as in the sample, for engines that apply the chat template themselves
+    images: list[bytes]  # encoded, as stored
+    reward: str
+    answer: Any = None
+    boxes: list[list[float]] = field(default_factory=list)
+    points: list[list[float]] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None
+    question: str = ""  # the prompt's text, for model-based verifiers
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # the engine's log-probability of each token, at the sampling temperature
+    finish_reason: str  # "stop" (an end token, included in token_ids) or "length"
+
+
+@dataclass
+class Response:
+    """One response to one prompt, and what the iteration learns about it."""
+
+    group: int  # the prompt's index in the iteration
+    prompt: Prompt
+    completion: Completion
+    reward: float = 0.0
+    status: str = "ok"  # rl.rewards.types.STATUSES
+    valid: bool = True  # False where the scorer failed: left out of the update
+    old_logprobs: torch.Tensor | None = None  # (R,) the trainer's, before this iteration's update
+    values: torch.Tensor | None = None  # (R,) the critic's V(s_t) for each response token
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.completion.token_ids)
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response rows padded on the right. Per-token tensors are (B, L-1), aligned with the
+    targets: column t is about token t+1, predicted from the logits at t."""
+
+    batch: Batch
+    response_mask: torch.Tensor  # (B, L-1) 1 where the target is a response token
+
+    def scatter(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Per-response vectors (R_i,) into a (B, L-1) tensor at the response positions, 0 elsewhere."""
+        out = torch.zeros(self.response_mask.shape, dtype=torch.float32)
+        out[self.response_mask.bool()] = torch.cat([row.float() for row in rows]) if rows else out[:0, 0]
+        return out
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """(B, L-1) back into per-response vectors."""
+        lengths = self.response_mask.sum(1).tolist()
+        return list(tensor[self.response_mask.bool()].detach().float().split([int(n) for n in lengths]))
+
+
+def sequence_batch(items: list[tuple[ProcessedSample, list[int]]], pad_token_id: int) -> SequenceBatch:
+    """Rows of (prompt, response token ids)."""
+    samples, starts = [], []
+    for prompt, response in items:
+        ids = torch.cat([prompt.input_ids, torch.tensor(response, dtype=torch.long)])
+        samples.append(
+            ProcessedSample(
+                input_ids=ids,
+                labels=ids.clone(),
+                pixel_values=prompt.pixel_values,
+                patch_pixel_values=prompt.patch_pixel_values,
+                num_patches=prompt.num_patches,
+                patch_newline_mask=prompt.patch_newline_mask,
+            )
+        )
+        starts.append((len(prompt.input_ids), len(response)))
+    batch = collate(samples, pad_token_id)
+    mask = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, dtype=torch.long)
+    for row, (prompt_len, response_len) in enumerate(starts):
+        mask[row, prompt_len - 1 : prompt_len - 1 + response_len] = 1
+    return SequenceBatch(batch, mask)
