@@ -32,8 +32,6 @@ class PromptsConfig:
     def __post_init__(self) -> None:
         if self.train:
             self.sources = [SourceConfig(name="train", paths=[self.train])]
-        if not self.sources:
-            raise ValueError("prompts.sources is empty: give prompt shards, or prompts.train=PATHS")
 
 
 @dataclass
@@ -70,6 +68,7 @@ class AlgoConfig:
     value_clip: float | None = None
     grpo_scale_by_std: bool = True
     drop_uniform_groups: bool = False  # dynamic sampling: drop prompts whose responses all score the same
+    max_sampling_rounds: int = 3  # dynamic sampling: rounds of drawing more prompts to refill the batch
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -101,6 +100,8 @@ class RunConfig:
     world_size: int = 2  # training ranks (each holds its policy and critic shards)
     bf16: bool | None = None  # None: bf16 where CUDA is available
     num_gpus_per_rank: float = 0.0  # Ray resources: 1 on a GPU cluster, 0 on the CPU
+    max_restarts: int = 3  # times a run replaces dead actors and goes on from its latest checkpoint
+    log_responses: int = 4  # responses an iteration whose text goes to rollouts.jsonl
 
 
 @dataclass
@@ -127,8 +128,12 @@ class RLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if not self.prompts.sources:
+            raise ValueError("prompts.sources is empty: give prompt shards, or prompts.train=PATHS")
         if self.algo.estimator == "gae" and not self.critic.enabled:
             raise ValueError("algo.estimator=gae needs the critic (critic.enabled=true)")
+        if self.algo.estimator != "gae" and self.rollout.n < 2:
+            raise ValueError(f"algo.estimator={self.algo.estimator} compares responses to one prompt: rollout.n >= 2")
         responses = self.prompts.prompts_per_step * self.rollout.n
         if responses % (self.algo.minibatches * self.run.world_size):
             raise ValueError(

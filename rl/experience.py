@@ -14,7 +14,7 @@ from step3vl_train.processing.processor import Batch, ProcessedSample, collate
 @dataclass
 class Prompt:
     key: str  # the sample's key: `shard.tar:KEY`
-    task: str  # the source it came from, for per-task metrics
+    task: str  # the name of the prompt source it came from, for per-task metrics
     sample: ProcessedSample  # the prompt's tokens (generation prompt included) and pixels
     messages: list[dict[str, Any]]  # as in the sample, for engines that apply the chat template themselves
     images: list[bytes]  # encoded, as stored

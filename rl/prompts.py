@@ -72,7 +72,7 @@ class PromptLoader:
             )
         return Prompt(
             key=sample.key,
-            task=sample.source or source,
+            task=source,
             sample=processed,
             messages=sample.messages,
             images=sample.images,

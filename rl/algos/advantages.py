@@ -56,11 +56,10 @@ def grpo(rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = True,
 
 
 def rloo(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out baseline: R minus the mean of the other responses to the same prompt."""
+    """Leave-one-out baseline: R minus the mean of the other responses to the same prompt (0 for a
+    response with no other: it has no baseline)."""
     mean, _, size = group_statistics(rewards, groups)
-    if (size < 2).any():
-        raise ValueError("rloo needs at least 2 responses per prompt (rollout.n >= 2)")
-    return (rewards.float() - mean) * size / (size - 1)
+    return torch.where(size > 1, (rewards.float() - mean) * size / (size - 1).clamp(min=1), 0.0)
 
 
 def reinforce_pp(rewards: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -82,9 +82,12 @@ def value_loss(
     return 0.5 * aggregate(losses, mask, aggregation, counts)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(G - V) / Var(G) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """1 - Var(G - V) / Var(G) over response tokens: 1 is a perfect critic, 0 no better than a constant;
+    None when the returns do not vary (every reward the same)."""
     m = mask.bool()
     returns, values = returns[m].double(), values[m].double()
     variance = returns.var(unbiased=False)
-    return float("nan") if variance == 0 else float(1 - (returns - values).var(unbiased=False) / variance)
+    if len(returns) < 2 or variance < 1e-12:
+        return None
+    return float(1 - (returns - values).var(unbiased=False) / variance)

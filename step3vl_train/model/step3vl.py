@@ -31,6 +31,9 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Qwen3DecoderLayer", "ResidualAttentionBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    # Run the vision tower (on a dummy where needed) at every prefill, even without gradients: ranks of a
+    # ZeRO-3 group scoring different batches must make the same module calls (RL's log-prob passes).
+    sync_vision_calls = False
 
     def __init__(self, config: Step3VLConfig):
         super().__init__(config)
@@ -185,7 +188,9 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ):
         """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded."""
         if inputs_embeds is None:
-            keep_alive = self.training and torch.is_grad_enabled()
+            keep_alive = (self.training and torch.is_grad_enabled()) or (
+                self.sync_vision_calls and _is_prefill(past_key_values)
+            )
             image_embeds, zero = self.image_embeddings(
                 pixel_values, patch_pixel_values, num_patches, keep_alive, input_ids.device
             )

@@ -59,12 +59,16 @@ class Checkpointer:
         torch.save({**state, "rng": rng_state()}, self.root / tag / f"trainer_rank{dist.get_rank()}.pt")
         dist.barrier()
         if dist.get_rank() == 0:
-            temporary = self.root / f".{LATEST}.tmp"
-            temporary.write_text(tag)
-            os.replace(temporary, self.root / LATEST)
-            self._prune(keep=tag)
+            self.publish(tag)
         dist.barrier()
         return self.root / tag
+
+    def publish(self, tag: str) -> None:
+        """Points `latest` at the complete checkpoint `tag` (atomically), then deletes the oldest ones."""
+        temporary = self.root / f".{LATEST}.tmp"
+        temporary.write_text(tag)
+        os.replace(temporary, self.root / LATEST)
+        self._prune(keep=tag)
 
     def load(self, engine) -> dict | None:
         """Restores the newest complete checkpoint into `engine` and the RNGs; returns this rank's state."""

@@ -33,7 +33,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
     run_dir, step_dir = resolve_checkpoint(checkpoint)
     run_config = OmegaConf.load(run_dir / "config.yaml")
     config = Step3VLConfig.from_dict(OmegaConf.to_container(run_config.model, resolve=True))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    if (step_dir / "policy").is_dir():  # an RL run: the policy's shards (the critic's sit beside them)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="policy")
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     model_from_tensors(config, state, str(step_dir), dtype).save_pretrained(out)
     load_tokenizer(run_config.tokenizer).save_pretrained(out)
     return Path(out)

@@ -17,10 +17,7 @@ class MetricsLog:
         directory."""
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.path, resume_step)
         self.wandb = _start_wandb(run_dir, logging, config)
 
     def write(self, row: dict) -> None:
@@ -46,6 +43,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drops the rows of a JSONL log whose `step` is past `step` (written after the last checkpoint)."""
+    if path.exists():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _start_wandb(run_dir: Path, logging: LoggingConfig, config: dict):

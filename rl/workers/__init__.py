@@ -1,0 +1,1 @@
+"""Ray actors: training ranks (policy and critic), rollout engines."""

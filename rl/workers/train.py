@@ -1,0 +1,218 @@
+"""A training rank, as a Ray actor: its shards of the policy and of the critic, each a DeepSpeed ZeRO-3
+engine over the same process group (gloo on the CPU, NCCL on GPUs).
+
+The driver hands every rank the same number of responses, so all ranks make the same forward passes and
+collectives. Losses are divided by counts of the whole minibatch (all ranks), handed in by the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import deepspeed
+import ray
+import torch
+import torch.distributed as dist
+
+from rl.algos.logprobs import entropy, token_logprobs
+from rl.algos.losses import GlobalCounts, policy_loss, value_loss
+from rl.config import ModelRoleConfig, RLConfig
+from rl.experience import Response, SequenceBatch, sequence_batch
+from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
+from step3vl_train.model.value import Step3VLForValue
+from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
+
+
+@dataclass
+class ResponseStats:
+    """Per response, from the models before the update."""
+
+    old_logprobs: list[torch.Tensor]
+    values: list[torch.Tensor] | None
+    entropy_sum: float  # summed over valid response tokens
+
+
+class TrainWorker:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, config: dict, pad_token_id: int):
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )  # fmt: skip
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank = rank
+        self.cfg = RLConfig.from_dict(config)
+        self.model_config = Step3VLConfig.from_dict(self.cfg.model)
+        self.bf16 = torch.cuda.is_available() if self.cfg.run.bf16 is None else self.cfg.run.bf16
+        self.pad_token_id = pad_token_id
+        per_rank = self.cfg.prompts.prompts_per_step * self.cfg.rollout.n // world_size
+        self.minibatch_per_rank = per_rank // self.cfg.algo.minibatches
+        self.policy = self._build(self.cfg.policy, self.cfg.policy.init_from)
+        self.critic = None
+        if self.cfg.uses_critic:
+            self.critic = self._build(self.cfg.critic, self.cfg.critic.init_from or self.cfg.policy.init_from, True)
+
+    def _build(self, role: ModelRoleConfig, init_from: str | None, critic: bool = False) -> Engine:
+        if self.minibatch_per_rank % role.micro_batch_size:
+            raise ValueError(
+                f"each rank's share of a minibatch ({self.minibatch_per_rank} responses) is not a multiple of "
+                f"micro_batch_size={role.micro_batch_size}"
+            )
+        grad_accum = self.minibatch_per_rank // role.micro_batch_size
+        ds_config = deepspeed_config(self.cfg.deepspeed, role.micro_batch_size, grad_accum, role.grad_clip, self.bf16)
+        model_class = Step3VLForValue if critic else Step3VLForConditionalGeneration
+        engine = build_engine(self.model_config, role.optim, ds_config, init_from, model_class, tuple(role.freeze))
+        engine.model.sync_vision_calls = True
+        if role.gradient_checkpointing:
+            engine.model.gradient_checkpointing_enable()
+        return engine
+
+    # ---- scoring before the update -------------------------------------------------------------------
+
+    def score(self, responses: list[Response], temperature: float) -> ResponseStats:
+        """The trainer's log-probs of each response token (and the critic's values), without gradients."""
+        logprobs, values, entropy_sum = [], [] if self.critic else None, 0.0
+        size = self.cfg.policy.micro_batch_size
+        for start in range(0, len(responses), size):
+            chunk = responses[start : start + size]
+            sequences = self._sequences(chunk)
+            with torch.no_grad():
+                logits = self.policy.engine(**self._inputs(sequences)).logits[:, :-1]
+                targets = sequences.batch.input_ids[:, 1:].to(logits.device)
+                logprobs += sequences.gather(token_logprobs(logits, targets, temperature).cpu())
+                token_entropy = entropy(logits, temperature).cpu() * sequences.response_mask
+                entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
+        if self.critic is not None:
+            for start in range(0, len(responses), self.cfg.critic.micro_batch_size):
+                sequences = self._sequences(responses[start : start + self.cfg.critic.micro_batch_size])
+                with torch.no_grad():
+                    values += sequences.gather(self.critic.engine(**self._inputs(sequences))[:, :-1].cpu())
+        return ResponseStats(logprobs, values, entropy_sum)
+
+    # ---- the update -----------------------------------------------------------------------------------
+
+    def update(self, responses: list[Response], counts: list[GlobalCounts]) -> dict[str, float]:
+        """One optimizer step of the policy (and the critic) per minibatch: this rank's share of each of
+        `len(counts)` minibatches, in order. Returns sums over this rank, for the driver to add up."""
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
+        for index, minibatch_counts in enumerate(counts):
+            minibatch = responses[index * self.minibatch_per_rank : (index + 1) * self.minibatch_per_rank]
+            for name, value in self._policy_step(minibatch, minibatch_counts).items():
+                sums[name] += value
+            if self.critic is not None:
+                sums["value_loss"] += self._critic_step(minibatch, minibatch_counts)
+        sums["policy_grad_norm"] = float(self.policy.engine.get_global_grad_norm() or 0.0)
+        return sums
+
+    def _policy_step(self, minibatch: list[Response], counts: GlobalCounts) -> dict[str, float]:
+        algo, size, world = self.cfg.algo, self.cfg.policy.micro_batch_size, dist.get_world_size()
+        out = {"policy_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
+        for start in range(0, len(minibatch), size):
+            chunk = minibatch[start : start + size]
+            sequences = self._sequences(chunk)
+            mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
+            logits = self.policy.engine(**self._inputs(sequences)).logits[:, :-1]
+            device = logits.device
+            targets = sequences.batch.input_ids[:, 1:].to(device)
+            loss, stats = policy_loss(
+                token_logprobs(logits, targets, self.cfg.rollout.temperature),
+                sequences.scatter([r.old_logprobs for r in chunk]).to(device),
+                sequences.scatter([torch.tensor(r.completion.logprobs) for r in chunk]).to(device),
+                sequences.scatter([r.advantages for r in chunk]).to(device),
+                mask.to(device),
+                counts,
+                algo.clip_low,
+                algo.clip_high,
+                algo.tis_cap,
+                algo.loss_aggregation,
+            )
+            self.policy.engine.backward(loss * world, scale_wrt_gas=False)
+            self.policy.engine.step()  # DeepSpeed updates at the minibatch's last micro-batch only
+            out["policy_loss"] += loss.item()
+            out["clip_tokens"] += float(stats["clip_fraction"])
+            out["approx_kl"] += float(stats["approx_kl"])
+        return out
+
+    def _critic_step(self, minibatch: list[Response], counts: GlobalCounts) -> float:
+        size, world, total = self.cfg.critic.micro_batch_size, dist.get_world_size(), 0.0
+        for start in range(0, len(minibatch), size):
+            chunk = minibatch[start : start + size]
+            sequences = self._sequences(chunk)
+            mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
+            values = self.critic.engine(**self._inputs(sequences))[:, :-1]
+            device = values.device
+            loss = value_loss(
+                values,
+                sequences.scatter([r.values for r in chunk]).to(device),
+                sequences.scatter([r.returns for r in chunk]).to(device),
+                mask.to(device),
+                counts,
+                self.cfg.algo.value_clip,
+                self.cfg.algo.loss_aggregation,
+            )
+            self.critic.engine.backward(loss * world, scale_wrt_gas=False)
+            self.critic.engine.step()
+            total += loss.item()
+        return total
+
+    def _sequences(self, responses: list[Response]) -> SequenceBatch:
+        return sequence_batch([(r.prompt.sample, r.completion.token_ids) for r in responses], self.pad_token_id)
+
+    def _inputs(self, sequences: SequenceBatch) -> dict:
+        device = self.policy.engine.device
+        inputs = sequences.batch.model_inputs(with_labels=False)
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+    # ---- weight sync ----------------------------------------------------------------------------------
+
+    def sync_weights(self, engines: list, bucket_mb: int) -> dict[str, float]:
+        """Streams the policy's weights to the rollout engines, gathering a bucket of ZeRO-3 partitions at
+        a time (a collective of every rank); rank 0 sends each bucket once through Ray's object store,
+        which every engine reads. Never one call per parameter."""
+        started, sent, buckets = time.perf_counter(), 0, 0
+        for bucket in self._buckets(bucket_mb * 2**20):
+            with deepspeed.zero.GatheredParameters([param for _, param in bucket]):
+                if self.rank == 0:
+                    tensors = {name: param.data.detach().to("cpu", copy=True) for name, param in bucket}
+                    ref = ray.put(tensors)
+                    ray.get([engine.update_weights.remote(ref) for engine in engines])
+                    sent += sum(t.numel() * t.element_size() for t in tensors.values())
+                    buckets += 1
+        if self.rank == 0:
+            ray.get([engine.finish_update.remote() for engine in engines])
+        return {"sync_bytes": float(sent), "sync_buckets": float(buckets), "sync_s": time.perf_counter() - started}
+
+    def _buckets(self, limit: int):
+        bucket, size = [], 0
+        for name, param in self.policy.model.named_parameters():
+            nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+            if bucket and size + nbytes > limit:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, param))
+            size += nbytes
+        if bucket:
+            yield bucket
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+
+    def save(self, step_dir: str) -> None:
+        """Collective: the policy's and the critic's ZeRO-3 shards and optimizer states into `step_dir`."""
+        self.policy.engine.save_checkpoint(step_dir, tag="policy", save_latest=False)
+        if self.critic is not None:
+            self.critic.engine.save_checkpoint(step_dir, tag="critic", save_latest=False)
+        dist.barrier()
+
+    def load(self, step_dir: str) -> None:
+        self.policy.engine.load_checkpoint(step_dir, tag="policy")
+        if self.critic is not None:
+            self.critic.engine.load_checkpoint(step_dir, tag="critic")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        dist.barrier()
+        dist.destroy_process_group()
