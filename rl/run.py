@@ -8,8 +8,6 @@ python rl/run.py stage=rlvr model=tiny processor=tiny tokenizer=tiny policy.init
 Re-running the same command resumes from the run's last complete checkpoint.
 """
 
-import logging
-
 import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +21,6 @@ register_recipes()
 
 @hydra.main(config_path="../configs", config_name="rl", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = RLConfig.from_dict(raw)
     if config.ray.address:
