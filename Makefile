@@ -19,8 +19,8 @@ demo: install
 	$(PY) launch/demo.py
 
 lint: install
-	$(VENV)/bin/ruff check step3vl_train launch data tests benchmarks
-	$(VENV)/bin/ruff format --check step3vl_train launch data tests benchmarks
+	$(VENV)/bin/ruff check step3vl_train rl launch data tests benchmarks
+	$(VENV)/bin/ruff format --check step3vl_train rl launch data tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q

@@ -45,13 +45,22 @@ class RolloutConfig:
     batch_size: int = 64  # hf: sequences per generate call
     num_engines: int = 1
     sync_bucket_mb: int = 256  # weight sync sends parameters in buckets of about this size
+    # vllm: engines share the training ranks' GPUs (engine i on rank i's), sleeping while the trainer works;
+    # weights then move by CUDA IPC. Otherwise engines have GPUs of their own and weights move over NCCL.
+    colocate: bool = False
     gpu_memory_utilization: float = 0.6  # vllm
     tensor_parallel_size: int = 1  # vllm
     enforce_eager: bool = False  # vllm
 
+    @property
+    def weight_transfer(self) -> str:
+        return "ipc" if self.colocate else "nccl"
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.colocate and (self.engine != "vllm" or self.tensor_parallel_size != 1):
+            raise ValueError("rollout.colocate needs rollout.engine=vllm with tensor_parallel_size=1")
 
 
 @dataclass
@@ -103,6 +112,12 @@ class RunConfig:
     max_restarts: int = 3  # times a run replaces dead actors and goes on from its latest checkpoint
     log_responses: int = 4  # responses an iteration whose text goes to rollouts.jsonl
 
+    @property
+    def use_bf16(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available() if self.bf16 is None else self.bf16
+
 
 @dataclass
 class RayConfig:
@@ -134,6 +149,8 @@ class RLConfig:
             raise ValueError("algo.estimator=gae needs the critic (critic.enabled=true)")
         if self.algo.estimator != "gae" and self.rollout.n < 2:
             raise ValueError(f"algo.estimator={self.algo.estimator} compares responses to one prompt: rollout.n >= 2")
+        if self.rollout.colocate and (self.rollout.num_engines > self.run.world_size or not self.run.num_gpus_per_rank):
+            raise ValueError("rollout.colocate puts engine i on training rank i's GPU: num_engines <= world_size, GPUs")
         responses = self.prompts.prompts_per_step * self.rollout.n
         if responses % (self.algo.minibatches * self.run.world_size):
             raise ValueError(

@@ -62,27 +62,34 @@ class Driver:
     # ---- actors ---------------------------------------------------------------------------------------
 
     def start_actors(self) -> None:
-        cfg = self.cfg
+        cfg, rollout = self.cfg, self.cfg.rollout
+        share = 0.5 if rollout.colocate else 1.0  # colocated: trainer and engine split each GPU
         self.workers, self.group = start_train_group(
-            cfg.run.world_size, cfg.run.num_gpus_per_rank, self.raw_config, self.pad_token_id
+            cfg.run.world_size, cfg.run.num_gpus_per_rank, self.raw_config, self.pad_token_id, share
         )
-        dtype = torch.bfloat16 if (cfg.run.bf16 if cfg.run.bf16 is not None else torch.cuda.is_available()) else None
-        engine_options = {
-            "model_config": cfg.model,
-            "init_from": cfg.policy.init_from,
-            "pad_token_id": self.pad_token_id,
-        }
-        if cfg.rollout.engine == "hf":
-            engine_options |= {"batch_size": cfg.rollout.batch_size, **({"dtype": dtype} if dtype else {})}
-        else:
-            engine_options |= {
-                "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
-                "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-                "enforce_eager": cfg.rollout.enforce_eager,
-                "tokenizer": cfg.tokenizer,
+        if rollout.engine == "hf":  # built from the config; its weights come with the first sync
+            options = {
+                "model_config": cfg.model,
+                "init_from": None,
+                "pad_token_id": self.pad_token_id,
+                "batch_size": rollout.batch_size,
+                "dtype": torch.bfloat16 if cfg.run.use_bf16 else torch.float32,
             }
-        num_gpus = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else cfg.run.num_gpus_per_rank
-        self.engines = start_rollout_engines(cfg.rollout.num_engines, num_gpus, cfg.rollout.engine, **engine_options)
+            num_gpus = cfg.run.num_gpus_per_rank
+        else:
+            options = {
+                "init_from": cfg.policy.init_from,
+                "tokenizer": cfg.tokenizer,
+                "pad_token_id": self.pad_token_id,
+                "processor_config": cfg.processor or None,
+                "tensor_parallel_size": rollout.tensor_parallel_size,
+                "gpu_memory_utilization": rollout.gpu_memory_utilization,
+                "enforce_eager": rollout.enforce_eager,
+                "weight_transfer": rollout.weight_transfer,
+            }
+            num_gpus = cfg.run.num_gpus_per_rank * (1 - share) if rollout.colocate else rollout.tensor_parallel_size
+        colocate_with = self.group if rollout.colocate else None
+        self.engines = start_rollout_engines(rollout.num_engines, num_gpus, rollout.engine, colocate_with, **options)
         pids = {
             "train": ray.get([w.pid.remote() for w in self.workers]),
             "rollout": ray.get([e.pid.remote() for e in self.engines]),
@@ -155,6 +162,7 @@ class Driver:
         cfg, timings, started = self.cfg, {}, time.perf_counter()
         responses, sampling_stats = self.collect(timings)
         self.log_rollouts(responses)
+        self.engines_sleep(True)
         self.score_with_models(responses, timings)
         row = self.advantages(responses)
         shards, counts = self.shard(responses)
@@ -162,6 +170,7 @@ class Driver:
         sums = ray.get([w.update.remote(s, counts) for w, s in zip(self.workers, shards, strict=True)])
         timings["time/update"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        self.engines_sleep(False)
         sync = self.sync_weights()
         timings["time/sync"] = time.perf_counter() - tick
         valid_tokens = sum(c.tokens for c in counts)
@@ -345,8 +354,12 @@ class Driver:
         return shards, counts
 
     def sync_weights(self) -> dict:
-        sums = ray.get([w.sync_weights.remote(self.engines, self.cfg.rollout.sync_bucket_mb) for w in self.workers])
-        return sums[0]
+        return ray.get([w.sync_weights.remote(self.engines) for w in self.workers])[0]
+
+    def engines_sleep(self, sleep: bool) -> None:
+        """Colocated engines give their GPU memory to the trainer between rollouts."""
+        if self.cfg.rollout.colocate:
+            ray.get([e.sleep.remote() if sleep else e.wake_up.remote() for e in self.engines])
 
     def save(self) -> None:
         tag = f"step_{self.step}"

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
-
 from rl.experience import Completion, Prompt
 
 
@@ -21,13 +19,13 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
+    """Weights arrive either as buckets of full tensors through Ray (`load_weights`, the transformers
+    engine) or through vLLM's weight-transfer API (NCCL or CUDA IPC; see rl/sync.py)."""
+
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, in order; the same seed gives the same completions."""
 
-    def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """One bucket of new weights, in the released tensor names."""
-
-    def finish_update(self) -> int:
+    def finish_weight_update(self) -> int:
         """After the last bucket: checks every weight was replaced, drops caches that hold old weights'
         results; returns the number of tensors updated."""
 

@@ -78,7 +78,7 @@ class HFEngine:
             )
         return completions
 
-    def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         unknown = sorted(set(tensors) - set(self.params))
         if unknown:
             raise KeyError(f"weights the engine's model does not have: {unknown[:5]}")
@@ -86,7 +86,7 @@ class HFEngine:
             self.params[name].data.copy_(tensor)
         self.updated.update(tensors)
 
-    def finish_update(self) -> int:
+    def finish_weight_update(self) -> int:
         missing = sorted(set(self.params) - self.updated)
         count, self.updated = len(self.updated), set()
         if missing:

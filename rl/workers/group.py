@@ -8,29 +8,32 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rl.workers.rollout import RolloutWorker
-from rl.workers.train import TrainWorker
 
-
-def _rendezvous() -> tuple[str, int]:
-    """The address and a free port on the node of rank 0, for torch.distributed's rendezvous."""
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address and a free port on it, for a process group's rendezvous."""
     with socket.socket() as probe:
         probe.bind(("", 0))
         return ray.util.get_node_ip_address(), probe.getsockname()[1]
 
 
-def start_train_group(world_size: int, num_gpus: float, config: dict, pad_token_id: int) -> tuple[list, object]:
-    """`world_size` TrainWorker actors forming one torch.distributed group; returns them and their group."""
+def on_bundle(group, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+
+
+def start_train_group(
+    world_size: int, num_gpus: float, config: dict, pad_token_id: int, share: float = 1.0
+) -> tuple[list, object]:
+    """`world_size` TrainWorker actors forming one torch.distributed group, one bundle each; they take
+    `share` of their bundle's GPUs (less than 1 when rollout engines are colocated on them)."""
+    from rl.workers.train import TrainWorker
+
     group = placement_group([{"CPU": 1, "GPU": num_gpus} if num_gpus else {"CPU": 1}] * world_size, strategy="PACK")
     ray.get(group.ready())
-
-    def on_bundle(index: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
-
-    address, port = ray.get(ray.remote(_rendezvous).options(num_cpus=0, scheduling_strategy=on_bundle(0)).remote())
+    rendezvous = ray.remote(rendezvous_address).options(num_cpus=0, scheduling_strategy=on_bundle(group, 0))
+    address, port = ray.get(rendezvous.remote())
     actor = ray.remote(TrainWorker)
     workers = [
-        actor.options(num_cpus=1, num_gpus=num_gpus, scheduling_strategy=on_bundle(rank)).remote(
+        actor.options(num_cpus=1, num_gpus=num_gpus * share, scheduling_strategy=on_bundle(group, rank)).remote(
             rank, world_size, address, port, config, pad_token_id
         )
         for rank in range(world_size)
@@ -38,6 +41,16 @@ def start_train_group(world_size: int, num_gpus: float, config: dict, pad_token_
     return workers, group
 
 
-def start_rollout_engines(count: int, num_gpus: float, engine: str, **kwargs) -> list:
+def start_rollout_engines(count: int, num_gpus: float, engine: str, colocate_with=None, **kwargs) -> list:
+    """`count` engines, each on its own `num_gpus`, or on bundle i of the training group `colocate_with`."""
+    from rl.workers.rollout import RolloutWorker
+
     actor = ray.remote(RolloutWorker)
-    return [actor.options(num_cpus=1, num_gpus=num_gpus).remote(engine, **kwargs) for _ in range(count)]
+    return [
+        actor.options(
+            num_cpus=0 if colocate_with else 1,
+            num_gpus=num_gpus,
+            **({"scheduling_strategy": on_bundle(colocate_with, i)} if colocate_with else {}),
+        ).remote(engine, **kwargs)
+        for i in range(count)
+    ]

@@ -1,4 +1,4 @@
-"""A rollout engine as a Ray actor."""
+"""A rollout engine as a Ray actor: generation, and both ways of receiving weights (see rl/sync.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,33 @@ class RolloutWorker:
     def __init__(self, engine: str, **kwargs):
         self.engine = build_rollout_engine(engine, **kwargs)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def generate(
         self, prompts: list[Prompt], sampling: SamplingParams, seed: int
     ) -> tuple[list[list[Completion]], float]:
         started = time.perf_counter()
         return self.engine.generate(prompts, sampling, seed), time.perf_counter() - started
 
-    def pid(self) -> int:
-        return os.getpid()
+    def load_weights(self, tensors) -> None:
+        self.engine.load_weights(tensors)
 
-    def update_weights(self, tensors) -> None:
-        self.engine.update_weights(tensors)
+    def finish_weight_update(self) -> int:
+        return self.engine.finish_weight_update()
 
-    def finish_update(self) -> int:
-        return self.engine.finish_update()
+    # vLLM's weight-transfer control plane (vllm.distributed.weight_transfer.clients.RayVLLMWeightSyncClient)
+    def init_weight_transfer_engine(self, request) -> None:
+        self.engine.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.engine.update_weights(request)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.engine.shutdown_weight_transfer_engine()
 
     def sleep(self) -> None:
         self.engine.sleep()

@@ -8,11 +8,9 @@ collectives. Losses are divided by counts of the whole minibatch (all ranks), ha
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import deepspeed
-import ray
 import torch
 import torch.distributed as dist
 
@@ -20,6 +18,8 @@ from rl.algos.logprobs import entropy, token_logprobs
 from rl.algos.losses import GlobalCounts, policy_loss, value_loss
 from rl.config import ModelRoleConfig, RLConfig
 from rl.experience import Response, SequenceBatch, sequence_batch
+from rl.sync import RaySender, VLLMSender
+from rl.workers.group import rendezvous_address
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.value import Step3VLForValue
 from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
@@ -45,11 +45,12 @@ class TrainWorker:
         self.rank = rank
         self.cfg = RLConfig.from_dict(config)
         self.model_config = Step3VLConfig.from_dict(self.cfg.model)
-        self.bf16 = torch.cuda.is_available() if self.cfg.run.bf16 is None else self.cfg.run.bf16
+        self.bf16 = self.cfg.run.use_bf16
         self.pad_token_id = pad_token_id
         per_rank = self.cfg.prompts.prompts_per_step * self.cfg.rollout.n // world_size
         self.minibatch_per_rank = per_rank // self.cfg.algo.minibatches
         self.policy = self._build(self.cfg.policy, self.cfg.policy.init_from)
+        self.sender: RaySender | VLLMSender | None = None
         self.critic = None
         if self.cfg.uses_critic:
             self.critic = self._build(self.cfg.critic, self.cfg.critic.init_from or self.cfg.policy.init_from, True)
@@ -167,34 +168,19 @@ class TrainWorker:
 
     # ---- weight sync ----------------------------------------------------------------------------------
 
-    def sync_weights(self, engines: list, bucket_mb: int) -> dict[str, float]:
-        """Streams the policy's weights to the rollout engines, gathering a bucket of ZeRO-3 partitions at
-        a time (a collective of every rank); rank 0 sends each bucket once through Ray's object store,
-        which every engine reads. Never one call per parameter."""
-        started, sent, buckets = time.perf_counter(), 0, 0
-        for bucket in self._buckets(bucket_mb * 2**20):
-            with deepspeed.zero.GatheredParameters([param for _, param in bucket]):
-                if self.rank == 0:
-                    tensors = {name: param.data.detach().to("cpu", copy=True) for name, param in bucket}
-                    ref = ray.put(tensors)
-                    ray.get([engine.update_weights.remote(ref) for engine in engines])
-                    sent += sum(t.numel() * t.element_size() for t in tensors.values())
-                    buckets += 1
-        if self.rank == 0:
-            ray.get([engine.finish_update.remote() for engine in engines])
-        return {"sync_bytes": float(sent), "sync_buckets": float(buckets), "sync_s": time.perf_counter() - started}
-
-    def _buckets(self, limit: int):
-        bucket, size = [], 0
-        for name, param in self.policy.model.named_parameters():
-            nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
-            if bucket and size + nbytes > limit:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, param))
-            size += nbytes
-        if bucket:
-            yield bucket
+    def sync_weights(self, engines: list) -> dict[str, float]:
+        """Streams the policy's weights to the rollout engines (a collective of every rank; rl/sync.py)."""
+        if self.sender is None:
+            rollout, bucket_bytes = self.cfg.rollout, self.cfg.rollout.sync_bucket_mb * 2**20
+            if rollout.engine == "vllm":
+                address, port = rendezvous_address()
+                self.sender = VLLMSender(
+                    self.policy.model, engines, self.rank, bucket_bytes, rollout.weight_transfer,
+                    rollout.num_engines * rollout.tensor_parallel_size, address, port,
+                )  # fmt: skip
+            else:
+                self.sender = RaySender(self.policy.model, engines, self.rank, bucket_bytes)
+        return self.sender.send()
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 

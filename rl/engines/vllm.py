@@ -1,0 +1,124 @@
+"""The vLLM engine (vLLM 0.33, GPUs): continuous batching, images as multi-modal data, weights replaced
+in place through vLLM's weight-transfer API (NCCL between separate GPUs, CUDA IPC when colocated).
+
+vLLM expands each image's single `<im_patch>` itself, so it is given the chat-rendered prompt before
+expansion; the expanded prompt it reports must equal ours token for token, or the trainer would score
+other tokens than the engine sampled (checked on every request). Log-probs are vLLM's
+`processed_logprobs`: after the temperature, as the trainer computes them. vLLM is imported here only:
+the rest of the project runs without it.
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from rl.engines.base import SamplingParams
+from rl.experience import Completion, Prompt
+from step3vl_train.processing.chat import render_chat
+from step3vl_train.processing.processor import load_processor
+
+
+class PromptMismatchError(RuntimeError):
+    """vLLM expanded a prompt into other tokens than our processor."""
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        init_from: str,
+        tokenizer: str,
+        pad_token_id: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.6,
+        enforce_eager: bool = False,
+        max_model_len: int | None = None,
+        weight_transfer: str = "nccl",  # "ipc" when the engine shares its GPUs with the trainer
+        processor_config: dict | None = None,
+        model_config: dict | None = None,  # unused: vLLM reads config.json from init_from
+    ):
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise ImportError("rollout.engine=vllm needs vLLM (pip install 'step3vl-train[gpu]')") from error
+        if not init_from:
+            raise ValueError("the vLLM engine loads its first weights from policy.init_from: set it")
+        self.processor = load_processor(tokenizer, processor_config)
+        self.llm = LLM(
+            model=init_from,
+            tokenizer=tokenizer,
+            dtype="bfloat16",
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
+            enable_sleep_mode=True,
+            logprobs_mode="processed_logprobs",
+            weight_transfer_config={"backend": weight_transfer},
+        )
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        params = VLLMSamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=sampling.stop_token_ids,
+            logprobs=0,  # the sampled token's own log-prob
+            seed=seed,
+        )
+        requests = [self._request(prompt) for prompt in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for prompt, output in zip(prompts, outputs, strict=True):
+            if list(output.prompt_token_ids) != prompt.sample.input_ids.tolist():
+                raise PromptMismatchError(f"{prompt.key}: vLLM's expanded prompt differs from the processor's")
+            results.append(
+                [
+                    Completion(
+                        list(sample.token_ids),
+                        [step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs, strict=True)],
+                        "length" if sample.finish_reason == "length" else "stop",
+                    )
+                    for sample in output.outputs
+                ]
+            )
+        return results
+
+    def _request(self, prompt: Prompt) -> dict:
+        ids, _ = render_chat(self.processor.tokenizer, prompt.messages, True, self.processor.chat_template)
+        request = {"prompt_token_ids": ids}
+        if prompt.images:
+            images = [Image.open(io.BytesIO(data)).convert("RGB") for data in prompt.images]
+            request["multi_modal_data"] = {"image": images}
+        return request
+
+    # vLLM's weight-transfer control plane, driven by the trainer's sender through Ray (see rl/sync.py).
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> int:
+        self.llm.finish_weight_update()
+        # Cached prefixes and image encodings were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        return 0
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()

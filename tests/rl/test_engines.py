@@ -1,0 +1,79 @@
+"""The transformers rollout engine: sampling, its log-probs against the trainer's computation, weight loads."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from rl.algos.logprobs import token_logprobs
+from rl.engines import SamplingParams
+from rl.engines.hf import HFEngine
+from rl.experience import Prompt, sequence_batch
+from step3vl_train.model import Step3VLForConditionalGeneration
+
+
+def image_prompt(processor, size=(400, 300), text="What is it?") -> Prompt:
+    image = Image.new("RGB", size, "blue")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    sample = processor(messages, [image], add_generation_prompt=True)
+    return Prompt("k", "t", sample, messages, [buffer.getvalue()], "math", answer="1", image_size=size)
+
+
+def text_prompt(processor, text="Hi there, how are you today?") -> Prompt:
+    messages = [{"role": "user", "content": text}]
+    return Prompt("k2", "t", processor(messages, add_generation_prompt=True), messages, [], "math", answer="1")
+
+
+def forward_logprobs(model, prompt: Prompt, tokens: list[int], temperature: float) -> torch.Tensor:
+    """The trainer's computation: one forward pass over prompt + response."""
+    sequences = sequence_batch([(prompt.sample, tokens)], pad_token_id=0)
+    with torch.no_grad():
+        logits = model(**sequences.batch.model_inputs(with_labels=False)).logits[:, :-1]
+    return sequences.gather(token_logprobs(logits, sequences.batch.input_ids[:, 1:], temperature))[0]
+
+
+@pytest.fixture
+def engine(exported_tiny_model):
+    return HFEngine({}, str(exported_tiny_model), pad_token_id=0, batch_size=3)
+
+
+def test_completions_and_their_logprobs_match_a_forward_pass(engine, exported_tiny_model, tiny_processor):
+    prompts = [image_prompt(tiny_processor), text_prompt(tiny_processor), image_prompt(tiny_processor, (90, 120))]
+    stop = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sampling = SamplingParams(n=2, temperature=0.7, max_new_tokens=12, stop_token_ids=[stop])
+    completions = engine.generate(prompts, sampling, seed=3)
+    assert [len(group) for group in completions] == [2, 2, 2]
+    model = Step3VLForConditionalGeneration.from_pretrained(exported_tiny_model).eval()
+    for prompt, group in zip(prompts, completions, strict=True):
+        for completion in group:
+            assert 0 < len(completion.token_ids) <= 12
+            if completion.finish_reason == "stop":
+                assert completion.token_ids[-1] == stop and stop not in completion.token_ids[:-1]
+            else:
+                assert len(completion.token_ids) == 12 and stop not in completion.token_ids
+            expected = forward_logprobs(model, prompt, completion.token_ids, 0.7)
+            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
+
+
+def test_sampling_follows_the_seed(engine, tiny_processor):
+    prompts = [text_prompt(tiny_processor)]
+    sampling = SamplingParams(n=3, max_new_tokens=10)
+    first, again, other = (engine.generate(prompts, sampling, seed) for seed in (1, 1, 2))
+    tokens = [[c.token_ids for c in result[0]] for result in (first, again, other)]
+    assert tokens[0] == tokens[1] and tokens[0] != tokens[2]
+
+
+def test_weight_loads_are_checked(engine):
+    params = dict(engine.model.named_parameters())
+    names = sorted(params)
+    engine.load_weights({name: torch.zeros_like(params[name]) for name in names[:3]})
+    with pytest.raises(RuntimeError, match="stale"):
+        engine.finish_weight_update()
+    with pytest.raises(KeyError, match="does not have"):
+        engine.load_weights({"no.such.weight": torch.zeros(1)})
+    engine.load_weights({name: p.detach().clone() for name, p in params.items()})
+    assert engine.finish_weight_update() == len(names)
+    assert all(params[name].abs().sum() > 0 for name in names[3:])
