@@ -1,0 +1,102 @@
+"""The RL config composes (stage, recipe, tiny model) and checks itself; the prompt loader skips and resumes."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from webdataset import TarWriter
+
+from rl.config import RLConfig
+from rl.prompts import PromptLoader
+from step3vl_train.train.recipes import register_recipes
+from tests.conftest import REPO
+from tests.data.broken_data import png
+
+register_recipes()
+
+
+def compose_rl(*overrides) -> RLConfig:
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("rl", ["tokenizer=tiny", *overrides])
+    return RLConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_rlvr_recipe_carries_the_papers_numbers():
+    cfg = compose_rl("stage=rlvr", "+recipe=rlvr")
+    assert cfg.stage == "rlvr" and cfg.run.max_steps == 600
+    assert (cfg.prompts.prompts_per_step, cfg.rollout.n) == (512, 16)
+    assert cfg.prompts.max_prompt_tokens + cfg.rollout.max_new_tokens == 24 * 1024
+    assert (cfg.algo.estimator, cfg.algo.gamma, cfg.algo.lam, cfg.algo.minibatches) == ("gae", 1.0, 1.0, 4)
+    assert cfg.algo.tis_cap == 8.0 and cfg.uses_critic
+    assert (cfg.policy.optim.lr, cfg.critic.optim.lr) == (2e-6, 5e-6)
+    assert cfg.policy.freeze == ["vision_model."]
+    assert [s.name for s in cfg.prompts.sources] == ["math", "geometry", "counting", "grounding", "pointing"]
+
+
+def test_cpu_overrides_and_options():
+    cfg = compose_rl("stage=rlvr", "model=tiny", "processor=tiny", "rollout=vllm", "algo.estimator=grpo")
+    assert cfg.rollout.engine == "vllm" and cfg.model["text_config"]["hidden_size"] < 1024
+    assert cfg.algo.estimator == "grpo" and not cfg.uses_critic
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo.estimator=ppo2"], "algo.estimator"),
+        (["algo.estimator=grpo", "rollout.n=1"], "rollout.n >= 2"),
+        (["critic.enabled=false"], "needs the critic"),
+        (["prompts.prompts_per_step=3", "rollout.n=1"], "equal parts"),
+        (["rollout.engine=sglang"], "rollout.engine"),
+        (["algo.loss_aggregation=sum"], "loss_aggregation"),
+        (["rollout.colocate=true"], "colocate"),
+        (["prompts.sources=[]"], "prompts.sources is empty"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_key(overrides, message):
+    with pytest.raises(Exception, match=message):
+        compose_rl("stage=rlvr", *overrides)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(Exception, match="not_a_key"):
+        compose_rl("stage=rlvr", "+algo.not_a_key=1")
+
+
+def write_prompt_shard(path, records):
+    with TarWriter(str(path)) as writer:
+        for key, record, images in records:
+            writer.write({"__key__": key, "json": json.dumps(record).encode(), **images})
+
+
+def user(text, image=False):
+    return {"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
+
+
+def test_prompt_loader_skips_what_cannot_be_a_prompt_and_resumes(tmp_path, tiny_processor):
+    good = {"messages": [user("What is 1 + 1?")], "answer": "2", "reward": "math"}
+    write_prompt_shard(
+        tmp_path / "prompts.tar",
+        [
+            ("a", good, {}),
+            ("b", {"messages": [user("Q?"), {"role": "assistant", "content": "A"}], "reward": "math"}, {}),
+            ("c", {"messages": [user("no reward")], "answer": "1"}, {}),
+            ("d", {"messages": [user("What?", image=True)], "answer": "1", "reward": "math"}, {"0.png": b"junk"}),
+            ("e", {"messages": [user("long " * 400)], "answer": "1", "reward": "math"}, {}),
+            ("f", {"messages": [user("Shape?", image=True)], "answer": "1", "reward": "grounding"}, {"0.png": png()}),
+            ("g", good, {}),
+            ("h", good, {}),
+        ],
+    )
+    config = compose_rl("stage=rlvr", f"prompts.train={tmp_path}/prompts.tar", "prompts.max_prompt_tokens=256").prompts
+    loader = PromptLoader(config, tiny_processor)
+    first = loader.next_batch(2)
+    assert [p.key.rsplit(":", 1)[1] for p in first] == ["a", "f"]
+    assert first[1].image_size == (64, 48) and first[1].sample.pixel_values is not None
+    assert first[0].question == "What is 1 + 1?" and first[0].task == "train"
+    assert dict(loader.skips) == {"bad_schema": 2, "corrupt_image": 1, "too_long": 1}
+    state = loader.state_dict()
+    following = [p.key for p in loader.next_batch(3)]
+    resumed = PromptLoader(config, tiny_processor)
+    resumed.load_state_dict(state)
+    assert [p.key for p in resumed.next_batch(3)] == following  # g, h, then the next epoch's first
