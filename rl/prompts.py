@@ -20,23 +20,35 @@ from step3vl_train.processing.processor import Step3VLProcessor
 
 
 class PromptLoader:
-    def __init__(self, config: PromptsConfig, processor: Step3VLProcessor, default_reward: str | None = None):
+    def __init__(
+        self,
+        config: PromptsConfig,
+        processor: Step3VLProcessor,
+        default_reward: str | None = None,
+        max_epochs: int | None = None,
+    ):
+        """`max_epochs` None repeats the sources forever (training); 1 reads each once (offline tools)."""
         self.config = config
         self.processor = processor
         self.default_reward = default_reward
         self.readers = {
-            source.name: SourceReader(source, resolve_shards(source, config.root), 0, 1, config.seed, None)
+            source.name: SourceReader(source, resolve_shards(source, config.root), 0, 1, config.seed, max_epochs)
             for source in config.sources
         }
+        self.exhausted: set[str] = set()
         # The mixture counts prompts: each source's share of the prompts follows its weight.
         self.mixture = TokenMixture([s.name for s in config.sources], [s.weight for s in config.sources])
         self.skips: Counter[str] = Counter()
 
     def next_batch(self, size: int) -> list[Prompt]:
+        """`size` prompts, or fewer once every source has been read `max_epochs` times."""
         prompts = []
-        while len(prompts) < size:
-            name = self.mixture.pick(self.readers)
+        while len(prompts) < size and len(self.exhausted) < len(self.readers):
+            name = self.mixture.pick(set(self.readers) - self.exhausted)
             item = self.readers[name].next()
+            if item is None:
+                self.exhausted.add(name)
+                continue
             try:
                 if isinstance(item, SkippedSample):
                     raise item

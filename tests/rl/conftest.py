@@ -1,8 +1,11 @@
 import pytest
 import torch
 
+from step3vl_train.data.synthetic import write_corpus
 from step3vl_train.model import Step3VLForConditionalGeneration
-from tests.conftest import load_model_config
+from step3vl_train.processing.processor import load_processor
+from tests.conftest import REPO, load_model_config
+from tests.rl.format_task import train_format_model, write_prompts
 
 
 @pytest.fixture(scope="session")
@@ -15,4 +18,20 @@ def exported_tiny_model(tmp_path_factory):
             param.normal_(0, 0.3)
     out = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def secret_task(tmp_path_factory):
+    """(prompt shards of the secret-digit task, a tiny policy that has learned its answer format)."""
+    root = tmp_path_factory.mktemp("secret")
+    processor = load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
+    model = train_format_model(load_model_config("tiny"), processor, root / "format_model")
+    return write_prompts(root / "prompts", 64), model
+
+
+@pytest.fixture(scope="session")
+def rl_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "rl"
+    write_corpus("rl", str(out), num=100, seed=0, shard_size=5)
     return out

@@ -13,8 +13,7 @@ import torch
 
 from step3vl_train.model import Step3VLForConditionalGeneration
 from step3vl_train.train.export import export_checkpoint
-from tests.conftest import REPO, load_model_config
-from tests.rl.format_task import train_format_model, write_prompts
+from tests.conftest import REPO
 
 TINY = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny", "logging.mode=disabled"]
 # The secret-digit task: 8 prompts x 8 responses an iteration, 2 minibatches over 2 ranks.
@@ -40,20 +39,6 @@ def run(out, *overrides):
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-@pytest.fixture(scope="module")
-def secret_task(tmp_path_factory, tiny_processor_module):
-    root = tmp_path_factory.mktemp("secret")
-    model = train_format_model(load_model_config("tiny"), tiny_processor_module, root / "format_model")
-    return write_prompts(root / "prompts", 64), model
-
-
-@pytest.fixture(scope="module")
-def tiny_processor_module():
-    from step3vl_train.processing.processor import load_processor
-
-    return load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
 
 
 @pytest.mark.slow
@@ -136,12 +121,3 @@ def test_a_dead_training_rank_is_replaced_and_the_run_goes_on(secret_task, tmp_p
     assert [row["step"] for row in rows(out / "metrics.jsonl")] == list(range(1, 7))
     keys = prompt_keys(out)
     assert len(keys) == 6 * 8 and len({key for _, key in keys}) == len(keys)  # 48 prompts, none twice
-
-
-@pytest.fixture(scope="module")
-def rl_corpus(tmp_path_factory):
-    from step3vl_train.data.synthetic import write_corpus
-
-    out = tmp_path_factory.mktemp("synthetic") / "rl"
-    write_corpus("rl", str(out), num=100, seed=0, shard_size=5)
-    return out

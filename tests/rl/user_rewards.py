@@ -19,3 +19,8 @@ def crash(request) -> float:
 
 def out_of_range(request) -> float:
     return 2.0
+
+
+def coin(request) -> float:
+    """Half the responses score 1, by a property of their text: most groups are mixed."""
+    return float(len(request.response) % 2)

@@ -1,0 +1,50 @@
+"""data/filter_difficulty.py keeps the prompts a policy solves sometimes but not always."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rl.config import PromptsConfig
+from rl.prompts import PromptLoader
+from tests.conftest import REPO
+
+TOOL = [sys.executable, str(REPO / "data" / "filter_difficulty.py")]
+TINY = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny"]
+
+
+def run(out, k, *overrides):
+    command = [*TOOL, "--k", str(k), "--out", str(out), "--", *TINY, *overrides]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_keeps_sometimes_solved_prompts(secret_task, tmp_path, tiny_processor):
+    prompts, model = secret_task
+    summary = run(tmp_path, 8, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}",
+                  "rollout.max_new_tokens=24")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "difficulty.jsonl").read_text().splitlines()]
+    assert summary["prompts"] == len(rows) == 64  # every prompt once
+    kept = [row for row in rows if row["kept"]]
+    assert all(0 < row["correct"] < row["scored"] for row in kept)
+    assert all(row["correct"] in (0, row["scored"]) for row in rows if not row["kept"])
+    assert 0 < summary["kept"] == len(kept) < 64  # the format model guesses: some but not all solved
+    reloaded = PromptLoader(PromptsConfig(train=f"{tmp_path}/*.tar"), tiny_processor, max_epochs=1).next_batch(100)
+    assert sorted(p.key.rsplit(":", 1)[1] for p in reloaded) == sorted(r["key"].rsplit(":", 1)[1] for r in kept)
+    assert all(p.answer == "7" and p.reward == "math" for p in reloaded)
+
+
+@pytest.mark.slow
+def test_image_prompts_keep_their_images(rl_corpus, exported_tiny_model, tmp_path, tiny_processor):
+    summary = run(
+        tmp_path, 4, f"prompts.root={rl_corpus}", f"policy.init_from={exported_tiny_model}",
+        "rollout.max_new_tokens=4", "reward.fn=tests.rl.user_rewards:coin", "reward.require_reasoning=false",
+    )  # fmt: skip
+    assert summary["prompts"] == 100 and summary["kept"] > 0
+    reloaded = PromptLoader(PromptsConfig(train=f"{tmp_path}/*.tar"), tiny_processor, max_epochs=1).next_batch(200)
+    assert len(reloaded) == summary["kept"] and all(p.images and p.image_size for p in reloaded)
