@@ -158,6 +158,19 @@ class RLConfig:
                 f"algo.minibatches={self.algo.minibatches} x run.world_size={self.run.world_size} equal parts"
             )
 
+        share = responses // (self.algo.minibatches * self.run.world_size)
+        for name, role in (("policy", self.policy), ("critic", self.critic)):
+            if (name == "policy" or self.uses_critic) and share % role.micro_batch_size:
+                raise ValueError(
+                    f"each rank's share of a minibatch ({share} responses) is not a multiple of "
+                    f"{name}.micro_batch_size={role.micro_batch_size}"
+                )
+
+    @property
+    def minibatch_per_rank(self) -> int:
+        """Responses each rank trains on in each minibatch."""
+        return self.prompts.prompts_per_step * self.rollout.n // (self.algo.minibatches * self.run.world_size)
+
     @property
     def uses_critic(self) -> bool:
         return self.critic.enabled and self.algo.estimator == "gae"

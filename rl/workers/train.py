@@ -47,8 +47,7 @@ class TrainWorker:
         self.model_config = Step3VLConfig.from_dict(self.cfg.model)
         self.bf16 = self.cfg.run.use_bf16
         self.pad_token_id = pad_token_id
-        per_rank = self.cfg.prompts.prompts_per_step * self.cfg.rollout.n // world_size
-        self.minibatch_per_rank = per_rank // self.cfg.algo.minibatches
+        self.minibatch_per_rank = self.cfg.minibatch_per_rank
         self.policy = self._build(self.cfg.policy, self.cfg.policy.init_from)
         self.sender: RaySender | VLLMSender | None = None
         self.critic = None
@@ -56,11 +55,6 @@ class TrainWorker:
             self.critic = self._build(self.cfg.critic, self.cfg.critic.init_from or self.cfg.policy.init_from, True)
 
     def _build(self, role: ModelRoleConfig, init_from: str | None, critic: bool = False) -> Engine:
-        if self.minibatch_per_rank % role.micro_batch_size:
-            raise ValueError(
-                f"each rank's share of a minibatch ({self.minibatch_per_rank} responses) is not a multiple of "
-                f"micro_batch_size={role.micro_batch_size}"
-            )
         grad_accum = self.minibatch_per_rank // role.micro_batch_size
         ds_config = deepspeed_config(self.cfg.deepspeed, role.micro_batch_size, grad_accum, role.grad_clip, self.bf16)
         model_class = Step3VLForValue if critic else Step3VLForConditionalGeneration

@@ -51,6 +51,7 @@ def test_cpu_overrides_and_options():
         (["algo.loss_aggregation=sum"], "loss_aggregation"),
         (["rollout.colocate=true"], "colocate"),
         (["prompts.sources=[]"], "prompts.sources is empty"),
+        (["prompts.prompts_per_step=8", "rollout.n=4", "policy.micro_batch_size=3"], "policy.micro_batch_size"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(overrides, message):

@@ -121,3 +121,19 @@ def test_a_dead_training_rank_is_replaced_and_the_run_goes_on(secret_task, tmp_p
     assert [row["step"] for row in rows(out / "metrics.jsonl")] == list(range(1, 7))
     keys = prompt_keys(out)
     assert len(keys) == 6 * 8 and len({key for _, key in keys}) == len(keys)  # 48 prompts, none twice
+
+
+@pytest.mark.slow
+def test_critic_free_grpo_with_dynamic_sampling(secret_task, tmp_path):
+    prompts, model = secret_task
+    metrics = run(tmp_path / "run", *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}",
+                  "algo.estimator=grpo", "critic.enabled=false", "algo.drop_uniform_groups=true", "rollout.n=4",
+                  "policy.micro_batch_size=8", "run.max_steps=3")  # fmt: skip
+    assert [row["step"] for row in metrics] == [1, 2, 3]
+    assert all(row["value_loss"] is None and row["explained_variance"] is None for row in metrics)
+    # two in three groups of 4 guesses at 1 in 10 all fail: they are dropped and more prompts drawn
+    assert sum(row["dropped_groups"] for row in metrics) > 0
+    logged = rows(tmp_path / "run" / "rollouts.jsonl")
+    assert len(logged) == 3 * 8  # the batch is refilled (from set-aside groups after the last round)
+    mixed = sum(len(set(row["rewards"])) > 1 for row in logged)
+    assert mixed > sum(row["dropped_groups"] == 0 for row in metrics)  # more mixed groups than chance leaves
