@@ -60,8 +60,9 @@ def main() -> None:
             "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}),
     )  # fmt: skip
     sampling = SamplingParams(
-        args.k, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens, stop
-    )
+        args.k, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens, stop,
+        suppressed_token_ids=sorted(set(vars(processor.image_token_ids).values())),
+    )  # fmt: skip
     scorer = RewardScorer(cfg.reward)
     out = Path(args.out)
     writer = ShardSetWriter(str(out))

@@ -54,6 +54,7 @@ class Driver:
             top_k=config.rollout.top_k,
             max_new_tokens=config.rollout.max_new_tokens,
             stop_token_ids=self.stop_token_ids,
+            suppressed_token_ids=sorted(set(vars(self.processor.image_token_ids).values())),
         )
         self.step = 0
         self.workers: list = []

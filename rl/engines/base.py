@@ -16,6 +16,9 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     max_new_tokens: int = 256
     stop_token_ids: list[int] = field(default_factory=list)
+    # Never sampled: the image placeholder tokens. A response holding `<im_patch>` would claim image
+    # features that do not exist when the trainer scores it.
+    suppressed_token_ids: list[int] = field(default_factory=list)
 
 
 class RolloutEngine(Protocol):

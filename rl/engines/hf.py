@@ -1,7 +1,8 @@
 """The transformers engine: batched `generate` with a KV cache, on the CPU or a GPU.
 
 It holds an ordinary (unpartitioned) copy of the policy. Log-probs come from the raw logits of each step
-at the sampling temperature, which is what the trainer computes, so the two agree to rounding in fp32.
+at the sampling temperature, which is what the trainer computes, so the two agree to rounding in fp32
+(top-p, top-k and the suppressed image tokens shape what is sampled, not the reported log-probs).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class HFEngine:
             top_k=sampling.top_k,
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=sampling.stop_token_ids,
+            suppress_tokens=sampling.suppressed_token_ids or None,
             pad_token_id=self.pad_token_id,
             output_logits=True,
             return_dict_in_generate=True,

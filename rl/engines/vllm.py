@@ -69,6 +69,7 @@ class VLLMEngine:
             max_tokens=sampling.max_new_tokens,
             stop_token_ids=sampling.stop_token_ids,
             logprobs=0,  # the sampled token's own log-prob
+            logit_bias=dict.fromkeys(sampling.suppressed_token_ids, -100.0) or None,
             seed=seed,
         )
         requests = [self._request(prompt) for prompt in prompts]

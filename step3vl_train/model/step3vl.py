@@ -31,7 +31,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Qwen3DecoderLayer", "ResidualAttentionBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    # Run the vision tower (on a dummy where needed) at every prefill, even without gradients: ranks of a
+    # Run the vision tower (on a dummy where needed) at every forward, even without gradients: ranks of a
     # ZeRO-3 group scoring different batches must make the same module calls (RL's log-prob passes).
     sync_vision_calls = False
 
@@ -187,18 +187,15 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded."""
-        if inputs_embeds is None:
-            keep_alive = (self.training and torch.is_grad_enabled()) or (
-                self.sync_vision_calls and _is_prefill(past_key_values)
-            )
+        if inputs_embeds is None and not _is_prefill(past_key_values):
+            # A decode step: the images are in the KV cache already (generate keeps passing some of them).
+            inputs_embeds = self.embed(input_ids, None)
+        elif inputs_embeds is None:
+            keep_alive = (self.training and torch.is_grad_enabled()) or self.sync_vision_calls
             image_embeds, zero = self.image_embeddings(
                 pixel_values, patch_pixel_values, num_patches, keep_alive, input_ids.device
             )
-            if (
-                image_embeds is None
-                and _is_prefill(past_key_values)
-                and (input_ids == self.config.image_token_id).any()
-            ):
+            if image_embeds is None and (input_ids == self.config.image_token_id).any():
                 raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
             inputs_embeds = self.embed(input_ids, image_embeds) + zero
         return self.model(
@@ -225,7 +222,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
 
 def _is_prefill(past_key_values) -> bool:
-    """Decode steps may emit <im_patch> as text; only a fresh prompt must have pixels for its placeholders."""
+    """A fresh prompt, as opposed to a decode step over a KV cache."""
     return past_key_values is None or past_key_values.get_seq_length() == 0
 
 

@@ -30,3 +30,18 @@ def test_left_padded_batch_generates_as_each_prompt_alone(tiny_model):
         alone = collate([prompt], pad).model_inputs(with_labels=False)
         expected = tiny_model.generate(**alone, **options)[0, len(prompt.input_ids) :]
         assert together[row].tolist() == expected.tolist(), row
+
+
+def test_the_vision_tower_runs_at_prefill_only(tiny_model, tiny_processor):
+    """generate passes some image inputs again at every decode step; they are in the KV cache already."""
+    prompt = tiny_processor(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        [Image.new("RGB", (800, 600), "blue")],
+        add_generation_prompt=True,
+    )
+    assert prompt.patch_pixel_values is not None  # globals and crops: two tower calls
+    calls = []
+    tiny_model.vision_model.register_forward_hook(lambda *_: calls.append(1))
+    inputs = collate([prompt], tiny_processor.tokenizer.pad_token_id).model_inputs(with_labels=False)
+    tiny_model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert len(calls) == 2

@@ -77,3 +77,14 @@ def test_weight_loads_are_checked(engine):
     engine.load_weights({name: p.detach().clone() for name, p in params.items()})
     assert engine.finish_weight_update() == len(names)
     assert all(params[name].abs().sum() > 0 for name in names[3:])
+
+
+def test_image_tokens_are_never_sampled(engine, tiny_processor):
+    im_patch = tiny_processor.image_token_ids.im_patch
+    with torch.no_grad():  # make <im_patch> by far the likeliest token everywhere
+        engine.model.lm_head.weight[im_patch] = engine.model.lm_head.weight.abs().max(0).values * 50
+    prompts = [text_prompt(tiny_processor)]
+    free = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6), seed=0)
+    assert im_patch in free[0][0].token_ids
+    suppressed = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6, suppressed_token_ids=[im_patch]), 0)
+    assert all(im_patch not in c.token_ids for c in suppressed[0])
