@@ -17,6 +17,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) launch/demo.py
+	$(PY) launch/demo_pipeline.py
 
 lint: install
 	$(VENV)/bin/ruff check step3vl_train rl launch data tests benchmarks
