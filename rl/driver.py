@@ -44,7 +44,7 @@ class Driver:
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.stop_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS if t in tokenizer.get_vocab()]
-        self.loader = PromptLoader(config.prompts, self.processor, config.reward.fn)
+        self.loader = PromptLoader(config.prompts, self.processor, config.reward.fn)  # checks the sources now
         self.scorer = RewardScorer(config.reward)
         self.checkpointer = Checkpointer(self.run_dir, config.run.keep_last)
         self.sampling = SamplingParams(
@@ -137,11 +137,12 @@ class Driver:
     def resume(self) -> None:
         latest = self.checkpointer.latest()
         self.step = 0
+        # A fresh loader even after a restart with no checkpoint yet: the run starts over from its first prompt.
+        self.loader = PromptLoader(self.cfg.prompts, self.processor, self.cfg.reward.fn)
         if latest is not None:
             ray.get([worker.load.remote(str(latest)) for worker in self.workers])
             state = torch.load(latest / "driver.pt", weights_only=True)
             self.step = state["step"]
-            self.loader = PromptLoader(self.cfg.prompts, self.processor, self.cfg.reward.fn)
             self.loader.load_state_dict(state["prompts"])
             set_rng_state(state["rng"])
             logger.info("resumed from %s", latest)

@@ -1,0 +1,90 @@
+"""RL on the CPU: each phase's share of an iteration, the driver's own overhead, and weight-sync time as
+the model grows. Runs `rl/run.py` (2 ZeRO-3 ranks over gloo, the transformers engine, Ray) and reads the
+timings it logs in metrics.jsonl.
+
+python benchmarks/rl_cpu.py phases [--steps 10]
+python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096]
+
+`phases`: the tiny model on the synthetic RL prompts (images), 8 prompts x 4 responses of up to 48 tokens,
+PPO with the critic. The first iteration is left out (warm-up). `sync`: the decoder at hidden:layers:ffn,
+critic-free GRPO on 2 prompts x 2 responses of 4 tokens, so that the sync is what varies; the median of
+iterations 2 and 3. Each mode prints a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from step3vl_train.data.synthetic import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("rollout", "reward", "score", "update", "sync")
+
+
+def run_rl(out: Path, corpus: Path, *overrides: str) -> list[dict]:
+    command = [
+        sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny",
+        "logging.mode=disabled", f"prompts.root={corpus}", f"run.output_dir={out}", "run.save_every=1000",
+        *overrides,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def phases(args, corpus: Path, work: Path) -> None:
+    rows = run_rl(work / "phases", corpus, "prompts.prompts_per_step=8", "rollout.n=4", "algo.minibatches=2",
+                  "policy.micro_batch_size=8", "critic.micro_batch_size=8", "rollout.max_new_tokens=48",
+                  f"run.max_steps={args.steps}")[1:]  # fmt: skip
+    step = statistics.median(r["time/step"] for r in rows)
+    print("| phase | median s | share of the iteration |\n|---|---|---|")
+    for phase in PHASES:
+        seconds = statistics.median(r[f"time/{phase}"] for r in rows)
+        print(f"| {phase} | {seconds:.3f} | {seconds / step:.1%} |")
+    driver = statistics.median(r["time/step"] - sum(r[f"time/{p}"] for p in PHASES) for r in rows)
+    print(f"| driver (advantages, sharding, logging, Ray calls) | {driver:.3f} | {driver / step:.1%} |")
+    print(f"| iteration | {step:.3f} | 100% |")
+
+
+def sync(args, corpus: Path, work: Path) -> None:
+    print(
+        "| decoder hidden:layers:ffn | parameters | bytes sent | buckets | sync s | MB/s |\n|---|---|---|---|---|---|"
+    )
+    for size in args.sizes:
+        hidden, layers, ffn = (int(x) for x in size.split(":"))
+        heads = max(4, hidden // 128)
+        rows = run_rl(
+            work / f"sync_{size.replace(':', '_')}", corpus, "prompts.prompts_per_step=2", "rollout.n=2",
+            "algo.minibatches=1", "policy.micro_batch_size=2", "algo.estimator=grpo", "critic.enabled=false",
+            "rollout.max_new_tokens=4", "run.max_steps=3", f"model.text_config.hidden_size={hidden}",
+            f"model.text_config.num_hidden_layers={layers}", f"model.text_config.max_window_layers={layers}",
+            f"model.text_config.intermediate_size={ffn}", f"model.text_config.num_attention_heads={heads}",
+            f"model.text_config.num_key_value_heads={heads // 2}", f"model.text_config.head_dim={hidden // heads}",
+        )[1:]  # fmt: skip
+        seconds = statistics.median(r["sync/s"] for r in rows)
+        sent = rows[-1]["sync/bytes"]
+        print(f"| {size} | {sent / 4 / 1e6:.1f}M | {sent / 1e6:.0f} MB | {rows[-1]['sync/buckets']:.0f} | "
+              f"{seconds:.3f} | {sent / 1e6 / seconds:.0f} |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["phases", "sync"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = work / "rl"
+        write_corpus("rl", str(corpus), num=200, seed=0, shard_size=10)
+        (phases if args.mode == "phases" else sync)(args, corpus, work)
+
+
+if __name__ == "__main__":
+    main()
