@@ -2,21 +2,44 @@
 
 It holds an ordinary (unpartitioned) copy of the policy. Log-probs come from the raw logits of each step
 at the sampling temperature, which is what the trainer computes, so the two agree to rounding in fp32
-(top-p, top-k and the suppressed image tokens shape what is sampled, not the reported log-probs).
+(top-p, top-k and the suppressed image tokens shape what is sampled, not the reported log-probs). They
+are taken step by step, so memory holds one step's distribution, never the (batch, length, vocabulary)
+logits: with Qwen3's 152K vocabulary those would be hundreds of GB at RL lengths.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from rl.engines.base import SamplingParams
 from rl.experience import Completion, Prompt
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.processing.processor import collate
 
-logger = logging.getLogger("rl.engines")
+
+class StepLogprobs(LogitsProcessor):
+    """Records the log-prob of each sampled token. Placed first, it sees the raw logits; a step's token is
+    known only at the next call (the last column of `input_ids`), so it keeps one step's distribution."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.record(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def record(self, tokens: torch.Tensor) -> None:
+        self.steps.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+    def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probs of `new_tokens`, the generated columns, once generation has ended."""
+        self.record(new_tokens[:, -1])
+        return torch.stack(self.steps, dim=1).cpu()
 
 
 class HFEngine:
@@ -52,6 +75,10 @@ class HFEngine:
     def _generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[Completion]:
         inputs = collate([p.sample for p in prompts], self.pad_token_id, padding_side="left")
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.model_inputs(False).items()}
+        recorder = StepLogprobs(sampling.temperature)
+        processors = [recorder]  # before generate's own warpers (temperature, top-k, top-p)
+        if sampling.suppressed_token_ids:
+            processors.append(SuppressTokensLogitsProcessor(sampling.suppressed_token_ids, device=self.device))
         output = self.model.generate(
             **inputs,
             do_sample=True,
@@ -60,14 +87,12 @@ class HFEngine:
             top_k=sampling.top_k,
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=sampling.stop_token_ids,
-            suppress_tokens=sampling.suppressed_token_ids or None,
+            logits_processor=LogitsProcessorList(processors),
             pad_token_id=self.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
         )
-        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].cpu()
-        logits = torch.stack(output.logits, dim=1).float().cpu() / sampling.temperature  # (B, T, V)
-        logprobs = logits.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        logprobs = recorder.logprobs(new_tokens)
+        new_tokens = new_tokens.cpu()
         stops = torch.isin(new_tokens, torch.tensor(sampling.stop_token_ids, dtype=torch.long))
         completions = []
         for row in range(len(prompts)):

@@ -28,6 +28,9 @@ class RewardConfig:
     truncated_score: float = 0.0  # a response cut at the length limit scores this, whatever its answer
     fn: str | None = None  # one reward for every sample, overriding their `reward` fields (`pkg.mod:fn`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # keyword arguments by reward name
+    # Rewards whose unreadable answers ("no_answer") go to the verifier, as the paper did with GPT-OSS-120B
+    # for checkable answers rules cannot parse. Needs `verifier.base_url`.
+    verifier_fallback: list[str] = field(default_factory=list)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
 
@@ -56,38 +59,49 @@ def run_reward(name: str, request: RewardRequest, options: dict[str, Any]) -> Re
 
 class RewardScorer:
     def __init__(self, config: RewardConfig):
+        for name in config.verifier_fallback:
+            resolve(name)  # a misspelt name fails now, not at the first unreadable answer
+        if config.verifier_fallback and not config.verifier.base_url:
+            raise ValueError(
+                f"reward.verifier_fallback={list(config.verifier_fallback)} needs reward.verifier.base_url"
+            )
         self.config = config
         self.pool = ProcessPool(max_workers=config.num_workers)
         self.verifier: Verifier | None = None
 
     def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
+        """Rule rewards run in the process pool while the verifier's requests are in flight; answers a rule
+        in `verifier_fallback` could not read then go to the verifier too."""
         results: list[RewardResult | None] = [None] * len(requests)
-        futures, remote = {}, []
-        for index, request in enumerate(requests):
-            name = self.config.fn or request.reward
-            if name == VERIFIER:
-                results[index] = guard(request, self.config, boxed=False)
-                if results[index] is None:
-                    remote.append(index)
-                continue
+        names = [self.config.fn or request.reward for request in requests]
+        futures, remote = {}, {}
+        for index, (request, name) in enumerate(zip(requests, names, strict=True)):
             try:
-                spec = resolve(name)
+                boxed = name != VERIFIER and resolve(name).boxed
             except KeyError as error:
                 results[index] = RewardResult(0.0, "error", str(error))
                 continue
-            results[index] = guard(request, self.config, spec.boxed)
-            if results[index] is None:
+            results[index] = guard(request, self.config, boxed)
+            if results[index] is not None:
+                continue
+            if name == VERIFIER:
+                remote[index] = self._verifier().submit(request)
+            else:
                 options = self.config.options.get(name, {})
                 futures[index] = self.pool.schedule(
                     run_reward, args=(name, request, options), timeout=self.config.timeout_s
                 )
-        if remote:
-            self.verifier = self.verifier or Verifier(self.config.verifier)
-            for index, result in zip(remote, self.verifier.score([requests[i] for i in remote]), strict=True):
-                results[index] = result
         for index, future in futures.items():
             results[index] = self._collect(future, requests[index])
+            if results[index].status == "no_answer" and names[index] in self.config.verifier_fallback:
+                remote[index] = self._verifier().submit(requests[index])
+        for index, future in remote.items():
+            results[index] = future.result()
         return results  # type: ignore[return-value]
+
+    def _verifier(self) -> Verifier:
+        self.verifier = self.verifier or Verifier(self.config.verifier)
+        return self.verifier
 
     def _collect(self, future, request: RewardRequest) -> RewardResult:
         try:

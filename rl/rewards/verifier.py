@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rl.rewards.answer import split_reasoning
@@ -50,8 +50,8 @@ class Verifier:
         )
         self.threads = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="verifier")
 
-    def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
-        return list(self.threads.map(self.score_one, requests))
+    def submit(self, request: RewardRequest) -> Future[RewardResult]:
+        return self.threads.submit(self.score_one, request)
 
     def score_one(self, request: RewardRequest) -> RewardResult:
         from openai import APIError, APITimeoutError

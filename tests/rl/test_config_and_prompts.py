@@ -3,23 +3,11 @@
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from webdataset import TarWriter
 
-from rl.config import RLConfig
 from rl.prompts import PromptLoader
-from step3vl_train.train.recipes import register_recipes
-from tests.conftest import REPO
 from tests.data.broken_data import png
-
-register_recipes()
-
-
-def compose_rl(*overrides) -> RLConfig:
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("rl", ["tokenizer=tiny", *overrides])
-    return RLConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+from tests.rl.compose import compose_rl
 
 
 def test_rlvr_recipe_carries_the_papers_numbers():

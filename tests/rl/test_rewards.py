@@ -271,3 +271,28 @@ def test_verifier_needs_an_endpoint():
             scorer.score([RewardRequest(T + "x", "verifier", answer="x")])
     finally:
         scorer.close()
+
+
+def test_verifier_scores_answers_the_rules_cannot_read(endpoint):
+    VerifierHandler.mode, VerifierHandler.calls = "ok", 0
+    config = RewardConfig(num_workers=1, verifier_fallback=["math"], verifier=VerifierConfig(base_url=endpoint))
+    scorer = RewardScorer(config)
+    try:
+        requests = [
+            RewardRequest(T + "forty-two", "math", answer="42"),  # math-verify reads no number: the verifier does
+            RewardRequest(T + "many", "counting", answer="3"),  # not a fallback reward: stays no_answer
+            RewardRequest(T + r"\boxed{41}", "math", answer="42"),  # read by the rule: never sent
+        ]
+        assert [(r.score, r.status) for r in scorer.score(requests)] == [(1.0, "ok"), (0.0, "no_answer"), (0.0, "ok")]
+    finally:
+        scorer.close()
+    assert VerifierHandler.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("fallback", "base_url", "match"), [(["math"], None, "base_url"), (["nonsense"], "http://x/v1", "unknown")]
+)
+def test_verifier_fallback_is_checked_at_start(fallback, base_url, match):
+    config = RewardConfig(verifier_fallback=fallback, verifier=VerifierConfig(base_url=base_url))
+    with pytest.raises((ValueError, KeyError), match=match):
+        RewardScorer(config)
