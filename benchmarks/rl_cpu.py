@@ -4,16 +4,21 @@ timings it logs in metrics.jsonl.
 
 python benchmarks/rl_cpu.py phases [--steps 10]
 python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096]
+python benchmarks/rl_cpu.py engine [--lengths 64 256 1024]
 
 `phases`: the tiny model on the synthetic RL prompts (images), 8 prompts x 4 responses of up to 48 tokens,
 PPO with the critic. The first iteration is left out (warm-up). `sync`: the decoder at hidden:layers:ffn,
 critic-free GRPO on 2 prompts x 2 responses of 4 tokens, so that the sync is what varies; the median of
-iterations 2 and 3. Each mode prints a Markdown table.
+iterations 2 and 3. `engine`: the transformers engine alone, the tiny model with Qwen3's 151,936-token
+vocabulary, 8 responses of exactly N tokens; the growth of peak RSS over generation after a short warm-up
+one, in a fresh process per length, beside the logits that keeping every step's would take. Each mode
+prints a Markdown table.
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,17 +78,64 @@ def sync(args, corpus: Path, work: Path) -> None:
               f"{seconds:.3f} | {sent / 1e6 / seconds:.0f} |")  # fmt: skip
 
 
+QWEN3_VOCAB = 151_936
+ENGINE_BATCH = 8
+
+
+def engine(args, corpus: Path, work: Path) -> None:
+    print("| new tokens | peak RSS growth | every step's fp32 logits | generate s |\n|---|---|---|---|")
+    for length in args.lengths:
+        command = [sys.executable, __file__, "engine-one", "--lengths", str(length)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if done.returncode != 0:
+            sys.exit(done.stderr[-3000:])
+        result = json.loads(done.stdout.splitlines()[-1])
+        logits = ENGINE_BATCH * length * QWEN3_VOCAB * 4
+        print(f"| {length} | {result['growth'] / 2**20:.0f} MiB | {logits / 2**20:.0f} MiB | {result['seconds']:.1f} |")
+
+
+def engine_one(length: int) -> None:
+    """In its own process, so that the peak RSS is this generation's."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from rl.engines import SamplingParams
+    from rl.engines.hf import HFEngine
+    from rl.experience import Prompt
+    from step3vl_train.processing.processor import load_processor
+
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    model["text_config"]["vocab_size"] = QWEN3_VOCAB
+    rollout = HFEngine(model, None, pad_token_id=0, batch_size=ENGINE_BATCH)
+    processor = load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
+    messages = [{"role": "user", "content": "Count to ten."}]
+    prompt = Prompt("k", "t", processor(messages, add_generation_prompt=True), messages, [], "math")
+    rollout.generate([prompt], SamplingParams(n=ENGINE_BATCH, max_new_tokens=16), seed=1)  # allocator warm-up
+    sampling = SamplingParams(n=ENGINE_BATCH, max_new_tokens=length)  # no stop tokens: every response is full
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    started = time.perf_counter()
+    [completions] = rollout.generate([prompt], sampling, seed=0)
+    seconds = time.perf_counter() - started
+    assert all(len(c.token_ids) == len(c.logprobs) == length for c in completions)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"growth": growth, "seconds": seconds}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["phases", "sync"])
+    parser.add_argument("mode", choices=["phases", "sync", "engine", "engine-one"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024])
     args = parser.parse_args()
+    if args.mode == "engine-one":
+        return engine_one(args.lengths[0])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = work / "rl"
         write_corpus("rl", str(corpus), num=200, seed=0, shard_size=10)
-        (phases if args.mode == "phases" else sync)(args, corpus, work)
+        {"phases": phases, "sync": sync, "engine": engine}[args.mode](args, corpus, work)
 
 
 if __name__ == "__main__":
