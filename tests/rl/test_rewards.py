@@ -75,43 +75,25 @@ def test_reasoning_is_optional_when_configured():
 
 
 @pytest.mark.parametrize(
-    ("response", "answer", "expected"),
+    ("reward", "response", "answer", "expected"),
     [
-        (T + "B", "B", 1.0),
-        (T + "(c)", "C", 1.0),
-        (T + r"\boxed{D}", "D", 1.0),
-        (T + "B. a cat", "B", 1.0),
-        (T + "A", "B", 0.0),
+        ("choice", T + "B", "B", 1.0),
+        ("choice", T + "(c)", "C", 1.0),
+        ("choice", T + r"\boxed{D}", "D", 1.0),
+        ("choice", T + "B. a cat", "B", 1.0),
+        ("choice", T + "A", "B", 0.0),
+        ("counting", T + "There are 7.", "7", 1.0),
+        ("counting", T + "seven", "7", 1.0),
+        ("counting", T + r"\boxed{12}", "12", 1.0),
+        ("counting", T + "3 then 4", "3", 0.0),
+        ("numeric", T + "about 3.14", "3.1416", 1.0),  # within the default 1% relative tolerance
+        ("numeric", T + "1,234.5", "1234", 1.0),
+        ("numeric", T + "3.3", "3.1416", 0.0),
+        ("numeric", T + "-2e3", "-2000", 1.0),
     ],
 )
-def test_choice(scorer, response, answer, expected):
-    assert score(scorer, response, "choice", answer) == (expected, "ok")
-
-
-@pytest.mark.parametrize(
-    ("response", "answer", "expected"),
-    [
-        (T + "There are 7.", "7", 1.0),
-        (T + "seven", "7", 1.0),
-        (T + r"\boxed{12}", "12", 1.0),
-        (T + "3 then 4", "3", 0.0),
-    ],
-)
-def test_counting(scorer, response, answer, expected):
-    assert score(scorer, response, "counting", answer) == (expected, "ok")
-
-
-@pytest.mark.parametrize(
-    ("response", "answer", "expected"),
-    [
-        (T + "about 3.14", "3.1416", 1.0),
-        (T + "1,234.5", "1234", 1.0),
-        (T + "3.3", "3.1416", 0.0),
-        (T + "-2e3", "-2000", 1.0),
-    ],
-)
-def test_numeric_with_relative_tolerance(scorer, response, answer, expected):
-    assert score(scorer, response, "numeric", answer) == (expected, "ok")
+def test_choice_counting_and_numeric(scorer, reward, response, answer, expected):
+    assert score(scorer, response, reward, answer) == (expected, "ok")
 
 
 IMAGE = (1000, 500)
