@@ -43,7 +43,6 @@ class StepLogprobs(LogitsProcessor):
     def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) log-probs of `new_tokens`, the generated columns, once generation has ended."""
         self.record(new_tokens[:, -1])
-        self.previous = None
         return self.buffer[:, : self.step].cpu()
 
 
