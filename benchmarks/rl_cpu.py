@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from step3vl_train.data.synthetic import write_corpus
@@ -82,7 +83,7 @@ QWEN3_VOCAB = 151_936
 ENGINE_BATCH = 8
 
 
-def engine(args, corpus: Path, work: Path) -> None:
+def engine(args) -> None:
     print("| new tokens | peak RSS growth | every step's fp32 logits | generate s |\n|---|---|---|---|")
     for length in args.lengths:
         command = [sys.executable, __file__, "engine-one", "--lengths", str(length)]
@@ -96,8 +97,6 @@ def engine(args, corpus: Path, work: Path) -> None:
 
 def engine_one(length: int) -> None:
     """In its own process, so that the peak RSS is this generation's."""
-    import time
-
     from omegaconf import OmegaConf
 
     from rl.engines import SamplingParams
@@ -129,13 +128,15 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024])
     args = parser.parse_args()
+    if args.mode == "engine":  # needs no corpus
+        return engine(args)
     if args.mode == "engine-one":
         return engine_one(args.lengths[0])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = work / "rl"
         write_corpus("rl", str(corpus), num=200, seed=0, shard_size=10)
-        {"phases": phases, "sync": sync, "engine": engine}[args.mode](args, corpus, work)
+        (phases if args.mode == "phases" else sync)(args, corpus, work)
 
 
 if __name__ == "__main__":
