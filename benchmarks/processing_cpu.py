@@ -1,10 +1,12 @@
-"""Full-resolution image processing on the CPU: 1920x1080 JPEGs -> 8 crops + global view, normalised.
+"""Full-resolution image processing on the CPU: 1920x1080 JPEGs -> uint8 views (8 crops + the global view's
+source), as DataLoader workers make them; then their normalisation, which runs where the batch is placed.
 
 python benchmarks/processing_cpu.py [--images 64] [--workers 2]
 
 Three numbers: one process, `--workers` DataLoader processes over the same images, and the whole data
 loader (shards on disk -> layout -> packing -> pixels -> collated batches) with `--workers` workers.
-Also a per-stage breakdown of one image, which says what limits the rate.
+Also a per-stage breakdown of one image, which says what limits the rate, with the device half timed on the
+CPU (`model_pixels_ms`; on a GPU it is a small part of a step).
 """
 
 import argparse
@@ -23,7 +25,7 @@ from step3vl_train.data.loader import PackedLoader
 from step3vl_train.data.shards import ShardSetWriter
 from step3vl_train.processing.config import ProcessorConfig
 from step3vl_train.processing.images import load_image
-from step3vl_train.processing.pixels import image_to_pixels
+from step3vl_train.processing.pixels import PixelSpec, PixelViews, image_views, model_pixels
 from step3vl_train.processing.processor import load_processor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,9 +51,9 @@ class Pixels(Dataset):
         return len(self.jpegs)
 
     def __getitem__(self, index: int) -> int:
-        pixels = image_to_pixels(load_image(self.jpegs[index]), self.cfg)
-        assert pixels.crops.shape == (8, 3, 504, 504)
-        return pixels.crops.shape[0]
+        views = image_views(load_image(self.jpegs[index]), self.cfg)
+        assert views.windows.shape == (8, 3, 504, 504)
+        return views.windows.shape[0]
 
 
 def rate(fn, count: int) -> float:
@@ -66,11 +68,13 @@ def breakdown(jpeg: bytes, cfg: ProcessorConfig) -> dict[str, float]:
     image = load_image(jpeg)
     plan = px.plan_crops(image.width, image.height, cfg)
     canvas = image.resize(plan.canvas_size, Image.BILINEAR)
+    views = PixelViews.from_images([image_views(image, cfg)], PixelSpec.from_config(cfg))
     stages = {
         "decode": lambda: load_image(jpeg),
-        "global_view": lambda: px._normalise(px._resize(px._chw(image).float()[None], cfg.image_size), cfg),
+        "global_source": lambda: px._chw(image),
         "canvas_resize": lambda: image.resize(plan.canvas_size, Image.BILINEAR),
-        "crops": lambda: px._normalise(px._windows(canvas, plan), cfg),
+        "windows": lambda: px._windows(canvas, plan),
+        "model_pixels": lambda: model_pixels(views),
     }
     out = {}
     for name, fn in stages.items():

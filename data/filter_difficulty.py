@@ -16,6 +16,7 @@ JSON summary.
 import argparse
 import json
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -23,9 +24,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rl.config import RLConfig
-from rl.engines import SamplingParams, build_rollout_engine
+from rl.engines import build_rollout_engine
+from rl.iteration import group_responses, sampling_params, score_rewards
 from rl.prompts import PromptLoader
-from rl.rewards import RewardRequest, RewardScorer
+from rl.rewards import RewardScorer
 from step3vl_train.data.encoding import image_suffix
 from step3vl_train.data.shards import ShardSetWriter
 from step3vl_train.processing.processor import load_processor
@@ -49,7 +51,6 @@ def main() -> None:
     processor = load_processor(cfg.tokenizer, cfg.processor or None)
     loader = PromptLoader(cfg.prompts, processor, cfg.reward.fn, max_epochs=1)
     tokenizer = processor.tokenizer
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()]
     engine = build_rollout_engine(
         cfg.rollout.engine,
         init_from=cfg.policy.init_from,
@@ -59,10 +60,7 @@ def main() -> None:
             "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
             "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}),
     )  # fmt: skip
-    sampling = SamplingParams(
-        args.k, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens, stop,
-        suppressed_token_ids=sorted(set(vars(processor.image_token_ids).values())),
-    )  # fmt: skip
+    sampling = replace(sampling_params(cfg, processor), n=args.k)
     scorer = RewardScorer(cfg.reward)
     out = Path(args.out)
     writer = ShardSetWriter(str(out))
@@ -74,24 +72,11 @@ def main() -> None:
             if not prompts:
                 break
             completions = engine.generate(prompts, sampling, seed=batch_index)
-            requests = [
-                RewardRequest(
-                    tokenizer.decode([t for t in c.token_ids if t not in stop]),
-                    p.reward,
-                    p.answer,
-                    p.boxes,
-                    p.points,
-                    p.image_size,
-                    c.finish_reason == "length",
-                    p.question,
-                )  # fmt: skip
-                for p, group in zip(prompts, completions, strict=True)
-                for c in group
-            ]
-            results = scorer.score(requests)
+            results = group_responses(prompts, completions)
+            score_rewards(scorer, results, tokenizer.decode, sampling.stop_token_ids)
             for index, prompt in enumerate(prompts):
                 group = [r for r in results[index * args.k : (index + 1) * args.k] if r.valid]
-                correct = sum(r.score >= args.solved_at for r in group)
+                correct = sum(r.reward >= args.solved_at for r in group)
                 keep = 0 < correct < len(group)
                 by_task[prompt.task]["kept" if keep else ("all" if group and correct == len(group) else "none")] += 1
                 log.write(json.dumps({"key": prompt.key, "task": prompt.task, "correct": correct,

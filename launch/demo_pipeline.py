@@ -41,12 +41,14 @@ def run(stage: str, command: list[str], log_dir: Path) -> float:
     return time.monotonic() - started
 
 
-def train(stage: str, script: str, recipe: str, corpus: Path, out: Path, steps: int, init_from: Path | None) -> list:
+def train(
+    stage: str, script: str, recipe: str, corpus: Path, out: Path, steps: int, init_from: Path | None, *extra: str
+) -> list:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launch" / script),
         f"+recipe={recipe}", *TINY, *TRAIN, f"data.root={corpus}", f"trainer.max_steps={steps}",
         f"trainer.save_every={steps}", f"trainer.output_dir={out / stage}",
-        *([f"trainer.init_from={init_from}"] if init_from else []),
+        *([f"trainer.init_from={init_from}"] if init_from else []), *extra,
     ]  # fmt: skip
 
 
@@ -81,8 +83,9 @@ def main() -> None:
     seconds["pretrain"] = run("pretrain", train("pretrain", "pretrain.py", "phase1", corpora["pretrain"], out,
                                                 args.steps, None), logs)  # fmt: skip
     seconds["export pretrain"] = run("export_pretrain", export("pretrain", out), logs)
+    # As the 128K recipe does on a node, at CPU scale: both ranks share each packed row (Ulysses).
     seconds["sft"] = run("sft", train("sft", "sft.py", "sft_stage1", corpora["sft"], out, args.steps,
-                                      out / "pretrain_hf"), logs)  # fmt: skip
+                                      out / "pretrain_hf", "trainer.sequence_parallel=2"), logs)  # fmt: skip
     seconds["export sft"] = run("export_sft", export("sft", out), logs)
     rl = [
         sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", *TINY, f"prompts.root={corpora['rl']}",

@@ -15,6 +15,7 @@ from rl.algos.advantages import ESTIMATORS
 from rl.algos.losses import AGGREGATIONS
 from rl.rewards.scorer import RewardConfig
 from step3vl_train.data.config import SourceConfig
+from step3vl_train.model.compute import ComputeConfig
 from step3vl_train.train.config import LoggingConfig, OptimConfig
 
 ENGINES = ("hf", "vllm")
@@ -132,6 +133,7 @@ class RLConfig:
     model: dict[str, Any] = field(default_factory=dict)  # configs/model/*.yaml
     processor: dict[str, Any] = field(default_factory=dict)  # configs/processor/*.yaml
     deepspeed: dict[str, Any] = field(default_factory=dict)  # configs/deepspeed/*.yaml
+    compute: ComputeConfig = field(default_factory=ComputeConfig)  # attention kernel, chunk sizes
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)

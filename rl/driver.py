@@ -7,32 +7,27 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 from omegaconf import OmegaConf
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
-from rl.algos.advantages import compute_advantages, uniform_groups
-from rl.algos.losses import GlobalCounts, explained_variance
+from rl.algos.advantages import uniform_groups
 from rl.config import RLConfig
-from rl.engines import SamplingParams
 from rl.experience import Prompt, Response
+from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
 from rl.prompts import PromptLoader
-from rl.rewards import RewardRequest, RewardScorer
+from rl.rewards import RewardScorer
 from rl.workers.group import start_rollout_engines, start_train_group
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
 
 logger = logging.getLogger("rl")
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 class Driver:
@@ -43,19 +38,11 @@ class Driver:
         self.processor = load_processor(config.tokenizer, config.processor or None)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stop_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS if t in tokenizer.get_vocab()]
         self.loader = PromptLoader(config.prompts, self.processor, config.reward.fn)  # checks the sources now
         self.scorer = RewardScorer(config.reward)
         self.checkpointer = Checkpointer(self.run_dir, config.run.keep_last)
-        self.sampling = SamplingParams(
-            n=config.rollout.n,
-            temperature=config.rollout.temperature,
-            top_p=config.rollout.top_p,
-            top_k=config.rollout.top_k,
-            max_new_tokens=config.rollout.max_new_tokens,
-            stop_token_ids=self.stop_token_ids,
-            suppressed_token_ids=sorted(set(vars(self.processor.image_token_ids).values())),
-        )
+        self.sampling = sampling_params(config, self.processor)
+        self.stop_token_ids = self.sampling.stop_token_ids
         self.step = 0
         self.workers: list = []
         self.engines: list = []
@@ -166,8 +153,8 @@ class Driver:
         self.log_rollouts(responses)
         self.engines_sleep(True)
         self.score_with_models(responses, timings)
-        row = self.advantages(responses)
-        shards, counts = self.shard(responses)
+        row = advantages(self.cfg, responses, self.entropy_sum)
+        shards, counts = minibatches(self.cfg, responses, self.step, len(self.workers))
         tick = time.perf_counter()
         sums = ray.get([w.update.remote(s, counts) for w, s in zip(self.workers, shards, strict=True)])
         timings["time/update"] = time.perf_counter() - tick
@@ -206,7 +193,7 @@ class Driver:
             prompts = self.loader.next_batch((target - len(kept)) // n)
             responses = self.rollout(prompts, seed=self.step * 1000 + round_, timings=timings)
             tick = time.perf_counter()
-            self.reward(responses)
+            score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
             timings["time/reward"] += time.perf_counter() - tick
             if cfg.algo.drop_uniform_groups:
                 rewards = torch.tensor([r.reward for r in responses])
@@ -232,29 +219,7 @@ class Driver:
         ]
         completions = [c for part, _ in ray.get(calls) for c in part]
         timings["time/rollout"] += time.perf_counter() - tick
-        return [
-            Response(group=index, prompt=prompt, completion=completion)
-            for index, (prompt, group) in enumerate(zip(prompts, completions, strict=True))
-            for completion in group
-        ]
-
-    def reward(self, responses: list[Response]) -> None:
-        decode = self.processor.tokenizer.decode
-        requests = [
-            RewardRequest(
-                response=decode([t for t in r.completion.token_ids if t not in self.stop_token_ids]),
-                reward=r.prompt.reward,
-                answer=r.prompt.answer,
-                boxes=r.prompt.boxes,
-                points=r.prompt.points,
-                image_size=r.prompt.image_size,
-                truncated=r.completion.finish_reason == "length",
-                prompt=r.prompt.question,
-            )
-            for r in responses
-        ]
-        for response, result in zip(responses, self.scorer.score(requests), strict=True):
-            response.reward, response.status, response.valid = result.score, result.status, result.valid
+        return group_responses(prompts, completions)
 
     def log_rollouts(self, responses: list[Response]) -> None:
         """`rollouts.jsonl`: every prompt of the iteration with its rewards, and the text of the first
@@ -289,71 +254,6 @@ class Driver:
                 response.values = stat.values[index] if stat.values is not None else None
         self.entropy_sum = sum(s.entropy_sum for s in stats)
         timings["time/score"] = time.perf_counter() - tick
-
-    def advantages(self, responses: list[Response]) -> dict:
-        """Advantages and returns, and the iteration's reward, length and mismatch metrics."""
-        cfg = self.cfg
-        length = max(r.length for r in responses)
-        mask = torch.zeros(len(responses), length)
-        for i, r in enumerate(responses):
-            mask[i, : r.length] = float(r.valid)
-        values = None
-        if cfg.uses_critic:
-            values = torch.zeros(len(responses), length)
-            for i, r in enumerate(responses):
-                values[i, : r.length] = r.values
-        valid = torch.tensor([r.valid for r in responses])
-        rewards = torch.tensor([r.reward for r in responses])
-        groups = torch.tensor([r.group if r.valid else -1 - i for i, r in enumerate(responses)])
-        advantages, returns = compute_advantages(
-            cfg.algo.estimator, rewards, mask, groups, values, cfg.algo.gamma, cfg.algo.lam, cfg.algo.grpo_scale_by_std
-        )
-        for i, r in enumerate(responses):
-            r.advantages = advantages[i, : r.length]
-            r.returns = returns[i, : r.length] if returns is not None else torch.zeros(r.length)
-        engine = torch.cat([torch.tensor(r.completion.logprobs) for r in responses if r.valid] or [torch.zeros(0)])
-        trainer = torch.cat([r.old_logprobs for r in responses if r.valid] or [torch.zeros(0)])
-        gap = (engine - trainer).abs()
-        tokens = int(mask.sum())
-        row = {
-            "reward_mean": float(rewards[valid].mean()) if valid.any() else 0.0,
-            "pass_rate": float((rewards[valid] >= 1.0).float().mean()) if valid.any() else 0.0,
-            "response_len_mean": float(np.mean([r.length for r in responses])),
-            "response_len_max": max(r.length for r in responses),
-            "truncated_fraction": float(np.mean([r.completion.finish_reason == "length" for r in responses])),
-            "entropy": self.entropy_sum / max(tokens, 1),
-            "logprob_mismatch/mean_abs": float(gap.mean()) if len(gap) else 0.0,
-            "logprob_mismatch/max_abs": float(gap.max()) if len(gap) else 0.0,
-            "explained_variance": explained_variance(values, returns, mask) if values is not None else None,
-            "tokens": tokens,
-            "samples": len(responses) // cfg.rollout.n,
-        }
-        by_task = defaultdict(list)
-        for r in responses:
-            if r.valid:
-                by_task[r.prompt.task].append(r.reward)
-        row |= {f"reward/{task}": float(np.mean(scores)) for task, scores in sorted(by_task.items())}
-        row |= {f"reward_status/{k}": v for k, v in sorted(Counter(r.status for r in responses).items())}
-        return row
-
-    def shard(self, responses: list[Response]) -> tuple[list[list[Response]], list[GlobalCounts]]:
-        """Responses shuffled, cut into minibatches, each minibatch split evenly over the ranks; with the
-        global counts of valid tokens and responses of each minibatch."""
-        order = list(responses)
-        random.Random(self.cfg.run.seed * 1_000_003 + self.step).shuffle(order)
-        minibatches, world = self.cfg.algo.minibatches, len(self.workers)
-        size = len(order) // minibatches
-        shards: list[list[Response]] = [[] for _ in range(world)]
-        counts = []
-        for _ in range(self.cfg.algo.epochs):
-            for m in range(minibatches):
-                minibatch = order[m * size : (m + 1) * size]
-                valid = [r for r in minibatch if r.valid]
-                counts.append(GlobalCounts(tokens=sum(r.length for r in valid), sequences=len(valid)))
-                per_rank = size // world
-                for rank in range(world):
-                    shards[rank] += minibatch[rank * per_rank : (rank + 1) * per_rank]
-        return shards, counts
 
     def sync_weights(self) -> dict:
         return ray.get([w.sync_weights.remote(self.engines) for w in self.workers])[0]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from step3vl_train.processing.processor import Batch, ProcessedSample, collate
+from step3vl_train.processing.processor import IGNORE_INDEX, Batch, ProcessedSample, collate
 
 
 @dataclass
@@ -67,6 +67,13 @@ class SequenceBatch:
         out[self.response_mask.bool()] = torch.cat([row.float() for row in rows]) if rows else out[:0, 0]
         return out
 
+    def response_labels(self) -> torch.Tensor:
+        """(B, L) the response tokens, IGNORE_INDEX elsewhere: the labels that make the model score exactly
+        the response (its log-probs come back (B, L), column t about token t + 1, as here)."""
+        labels = torch.full_like(self.batch.input_ids, IGNORE_INDEX)
+        labels[:, 1:] = torch.where(self.response_mask.bool(), self.batch.input_ids[:, 1:], IGNORE_INDEX)
+        return labels
+
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """(B, L-1) back into per-response vectors."""
         lengths = self.response_mask.sum(1).tolist()
@@ -82,8 +89,7 @@ def sequence_batch(items: list[tuple[ProcessedSample, list[int]]], pad_token_id:
             ProcessedSample(
                 input_ids=ids,
                 labels=ids.clone(),
-                pixel_values=prompt.pixel_values,
-                patch_pixel_values=prompt.patch_pixel_values,
+                pixels=prompt.pixels,
                 num_patches=prompt.num_patches,
                 patch_newline_mask=prompt.patch_newline_mask,
             )

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 
 import deepspeed
-import ray
 import torch
 from torch import nn
 
@@ -46,6 +45,8 @@ class RaySender:
         self.model, self.engines, self.rank, self.bucket_bytes = model, engines, rank, bucket_bytes
 
     def send(self) -> dict[str, float]:
+        import ray  # here, not at the top: the trainer side of RL also runs without Ray (benchmarks/gpu)
+
         started, sent, buckets = time.perf_counter(), 0, 0
         for bucket in parameter_buckets(self.model, self.bucket_bytes):
             with deepspeed.zero.GatheredParameters([param for _, param in bucket]):

@@ -78,7 +78,7 @@ class HFEngine:
 
     def _generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[Completion]:
         inputs = collate([p.sample for p in prompts], self.pad_token_id, padding_side="left")
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.model_inputs(False).items()}
+        inputs = inputs.model_inputs(False, device=self.device, pixel_dtype=self.model.dtype)
         recorder = StepLogprobs(sampling.temperature, len(prompts), sampling.max_new_tokens, self.device)
         processors = [recorder]  # before generate's own warpers (temperature, top-k, top-p)
         if sampling.suppressed_token_ids:

@@ -14,12 +14,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from rl.algos.logprobs import entropy, token_logprobs
 from rl.algos.losses import GlobalCounts, policy_loss, value_loss
 from rl.config import ModelRoleConfig, RLConfig
 from rl.experience import Response, SequenceBatch, sequence_batch
 from rl.sync import RaySender, VLLMSender
-from rl.workers.group import rendezvous_address
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.value import Step3VLForValue
 from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
@@ -58,8 +56,9 @@ class TrainWorker:
         grad_accum = self.minibatch_per_rank // role.micro_batch_size
         ds_config = deepspeed_config(self.cfg.deepspeed, role.micro_batch_size, grad_accum, role.grad_clip, self.bf16)
         model_class = Step3VLForValue if critic else Step3VLForConditionalGeneration
-        engine = build_engine(self.model_config, role.optim, ds_config, init_from, model_class, tuple(role.freeze))
-        engine.model.sync_vision_calls = True
+        engine = build_engine(
+            self.model_config, role.optim, ds_config, init_from, model_class, tuple(role.freeze), self.cfg.compute
+        )
         if role.gradient_checkpointing:
             engine.model.gradient_checkpointing_enable()
         return engine
@@ -74,11 +73,10 @@ class TrainWorker:
             chunk = responses[start : start + size]
             sequences = self._sequences(chunk)
             with torch.no_grad():
-                logits = self.policy.engine(**self._inputs(sequences)).logits[:, :-1]
-                targets = sequences.batch.input_ids[:, 1:].to(logits.device)
-                logprobs += sequences.gather(token_logprobs(logits, targets, temperature).cpu())
-                token_entropy = entropy(logits, temperature).cpu() * sequences.response_mask
-                entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
+                token_logprobs, token_entropy = self._scores(sequences, temperature, with_entropy=True)
+            logprobs += sequences.gather(token_logprobs.cpu())
+            token_entropy = token_entropy.cpu() * sequences.response_mask
+            entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
         if self.critic is not None:
             for start in range(0, len(responses), self.cfg.critic.micro_batch_size):
                 sequences = self._sequences(responses[start : start + self.cfg.critic.micro_batch_size])
@@ -108,11 +106,10 @@ class TrainWorker:
             chunk = minibatch[start : start + size]
             sequences = self._sequences(chunk)
             mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
-            logits = self.policy.engine(**self._inputs(sequences)).logits[:, :-1]
-            device = logits.device
-            targets = sequences.batch.input_ids[:, 1:].to(device)
+            token_logprobs, _ = self._scores(sequences, self.cfg.rollout.temperature)
+            device = token_logprobs.device
             loss, stats = policy_loss(
-                token_logprobs(logits, targets, self.cfg.rollout.temperature),
+                token_logprobs,
                 sequences.scatter([r.old_logprobs for r in chunk]).to(device),
                 sequences.scatter([torch.tensor(r.completion.logprobs) for r in chunk]).to(device),
                 sequences.scatter([r.advantages for r in chunk]).to(device),
@@ -155,10 +152,22 @@ class TrainWorker:
     def _sequences(self, responses: list[Response]) -> SequenceBatch:
         return sequence_batch([(r.prompt.sample, r.completion.token_ids) for r in responses], self.pad_token_id)
 
+    def _scores(
+        self, sequences: SequenceBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's log-probs (and entropy) of the response tokens, (B, L-1) aligned with
+        `response_mask`: the head runs on response positions only, `compute.loss_chunk` at a time."""
+        out = self.policy.engine(
+            **self._inputs(sequences),
+            labels=sequences.response_labels().to(self.policy.engine.device),
+            logprobs_temperature=temperature,
+            return_entropy=with_entropy,
+        )
+        return out.logprobs[:, :-1], out.entropy[:, :-1] if with_entropy else None
+
     def _inputs(self, sequences: SequenceBatch) -> dict:
-        device = self.policy.engine.device
-        inputs = sequences.batch.model_inputs(with_labels=False)
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        engine = self.policy.engine
+        return sequences.batch.model_inputs(with_labels=False, device=engine.device, pixel_dtype=engine.module.dtype)
 
     # ---- weight sync ----------------------------------------------------------------------------------
 
@@ -167,6 +176,8 @@ class TrainWorker:
         if self.sender is None:
             rollout, bucket_bytes = self.cfg.rollout, self.cfg.rollout.sync_bucket_mb * 2**20
             if rollout.engine == "vllm":
+                from rl.workers.group import rendezvous_address  # Ray's: only the vLLM path needs it
+
                 address, port = rendezvous_address()
                 self.sender = VLLMSender(
                     self.policy.model, engines, self.rank, bucket_bytes, rollout.weight_transfer,

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from functools import partial
 
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from step3vl_train.data.config import DataConfig
@@ -38,6 +39,7 @@ class PackedLoader:
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: the copy to the GPU is then asynchronous
             collate_fn=partial(collate_packs, pad_token_id=pad if pad is not None else 0),
         )
         self._worker_stats: dict[int, DataStats] = {}

@@ -8,15 +8,14 @@ so no sample learns to predict its neighbour.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.data import get_worker_info
 
 from step3vl_train.data.config import PackingConfig
 from step3vl_train.data.stats import DataStats
+from step3vl_train.processing.pixels import PixelViews
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, ProcessedSample
 
 
@@ -39,6 +38,10 @@ class PackedBatch:
     keys: list[list[str]]  # per row, the keys of the samples packed into it
     worker: int
     stats: DataStats
+
+    def pin_memory(self) -> PackedBatch:
+        """A copy whose batch is in page-locked memory: `StatefulDataLoader(pin_memory=True)` calls this."""
+        return replace(self, batch=self.batch.pin_memory() if self.batch is not None else None)
 
 
 def plan_packs(
@@ -90,28 +93,14 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int) -> PackedBatch:
         attention_mask[row, :at] = 1
         position_ids[row, at:] = torch.arange(length - at)
     samples = [sample for pack in packs for sample in pack.samples]
+    # Inside a worker, PixelViews.cat writes all the batch's pixels into one shared-memory buffer.
+    pixels = [s.pixels for s in samples if s.pixels is not None]
     batch = Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         labels=labels,
-        pixel_values=_concat([s.pixel_values for s in samples if s.pixel_values is not None]),
-        patch_pixel_values=_concat([s.patch_pixel_values for s in samples if s.patch_pixel_values is not None]),
+        pixels=PixelViews.cat(pixels) if pixels else None,
         num_patches=[n for s in samples for n in s.num_patches],
         position_ids=position_ids,
     )
     return PackedBatch(batch, [pack.keys for pack in packs], worker, stats)
-
-
-def _concat(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """torch.cat along dim 0; inside a DataLoader worker straight into shared memory, as torch's own
-    collate does, which saves copying the pixels (the bulk of a batch) once more on their way out."""
-    if not tensors:
-        return None
-    if len(tensors) == 1 and get_worker_info() is None:
-        return tensors[0]
-    out = None
-    if get_worker_info() is not None:
-        shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
-        storage = tensors[0]._typed_storage()._new_shared(math.prod(shape), device=tensors[0].device)
-        out = tensors[0].new(storage).resize_(shape)
-    return torch.cat(tensors, out=out)

@@ -6,21 +6,32 @@ The module tree mirrors the released tensor names (`vision_model.*`, `vit_large_
 
 from __future__ import annotations
 
-import itertools
+import math
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import step3vl_train.model.attention  # noqa: F401  (registers the sdpa_packed kernel)
+from step3vl_train.model.compute import ModelRuntime
 from step3vl_train.model.config import Step3VLConfig
+from step3vl_train.model.sequence import IGNORE_INDEX, local_sequence, shift_targets
+from step3vl_train.model.token_scores import chunk_count, token_scores
+from step3vl_train.model.view_selection import ImageTokenMismatchError, ViewSelection
 from step3vl_train.model.vision import LayerScale, StepVisionEncoder, VisionAttention
 
 
-class ImageTokenMismatchError(ValueError):
-    """The image features do not fill the `<im_patch>` positions one for one."""
+@dataclass
+class Step3VLOutput(CausalLMOutputWithPast):
+    """`logits` for generation; `loss` in training; `logprobs` and `entropy` (B, L) for RL scoring."""
+
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -31,9 +42,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Qwen3DecoderLayer", "ResidualAttentionBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    # Run the vision tower (on a dummy where needed) at every forward, even without gradients: ranks of a
-    # ZeRO-3 group scoring different batches must make the same module calls (RL's log-prob passes).
-    sync_vision_calls = False
+    _supports_flex_attn = True
 
     def __init__(self, config: Step3VLConfig):
         super().__init__(config)
@@ -42,6 +51,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.vit_large_projector = nn.Linear(4 * vision.width, config.hidden_size, bias=config.projector_bias)
         self.model = Qwen3Model(config.text_config)
         self.add_head(config)
+        self.runtime = ModelRuntime()  # one process; the trainer sets chunking, kernels and its ranks
         self.post_init()
 
     def add_head(self, config: Step3VLConfig) -> None:
@@ -77,45 +87,59 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None,
         patch_pixel_values: torch.Tensor | None,
         num_patches: list[int] | torch.Tensor | None,
-        keep_alive: bool = False,
+        token_range: tuple[int, int] | None = None,
+        chunks: tuple[int, int] | None = None,
         device: torch.device | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Image tokens in placeholder order: for each image, its local crops (row-major), then its global view.
 
         pixel_values: (N_images, 3, S, S) global views of every image in the batch, in order;
         patch_pixel_values: (sum(num_patches), 3, s, s) their crops; num_patches: crops per image.
-        Returns (total_image_tokens, hidden), or None when there is no image, and a scalar zero.
-
-        The tower runs on the global views, then on the crops. With `keep_alive` (training), a view kind the
-        batch lacks runs on a tiny zero image in its place, and the returned zero depends on it: every rank
-        then calls the same modules in the same order every micro-step, which ZeRO-3 needs, as its parameter
-        gathers are collectives (DeepSpeed#7170: a rank that skips the tower, or runs it later, hangs the
-        others or mismatches their collectives). `device` places the zero image. No parameter is touched
-        outside its module's forward: under ZeRO-3 such an access is an all-gather of its own.
+        token_range: [start, end) of the image tokens wanted (a sequence-parallel slice); only the views
+        holding them go through the tower. chunks: tower calls for the global views and for the crops
+        (`vision_calls`; by default as many as the views need). device: where stand-ins are made (the
+        model's by default): a text-only batch has no pixels to take it from.
+        Returns (end - start, hidden), or None when no image token is wanted, and a scalar zero that
+        depends on any stand-in call (add it to the result so that the stand-in is part of the graph).
         """
+        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, token_range)
+        if chunks is None:
+            chunks = self.vision_calls(selection, keep_alive=False)
+        # A parameter's device is no gather under ZeRO-3: its (empty) partition lives there.
+        device = device if device is not None else self.vision_model.positional_embedding.device
         zero = torch.zeros((), device=device)
-        encoded = []
-        for views in (pixel_values, patch_pixel_values):
-            if _has_views(views):
-                encoded.append(self.encode_images(views))
-                continue
-            encoded.append(None)
-            if keep_alive:
-                side = 4 * self.config.vision_config.patch_size
-                zero = zero + self.encode_images(torch.zeros(1, 3, side, side, device=device)).sum() * 0
-        globals_, crops = encoded
-        if globals_ is None:
-            return None, zero
-        crops = crops if crops is not None else globals_[:0]
-        num_patches = [int(n) for n in num_patches] if num_patches is not None else [0] * len(globals_)
-        if len(num_patches) != len(globals_) or sum(num_patches) != len(crops):
-            raise ImageTokenMismatchError(
-                f"num_patches {num_patches} does not match {len(globals_)} global views and {len(crops)} crops"
-            )
-        pieces = []
-        for image, crop_end in enumerate(itertools.accumulate(num_patches)):
-            pieces += [crops[crop_end - num_patches[image] : crop_end].flatten(0, 1), globals_[image]]
-        return torch.cat(pieces), zero
+        globals_, zero = self._encode_in_chunks(selection.globals_of(pixel_values), chunks[0], zero)
+        crops, zero = self._encode_in_chunks(selection.crops_of(patch_pixel_values), chunks[1], zero)
+        return selection.assemble(globals_, crops), zero
+
+    def vision_calls(self, selection: ViewSelection, keep_alive: bool) -> tuple[int, int]:
+        """Tower calls this rank needs for the selected global views and crops; with `keep_alive`, at least
+        one of each (a zero stand-in), so that the tower's gradients exist every step."""
+        size = self.runtime.compute.vision_chunk
+        return tuple(
+            max(int(keep_alive), math.ceil(n / size) if size else int(n > 0))
+            for n in (selection.num_globals, selection.num_crops)
+        )
+
+    def _encode_in_chunks(
+        self, views: torch.Tensor | None, calls: int, zero: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`views` through the tower in `calls` calls: the views split evenly in order, then zero stand-ins
+        for the calls left over (a rank with fewer views than another makes as many calls). When
+        training with gradient checkpointing each call is checkpointed whole: its activations are
+        recomputed in backward, and only its output tokens are kept."""
+        checkpointed = self.is_gradient_checkpointing and self.training and torch.is_grad_enabled()
+        encode = partial(checkpoint, self.encode_images, use_reentrant=False) if checkpointed else self.encode_images
+        real = views.tensor_split(min(calls, len(views))) if views is not None and len(views) else ()
+        encoded = [encode(chunk) for chunk in real]
+        side = 4 * self.config.vision_config.patch_size
+        for _ in range(calls - len(real)):
+            stand_in = torch.zeros(1, 3, side, side, device=zero.device)
+            zero = zero + encode(stand_in).sum() * 0
+        return (torch.cat(encoded) if encoded else None), zero
+
+    def _tokens_per_view(self, side: int) -> int:
+        return (side // (4 * self.config.vision_config.patch_size)) ** 2
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, L, hidden) with image tokens written over the `<im_patch>` positions, row-major."""
@@ -144,15 +168,23 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        logprobs_temperature: float | None = None,
+        return_entropy: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> Step3VLOutput:
         """input_ids (B, L); labels (B, L) aligned with input_ids, -100 where no loss (shifted inside).
 
-        `num_items_in_batch` in kwargs normalises the summed loss by a global token count instead of
-        this batch's mean (for gradient accumulation and data parallelism).
+        Without labels: logits (B, L or logits_to_keep, vocab), for generation.
+        With labels: the loss, the summed negative log-likelihood of the labelled tokens divided by
+        `num_items_in_batch` (a global token count, for gradient accumulation and data parallelism) or by
+        their number; the head runs only on labelled positions, `compute.loss_chunk` at a time, and no
+        logits are returned. With `logprobs_temperature` as well: `logprobs` (B, L), log p(labels[t + 1])
+        at position t under softmax(logits / temperature), 0 where unlabelled (RL's scores), and with
+        `return_entropy` the entropy there too; no loss.
         """
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        outputs = self.decode(
+        targets = shift_targets(labels) if labels is not None else None
+        outputs, local, head_calls = self.decode(
             input_ids,
             attention_mask,
             position_ids,
@@ -162,16 +194,29 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             patch_pixel_values,
             num_patches,
             use_cache,
+            targets,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        loss = None
-        if labels is not None:
-            loss = ForCausalLMLoss(
-                logits, labels, vocab_size=self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        if targets is None:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            return Step3VLOutput(logits=logits, past_key_values=outputs.past_key_values)
+        scored = local.targets != IGNORE_INDEX
+        temperature = logprobs_temperature or 1.0
+        want_entropy = return_entropy and logprobs_temperature is not None
+        logprobs, entropy = token_scores(
+            self.lm_head, hidden[scored], local.targets[scored], head_calls, temperature, want_entropy
+        )
+        if logprobs_temperature is None:
+            count = num_items_in_batch if num_items_in_batch is not None else max(int(scored.sum()), 1)
+            return Step3VLOutput(loss=-logprobs.sum() / count)
+        if not local.is_whole:
+            raise ValueError("per-token log-probs need the whole batch on this rank (no sequence parallelism)")
+        shape = local.batch_shape
+        return Step3VLOutput(
+            logprobs=_scatter(logprobs, scored, shape),
+            entropy=_scatter(entropy, scored, shape) if want_entropy else None,
+        )
 
     def decode(
         self,
@@ -184,28 +229,70 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         patch_pixel_values: torch.Tensor | None,
         num_patches: list[int] | torch.Tensor | None,
         use_cache: bool | None,
+        targets: torch.Tensor | None = None,
         **kwargs,
     ):
-        """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded."""
-        if inputs_embeds is None and not _is_prefill(past_key_values):
-            # A decode step: the images are in the KV cache already (generate keeps passing some of them).
-            inputs_embeds = self.embed(input_ids, None)
-        elif inputs_embeds is None:
-            keep_alive = (self.training and torch.is_grad_enabled()) or self.sync_vision_calls
-            image_embeds, zero = self.image_embeddings(
-                pixel_values, patch_pixel_values, num_patches, keep_alive, input_ids.device
+        """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded, over this
+        rank's part of the batch (`LocalSequence`: flattened for varlen kernels, a slice under sequence
+        parallelism), and the number of head calls agreed for its `targets`.
+
+        Every rank of `runtime.group` agrees here, in one all-reduce, on how many times it will call the
+        vision tower (global views, crops) and the head, each the largest any rank needs."""
+        if inputs_embeds is not None or not _is_prefill(past_key_values):
+            # Embeddings given, or a decode step: the images are in the KV cache already.
+            embeds = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, None)
+            outputs = self.model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
             )
-            if image_embeds is None and (input_ids == self.config.image_token_id).any():
-                raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
-            inputs_embeds = self.embed(input_ids, image_embeds) + zero
-        return self.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
+            return outputs, None, 1
+        runtime = self.runtime
+        # Sequence parallelism in training only: in eval mode (generation) DeepSpeed's Ulysses wrapper steps
+        # aside and each rank runs whole rows.
+        shard = (runtime.sequence_rank, runtime.sequence_parallel) if self.training else (0, 1)
+        local = local_sequence(
+            input_ids,
+            attention_mask,
+            position_ids,
+            targets,
+            self.config.image_token_id,
+            flatten=runtime.flattens_packed_rows(self.model.config._attn_implementation) or shard[1] > 1,
+            shard=shard,
+        )
+        image_range = (local.image_tokens_before, local.image_tokens_before + local.image_tokens)
+        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, image_range)
+        if selection.num_globals == 0 and local.image_tokens:
+            raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
+        keep_alive = self.training and torch.is_grad_enabled() and self._vision_is_trained()
+        scored = int((local.targets != IGNORE_INDEX).sum()) if targets is not None else 0
+        wanted = [*self.vision_calls(selection, keep_alive), chunk_count(scored, runtime.compute.loss_chunk)]
+        global_calls, crop_calls, head_calls = runtime.agree(wanted, local.input_ids.device)
+        image_embeds, zero = self.image_embeddings(
+            pixel_values, patch_pixel_values, num_patches, image_range, (global_calls, crop_calls), local.input_ids.device
+        )
+        if position_ids is not None and attention_mask is None:
+            # Packed rows: transformers reads the samples' boundaries from the position ids only without a
+            # KV cache; with one, the samples would attend to each other.
+            use_cache = False
+        outputs = self.model(
+            inputs_embeds=self.embed(local.input_ids, image_embeds) + zero,
+            attention_mask=local.attention_mask,
+            position_ids=local.position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
+        if local.is_whole:
+            outputs.last_hidden_state = outputs.last_hidden_state.reshape(*local.batch_shape, -1)
+            local.targets = local.targets.reshape(local.batch_shape) if local.targets is not None else None
+        return outputs, local, head_calls
+
+    def _vision_is_trained(self) -> bool:
+        return any(param.requires_grad for param in self.vision_model.parameters())
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "4GB") -> None:
         """Writes `config.json` and sharded safetensors with `model.safetensors.index.json`, released names."""
@@ -226,5 +313,8 @@ def _is_prefill(past_key_values) -> bool:
     return past_key_values is None or past_key_values.get_seq_length() == 0
 
 
-def _has_views(pixels: torch.Tensor | None) -> bool:
-    return pixels is not None and pixels.shape[0] > 0
+def _scatter(values: torch.Tensor, where: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(N,) values at the N True positions of `where` -> (B, L), zero elsewhere."""
+    out = values.new_zeros(where.shape)
+    out[where] = values
+    return out.reshape(shape)

@@ -31,7 +31,8 @@ class Step3VLForValue(Step3VLForConditionalGeneration):
         **kwargs,
     ) -> torch.Tensor:
         """(B, L) float32: V(s_t) after each token."""
-        hidden = self.decode(
+        outputs, _, _ = self.decode(
             input_ids, attention_mask, position_ids, None, None, pixel_values, patch_pixel_values, num_patches, False
-        ).last_hidden_state
+        )
+        hidden = outputs.last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from step3vl_train.processing.chat import REASONING_CHAT_TEMPLATE, render_chat
 from step3vl_train.processing.config import ProcessorConfig
 from step3vl_train.processing.crops import CropPlan, num_image_tokens, plan_crops
 from step3vl_train.processing.documents import render_document
-from step3vl_train.processing.pixels import image_to_pixels
+from step3vl_train.processing.pixels import PixelSpec, PixelViews, image_views, model_pixels
 from step3vl_train.processing.placeholders import ImageTokenIds, expand_image_placeholders
 
 IGNORE_INDEX = -100
@@ -29,38 +29,67 @@ class ProcessedSample:
 
     input_ids: torch.Tensor  # (L,) int64
     labels: torch.Tensor  # (L,) int64: the token where the assistant writes it, IGNORE_INDEX elsewhere
-    pixel_values: torch.Tensor | None  # (N_images, 3, S, S) global views, None without images
-    patch_pixel_values: torch.Tensor | None  # (N_crops, 3, s, s) local crops of all images, None without crops
+    pixels: PixelViews | None  # uint8 views of the images, None without images
     num_patches: list[int]  # crops per image
     patch_newline_mask: torch.Tensor  # (N_crops,) bool: a <patch_newline> follows the crop
 
 
 @dataclass
 class Batch:
-    """Padded samples; image tensors concatenated in sample order (the order of the placeholders)."""
+    """Padded samples; images in sample order (the order of the placeholders), still uint8 until
+    `model_inputs` places them."""
 
     input_ids: torch.Tensor  # (B, L) int64
     attention_mask: torch.Tensor  # (B, L) int64, 0 on padding
     labels: torch.Tensor  # (B, L) int64, IGNORE_INDEX on padding
-    pixel_values: torch.Tensor | None  # (ΣN_images, 3, S, S)
-    patch_pixel_values: torch.Tensor | None  # (ΣN_crops, 3, s, s)
+    pixels: PixelViews | None  # all samples' images, None without images
     num_patches: list[int]  # per image, all samples
     # (B, L) int64 for packed rows: restarting at each sample, which is what keeps packed samples apart.
     position_ids: torch.Tensor | None = None
 
-    def model_inputs(self, with_labels: bool = True) -> dict[str, Any]:
+    def model_inputs(
+        self,
+        with_labels: bool = True,
+        device: torch.device | str | None = None,
+        pixel_dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Any]:
+        """The model's keyword arguments, every tensor on `device` (None: where the batch is): `pixel_values`
+        (ΣN_images, 3, S, S) and `patch_pixel_values` (ΣN_crops, 3, s, s) or None, normalised there in
+        float32 and cast to `pixel_dtype`. Copies are asynchronous from pinned memory."""
         # Packed rows pass position ids instead of the padding mask: transformers builds the
         # block-diagonal causal mask from them, but only with no attention mask and no KV cache.
         packed = self.position_ids is not None
+        pixel_values, patch_pixel_values = (
+            model_pixels(self.pixels, device, pixel_dtype) if self.pixels is not None else (None, None)
+        )
         inputs = {
-            "input_ids": self.input_ids,
-            "attention_mask": None if packed else self.attention_mask,
-            **({"position_ids": self.position_ids, "use_cache": False} if packed else {}),
-            "pixel_values": self.pixel_values,
-            "patch_pixel_values": self.patch_pixel_values,
+            "input_ids": self.input_ids.to(device, non_blocking=True),
+            "attention_mask": None if packed else self.attention_mask.to(device, non_blocking=True),
+            **({"position_ids": self.position_ids.to(device, non_blocking=True), "use_cache": False} if packed else {}),
+            "pixel_values": pixel_values,
+            "patch_pixel_values": patch_pixel_values,
             "num_patches": self.num_patches,
         }
-        return {**inputs, "labels": self.labels} if with_labels else inputs
+        return {**inputs, "labels": self.labels.to(device, non_blocking=True)} if with_labels else inputs
+
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked memory (what `DataLoader(pin_memory=True)` calls), so that `model_inputs`
+        copies it to the GPU asynchronously."""
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            attention_mask=self.attention_mask.pin_memory(),
+            labels=self.labels.pin_memory(),
+            pixels=self.pixels.pin_memory() if self.pixels is not None else None,
+            position_ids=self.position_ids.pin_memory() if self.position_ids is not None else None,
+        )
+
+    def view_sides(self) -> list[int]:
+        """The side in pixels of each ViT input the model gets: the global views, then the crops."""
+        if self.pixels is None:
+            return []
+        spec = self.pixels.spec
+        return [spec.image_size] * len(self.pixels.sources) + [spec.crop_size] * self.pixels.num_crops
 
 
 @dataclass
@@ -140,21 +169,14 @@ class Step3VLProcessor:
 
     def render(self, layout: TokenLayout, images: Sequence[Image.Image]) -> ProcessedSample:
         """Tensors of a laid-out sample; `images` are the ones its layout was planned for."""
-        views = [image_to_pixels(image, self.config) for image in images]
+        views = [image_views(image, self.config) for image in images]
         if [view.plan for view in views] != layout.plans:
             raise ValueError("images differ from the ones the layout was planned for")
         input_ids = torch.tensor(layout.input_ids, dtype=torch.long)
-        crops = [view.crops for view in views if view.crops.shape[0]]
-        # One image (the common case) needs no copy: its tensors are viewed, not stacked.
         return ProcessedSample(
             input_ids=input_ids,
             labels=torch.where(torch.tensor(layout.loss_mask, dtype=torch.bool), input_ids, IGNORE_INDEX),
-            pixel_values=(
-                views[0].global_view[None] if len(views) == 1 else torch.stack([v.global_view for v in views])
-            )
-            if views
-            else None,
-            patch_pixel_values=(crops[0] if len(crops) == 1 else torch.cat(crops)) if crops else None,
+            pixels=PixelViews.from_images(views, PixelSpec.from_config(self.config)) if views else None,
             num_patches=[view.plan.num_crops for view in views],
             patch_newline_mask=torch.tensor([m for view in views for m in view.plan.newline_mask], dtype=torch.bool),
         )
@@ -173,17 +195,12 @@ def collate(samples: Sequence[ProcessedSample], pad_token_id: int, padding_side:
         n = len(s.input_ids)
         span = slice(length - n, length) if padding_side == "left" else slice(0, n)
         input_ids[row, span], labels[row, span], attention_mask[row, span] = s.input_ids, s.labels, 1
-
-    def concat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-        present = [t for t in tensors if t is not None]
-        return torch.cat(present) if present else None
-
+    pixels = [s.pixels for s in samples if s.pixels is not None]
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         labels=labels,
-        pixel_values=concat([s.pixel_values for s in samples]),
-        patch_pixel_values=concat([s.patch_pixel_values for s in samples]),
+        pixels=PixelViews.cat(pixels) if pixels else None,
         num_patches=[n for s in samples for n in s.num_patches],
     )
 

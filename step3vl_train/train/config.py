@@ -69,8 +69,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     bf16: bool | None = None  # None: bf16 where CUDA is available, fp32 on the CPU
     gradient_checkpointing: bool = False
+    sequence_parallel: int = 1  # ranks sharing each packed row (DeepSpeed Ulysses); must divide the world size
     log_every: int = 1
-    save_every: int = 100  # steps between checkpoints; the last step is always saved
+    save_every: int = 100  # steps between checkpoints; the last step is always saved (0: no checkpoint at all)
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     seed: int = 0
     peak_flops_per_device: float | None = None  # for MFU; None: looked up from the GPU's name
@@ -81,3 +82,5 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("trainer needs max_steps or max_tokens")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"trainer.sequence_parallel must be at least 1, not {self.sequence_parallel}")

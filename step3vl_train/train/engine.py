@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +12,11 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.checkpoint import check_state_dict, read_released_tensors
+from step3vl_train.model.compute import ComputeConfig, ModelRuntime, resolve_attention
 from step3vl_train.model.value import CRITIC_ONLY, POLICY_ONLY, Step3VLForValue
 from step3vl_train.train.config import OptimConfig
 from step3vl_train.train.optim import build_optimizer, build_param_groups
+from step3vl_train.train.sequence_parallel import init_sequence_parallel
 
 
 @dataclass
@@ -44,22 +47,38 @@ def build_engine(
     init_from: str | None = None,
     model_class: type[Step3VLForConditionalGeneration] = Step3VLForConditionalGeneration,
     freeze: tuple[str, ...] = (),
+    compute: ComputeConfig | None = None,
+    sequence_parallel: int = 1,
 ) -> Engine:
     """Builds the model partitioned from the start (transformers' zero.Init path, which also gathers each
     module to initialise it), loads `init_from` (a released-format directory) if given, then wraps it in
     DeepSpeed. The weights must be in place before `deepspeed.initialize`, which takes its fp32 master
-    copies from them. Parameters whose names start with a prefix in `freeze` are not trained. Call after
-    torch.distributed is initialised."""
+    copies from them. Parameters whose names start with a prefix in `freeze` are not trained.
+
+    `compute` picks the attention kernel for this device and the chunk sizes; `sequence_parallel` > 1
+    wraps the kernel in DeepSpeed's Ulysses attention, consecutive ranks sharing one packed row. Every
+    rank makes the same module calls each forward (the model agrees on its call counts over the world).
+    Call after torch.distributed is initialised."""
+    compute = compute or ComputeConfig()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    kernel = resolve_attention(compute.attention, device_type, sequence_parallel)
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    model = model_class._from_config(model_config, dtype=dtype)
+    # A copy: the kernel is recorded in the config, and the caller's may build other models.
+    model_config = copy.deepcopy(model_config)
+    model = model_class._from_config(model_config, dtype=dtype, attn_implementation={"text_config": kernel})
+    model.config._attn_implementation = kernel
     if init_from:
         load_released_into(model, init_from)
     if freeze:
         for name, param in model.named_parameters():
             param.requires_grad_(not name.startswith(freeze))
+    mpu = init_sequence_parallel(model, sequence_parallel, kernel)
+    model.runtime = ModelRuntime(
+        compute, torch.distributed.group.WORLD, mpu.get_sequence_parallel_group() if mpu is not None else None
+    )
     optimizer = build_optimizer(build_param_groups(model, optim), optim)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return Engine(engine, model, hf_deepspeed_config)
 
 

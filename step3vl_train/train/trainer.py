@@ -24,6 +24,7 @@ from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
 from step3vl_train.data.skips import SKIP_REASONS
 from step3vl_train.model import Step3VLConfig
+from step3vl_train.model.compute import ComputeConfig
 from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
@@ -32,6 +33,7 @@ from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.metrics import MetricsLog
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
 from step3vl_train.train.schedule import apply_schedule
+from step3vl_train.train.sequence_parallel import DataParallelRank, data_parallel_rank
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,26 +63,32 @@ def supervised_tokens(batch: Batch) -> int:
     return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def backward_global_batch(engine, micro: list[Batch]) -> tuple[float, int, int]:
+def backward_global_batch(engine, micro: list[Batch], data: DataParallelRank) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of one optimizer step, leaving the last
     `engine.step()` (the update) to the caller. The loss is the sum over every supervised token of the
-    global batch divided by their number, whatever their split into ranks, micro-batches and packs
-    (DeepSpeed averages gradients over ranks, hence the factor of world size). Returns this step's global
-    loss, supervised tokens and tokens."""
-    counts = torch.tensor(
-        [sum(supervised_tokens(b) for b in micro), sum(int(b.attention_mask.sum()) for b in micro)], dtype=torch.float64
-    )
+    global batch divided by their number, whatever their split into ranks, micro-batches, packs and
+    sequence slices. DeepSpeed averages gradients over every rank of the ZeRO group (sequence-parallel
+    ranks included), hence the factor of the world size; the ranks of a sequence-parallel group share
+    rows, so only the first counts their tokens.
+
+    Every tensor goes to the engine's device here, batches from pinned memory, and the collectives run
+    there (NCCL takes no CPU tensor). Returns this step's (loss, supervised tokens, tokens), summed over
+    all ranks, as one float64 tensor on the device: reading it is the step's one host synchronisation."""
+    device = engine.device
+    counted = [(supervised_tokens(b), int(b.attention_mask.sum())) for b in micro] if data.counts else [(0, 0)]
+    counts = torch.tensor([sum(c) for c in zip(*counted, strict=True)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    global_targets, global_tokens = int(counts[0]), int(counts[1])
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    global_targets = counts[0].clamp(min=1).float()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for index, batch in enumerate(micro):
-        loss = engine(**batch.model_inputs(), num_items_in_batch=torch.tensor(max(global_targets, 1))).loss
+        inputs = batch.model_inputs(device=device, pixel_dtype=engine.module.dtype)
+        loss = engine(**inputs, num_items_in_batch=global_targets).loss
         engine.backward(loss * dist.get_world_size(), scale_wrt_gas=False)
         if index < len(micro) - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the last one updates
         loss_sum += loss.detach().double()
     dist.all_reduce(loss_sum)
-    return float(loss_sum), global_targets, global_tokens
+    return torch.cat([loss_sum[None], counts])
 
 
 class Trainer:
@@ -96,6 +104,8 @@ class Trainer:
         optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))
         self.optim = optim
         data = DataConfig.from_dict(cfg.data)
+        compute = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ComputeConfig), cfg.compute))
+        self.data_rank = data_parallel_rank(self.trainer.sequence_parallel)
         ds_config = deepspeed_config(
             OmegaConf.to_container(cfg.deepspeed, resolve=True),
             data.micro_batch_size,
@@ -109,12 +119,16 @@ class Trainer:
         if fresh and self.trainer.requires_init_from and not self.trainer.init_from:
             raise ValueError("this recipe continues an earlier stage: set trainer.init_from to that stage's export")
         init_from = self.trainer.init_from if fresh else None
-        self.ds = build_engine(model_config, optim, ds_config, init_from)
+        self.ds = build_engine(
+            model_config, optim, ds_config, init_from, compute=compute, sequence_parallel=self.trainer.sequence_parallel
+        )
+        self.device = self.ds.engine.device
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
         processor = load_processor(cfg.tokenizer, OmegaConf.to_container(cfg.processor, resolve=True))
         self.processor = processor
-        self.loader = PackedLoader(data, processor, self.rank, self.world)
+        # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
+        self.loader = PackedLoader(data, processor, self.data_rank.rank, self.data_rank.world)
         self.progress = Progress()
 
     def resume(self) -> None:
@@ -150,12 +164,13 @@ class Trainer:
             started = time.perf_counter()
             micro = [packed.batch for packed in itertools.islice(batches, self.trainer.grad_accum)]
             # With data.max_epochs set, a rank can run out first; every rank stops together.
-            complete = torch.tensor(int(len(micro) == self.trainer.grad_accum))
+            complete = torch.tensor(int(len(micro) == self.trainer.grad_accum), device=self.device)
             dist.all_reduce(complete, op=dist.ReduceOp.MIN)
             if not complete:
                 if self.rank == 0:
                     print(f"the data ran out after step {self.progress.step}", flush=True)
-                self.save()
+                if self.trainer.save_every:
+                    self.save()
                 break
             row = self.train_step(micro)
             row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
@@ -166,11 +181,12 @@ class Trainer:
             if self.trainer.predict_every and self.progress.step % self.trainer.predict_every == 0:
                 prompts = resolve_prompt_paths(self.trainer.predict_prompts, REPO)
                 rows = answer_prompts(
-                    self.ds.engine.module, self.processor, prompts, self.trainer.predict_max_new_tokens
+                    self.ds.engine.module, self.processor, prompts, self.trainer.predict_max_new_tokens, self.device
                 )
                 if metrics is not None:
                     metrics.predictions(self.progress.step, rows)
-            if self.progress.step % self.trainer.save_every == 0 or self.finished():
+            save_every = self.trainer.save_every
+            if save_every and (self.progress.step % save_every == 0 or self.finished()):
                 self.save()
         bar.close()
         self.report_skips()
@@ -184,7 +200,8 @@ class Trainer:
 
     def report_skips(self) -> None:
         """The run's skipped samples by reason, summed over ranks, logged by rank 0 (also in data_skips.json)."""
-        counts = torch.tensor([self.loader.stats().skips.get(r, 0) for r in SKIP_REASONS], dtype=torch.float64)
+        skips = self.loader.stats().skips if self.data_rank.counts else {}
+        counts = torch.tensor([skips.get(r, 0) for r in SKIP_REASONS], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         if self.rank == 0:
             skips = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist(), strict=True) if n}
@@ -201,18 +218,22 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches per rank."""
         started = time.perf_counter()
         lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule)
-        loss_sum, global_targets, global_tokens = backward_global_batch(self.ds.engine, micro)
+        step_totals = backward_global_batch(self.ds.engine, micro, self.data_rank)
         self.ds.engine.step()
-        seconds = time.perf_counter() - started
-        flops = [self.flops(batch) for batch in micro]
-        data = self.loader.stats().summary()
+        flops = [self.flops(batch) for batch in micro] if self.data_rank.counts else [StepFlops(0.0, 0.0)]
+        data = self.loader.stats().summary() if self.data_rank.counts else {"samples": 0, "skipped_samples": 0}
         totals = torch.tensor(
             [data["samples"], data["skipped_samples"], sum(f.vit for f in flops), sum(f.decoder for f in flops)],
             dtype=torch.float64,
+            device=self.device,
         )
         dist.all_reduce(totals)
+        # The first read of device values waits for the GPU: the step's time includes its work.
+        loss_sum, global_targets, global_tokens = step_totals.tolist()
+        totals = totals.tolist()
+        seconds = time.perf_counter() - started
         self.progress.step += 1
-        self.progress.tokens += global_tokens
+        self.progress.tokens += int(global_tokens)
         grad_norm = self.ds.engine.get_global_grad_norm()
         return {
             "step": self.progress.step,
@@ -221,17 +242,27 @@ class Trainer:
             **{f"lr/{name}": lr for name, lr in lrs.items()},
             "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
             "tokens": self.progress.tokens,
-            "step_tokens": global_tokens,
-            "supervised_tokens": global_targets,
+            "step_tokens": int(global_tokens),
+            "supervised_tokens": int(global_targets),
             "samples": int(totals[0]),
             "skipped_samples": int(totals[1]),
             **self.utilisation(float(totals[2]), float(totals[3]), seconds),
+            **self.memory(),
         }
 
     def flops(self, batch: Batch) -> StepFlops:
-        views = [t for t in (batch.pixel_values, batch.patch_pixel_values) if t is not None]
-        sides = [t.shape[-1] for t in views for _ in range(t.shape[0])]
-        return batch_flops(self.model_config, batch.input_ids, batch.position_ids, batch.attention_mask, sides)
+        return batch_flops(
+            self.model_config, batch.input_ids, batch.position_ids, batch.attention_mask, batch.view_sides()
+        )
+
+    def memory(self) -> dict:
+        """This rank's peak of allocated GPU memory so far, and what the caching allocator holds."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "memory/peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+            "memory/reserved_gib": torch.cuda.memory_reserved(self.device) / 2**30,
+        }
 
     def utilisation(self, vit: float, decoder: float, seconds: float) -> dict:
         """FLOP/s of the step, the ViT's apart, and MFU where the device's peak is known."""

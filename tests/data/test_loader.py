@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
@@ -117,3 +118,20 @@ def test_resume_in_process_without_workers(pretrain_corpus, tiny_processor):
     second.load_state_dict(first.state_dict())
     assert head + rows(drain(second, limit=5)) == straight
     assert second.stats().packs == 8
+
+
+def test_pixels_leave_a_worker_as_one_shared_buffer(pretrain_corpus, tiny_processor):
+    def first_batches(num_workers):
+        cfg = pretrain_config(pretrain_corpus, num_workers=num_workers, packing={"seq_len": 1024, "window": 4})
+        loader = PackedLoader(cfg, tiny_processor)
+        assert loader.loader.pin_memory == torch.cuda.is_available()
+        return drain(loader, limit=3)
+
+    in_worker, in_process = first_batches(1), first_batches(0)
+    assert [p.keys for p in in_worker] == [p.keys for p in in_process]
+    images = [p.batch.pixels for p in in_worker if p.batch.pixels is not None]
+    assert any(len(pixels.sources) > 1 for pixels in images)
+    for pixels, alone in zip(images, [p.batch.pixels for p in in_process if p.batch.pixels is not None], strict=True):
+        # All of a batch's views in one shared-memory segment, the size of the buffer.
+        assert pixels.data.is_shared() and pixels.data.untyped_storage().nbytes() == pixels.data.nbytes
+        assert torch.equal(pixels.data, alone.data) and pixels.sources == alone.sources

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from step3vl_train.data.config import PackingConfig
 from step3vl_train.data.packing import Pack, collate_packs, plan_packs
@@ -65,6 +66,49 @@ def test_collate_restarts_positions_and_cuts_targets_at_boundaries(samples):
     assert batch.num_patches == samples[0].num_patches + samples[1].num_patches
     assert packed.keys == [["a", "b", "c"]]
     assert batch.model_inputs()["attention_mask"] is None
+
+
+def test_a_pack_carries_its_pixels_in_one_buffer(samples, monkeypatch):
+    packed = collate_packs([Pack(samples, ["a", "b", "c"], 0, DataStats())], pad_token_id=0).batch
+    first, second = samples[0].pixels, samples[1].pixels
+    assert torch.equal(packed.pixels.data, torch.cat([first.data, second.data]))
+    shift = first.data.numel()
+    assert packed.pixels.sources == first.sources + [(shift + o, h, w) for o, h, w in second.sources]
+    inputs = packed.model_inputs()
+    for key in ("pixel_values", "patch_pixel_values"):
+        alone = [collate([s], 0).model_inputs()[key] for s in samples[:2]]
+        assert torch.equal(inputs[key], torch.cat(alone)), key
+    # Inside a DataLoader worker the buffer is made in shared memory, so it leaves without another copy.
+    monkeypatch.setattr("step3vl_train.processing.pixels.get_worker_info", lambda: object())
+    in_worker = collate_packs([Pack(samples, ["a", "b", "c"], 0, DataStats())], pad_token_id=0).batch
+    assert in_worker.pixels.data.is_shared() and not packed.pixels.data.is_shared()
+    assert torch.equal(in_worker.pixels.data, packed.pixels.data)
+
+
+def test_pin_memory_reaches_every_tensor_of_a_packed_batch(samples, monkeypatch):
+    """What the loader's pin-memory thread does with a worker's (batch, worker id, state) result. Pinning needs
+    an accelerator, so the tensors' own pin_memory is stood in for here (the real one runs where CUDA is)."""
+    pinned = []
+
+    def pin(tensor):
+        pinned.append(tensor.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    packed = collate_packs([Pack(samples, ["a", "b", "c"], 0, DataStats())], pad_token_id=0)
+    out = pin_memory((packed, 0, {}))[0]
+    batch = out.batch
+    fields = [batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids, batch.pixels.data]
+    assert len(pinned) == len(fields) and all(any(t is p for p in pinned) for t in fields)
+    assert out.keys == packed.keys and batch.pixels.sources == packed.batch.pixels.sources
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
+def test_pinned_batch_is_page_locked(samples):
+    batch = collate_packs([Pack(samples, ["a", "b", "c"], 0, DataStats())], pad_token_id=0).pin_memory().batch
+    assert batch.input_ids.is_pinned() and batch.pixels.data.is_pinned()
+    inputs = batch.model_inputs(device="cuda")
+    assert inputs["pixel_values"].is_cuda and inputs["patch_pixel_values"].is_cuda
 
 
 def test_packed_samples_do_not_see_each_other(tiny_model, samples):

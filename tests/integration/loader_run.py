@@ -22,10 +22,12 @@ TASKS = ["text", "caption", "interleaved", "ocr", "grounding", "counting", "char
 def batch_digest(packed) -> str:
     digest = hashlib.sha256()
     batch = packed.batch
-    for tensor in (batch.input_ids, batch.labels, batch.position_ids, batch.pixel_values, batch.patch_pixel_values):
+    pixels = batch.pixels
+    for tensor in (batch.input_ids, batch.labels, batch.position_ids, pixels.data if pixels is not None else None):
         if tensor is not None:
             digest.update(tensor.numpy().tobytes())
-    digest.update(json.dumps([packed.keys, batch.num_patches]).encode())
+    layout = [pixels.sources, pixels.windows] if pixels is not None else None
+    digest.update(json.dumps([packed.keys, batch.num_patches, layout]).encode())
     return digest.hexdigest()
 
 

@@ -14,8 +14,8 @@ SCRIPT = Path(__file__).with_name("zero3_run.py")
 
 @pytest.mark.slow
 def test_ranks_with_different_batch_kinds_never_hang(tmp_path):
-    """Text-only, image-with-crops and global-only batches on different ranks at the same step: the ViT
-    runs for both view kinds on every rank every step, so ZeRO-3's gathers stay in step."""
+    """Text-only, image-with-crops and global-only batches on different ranks at the same step, in bf16:
+    the ViT runs for both view kinds on every rank every step, so ZeRO-3's gathers stay in step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path), "6"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -24,10 +24,13 @@ def test_ranks_with_different_batch_kinds_never_hang(tmp_path):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(result["losses"]) == 6 and all(math.isfinite(loss) for loss in result["losses"])
         assert result["vision_moved"] > 0  # the ViT was trained, not just kept alive
+        # bf16 weights; gradients summed over micro-steps and reduced over ranks in fp32
+        assert result["param_dtype"] == "torch.bfloat16"
+        assert result["grad_dtypes"] == ["torch.float32", "torch.float32"]
 
 
 @pytest.mark.slow
-def test_accumulation_and_packing_leave_the_gradients_unchanged(tmp_path):
+def test_accumulation_packing_and_chunking_leave_the_gradients_unchanged(tmp_path):
     import torch
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -38,6 +41,6 @@ def test_accumulation_and_packing_leave_the_gradients_unchanged(tmp_path):
     grads = torch.load(tmp_path / "grads.pt")
     reference = grads["4x1"]
     assert any(g.abs().sum() > 0 for name, g in reference.items() if name.startswith("vision_model."))
-    for split in ("1x4", "packed"):
+    for split in ("1x4", "packed", "4x1-chunked"):
         for name, grad in grads[split].items():
             torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=f"{split}: {name}")

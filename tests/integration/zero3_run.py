@@ -1,7 +1,8 @@
-"""One rank of a ZeRO-3 run on the CPU whose ranks hold different kinds of batch at every step.
+"""One rank of a bf16 ZeRO-3 run on the CPU whose ranks hold different kinds of batch at every step.
 
 torchrun --nproc_per_node 2 zero3_run.py OUT_DIR STEPS
-Each rank writes OUT_DIR/rank{R}.json: its losses and how far the vision weights moved.
+Each rank writes OUT_DIR/rank{R}.json: its losses, how far the vision weights moved, and the dtypes
+DeepSpeed accumulates and reduces gradients in.
 """
 
 import json
@@ -40,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     model_config = Step3VLConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/tiny.yaml")))
     base = OmegaConf.to_container(OmegaConf.load(REPO / "configs/deepspeed/zero3.yaml"))
-    ds = build_engine(model_config, OptimConfig(lr=1e-3), deepspeed_config(base, 1, 1, 1.0, bf16=False))
+    ds = build_engine(model_config, OptimConfig(lr=1e-3), deepspeed_config(base, 1, 1, 1.0, bf16=True))
     conv = ds.model.vision_model.conv1.weight
     with deepspeed.zero.GatheredParameters([conv]):
         before = conv.detach().clone()
@@ -48,13 +49,16 @@ def main() -> None:
     losses = []
     for step in range(steps):
         batch = kinds[(step + rank) % len(kinds)]  # the ranks never hold the same kind at once
-        loss = ds.engine(**batch.model_inputs()).loss
+        loss = ds.engine(**batch.model_inputs(pixel_dtype=torch.bfloat16)).loss
         ds.engine.backward(loss)
         ds.engine.step()
         losses.append(loss.item())
     with deepspeed.zero.GatheredParameters([conv]):
         moved = (conv.detach() - before).abs().max().item()
-    (out / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "vision_moved": moved}))
+    optimizer = ds.engine.optimizer
+    dtypes = [str(optimizer.gradient_accumulation_dtype), str(optimizer.communication_data_type)]
+    result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype)}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ from PIL import Image
 
 from step3vl_train.processing.config import ProcessorConfig
 from step3vl_train.processing.images import load_image
+from step3vl_train.processing.pixels import model_pixels
 from step3vl_train.processing.placeholders import PlaceholderMismatchError
 from step3vl_train.processing.processor import IGNORE_INDEX, Step3VLProcessor, collate
 from step3vl_train.processing.tokenizer import load_tokenizer
@@ -31,8 +32,9 @@ def test_photo_with_crops(processor):
     ids = processor.image_token_ids
     assert sample.num_patches == [6]
     assert sample.patch_newline_mask.tolist() == [False, False, True, False, False, False]
-    assert sample.pixel_values.shape == (1, 3, 224, 224)
-    assert sample.patch_pixel_values.shape == (6, 3, 168, 168)
+    global_views, crops = model_pixels(sample.pixels)
+    assert global_views.shape == (1, 3, 224, 224) and crops.shape == (6, 3, 168, 168)
+    assert sample.pixels.sources == [(0, 300, 451)] and sample.pixels.windows == [(3 * 300 * 451, 6, 168)]
     assert int((sample.input_ids == ids.im_patch).sum()) == 6 * 9 + 16
     assert int((sample.input_ids == ids.patch_newline).sum()) == 1
     assert (sample.labels[sample.input_ids == ids.im_patch] == IGNORE_INDEX).all()
@@ -43,10 +45,11 @@ def test_photo_with_crops(processor):
 def test_images_without_crops_and_text_only(processor):
     small = Image.new("RGB", (200, 180), "red")  # fits the global view: no crops
     sample = processor(conversation(2), [small, small])
-    assert sample.num_patches == [0, 0] and sample.patch_pixel_values is None
-    assert sample.pixel_values.shape == (2, 3, 224, 224)
+    global_views, crops = model_pixels(sample.pixels)
+    assert sample.num_patches == [0, 0] and crops is None and global_views.shape == (2, 3, 224, 224)
     text_only = processor(conversation(0))
-    assert text_only.pixel_values is None and text_only.num_patches == []
+    assert text_only.pixels is None and text_only.num_patches == []
+    assert collate([text_only], 0).model_inputs()["pixel_values"] is None
 
 
 def test_placeholder_image_mismatch_names_the_sample(processor):
@@ -64,8 +67,27 @@ def test_collate_pads_and_keeps_image_order(processor):
     assert batch.attention_mask.sum(1).tolist() == lengths
     assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
     assert batch.num_patches == a.num_patches + c.num_patches
-    assert torch.equal(batch.pixel_values, torch.cat([a.pixel_values, c.pixel_values]))
-    assert torch.equal(batch.patch_pixel_values, a.patch_pixel_values)
+    # One flat buffer: a's views then c's, c's offsets shifted by a's bytes.
+    assert torch.equal(batch.pixels.data, torch.cat([a.pixels.data, c.pixels.data]))
+    shift = a.pixels.data.numel()
+    assert batch.pixels.sources == a.pixels.sources + [(shift + o, h, w) for o, h, w in c.pixels.sources]
+    assert batch.pixels.windows == a.pixels.windows + [(shift + o, n, w) for o, n, w in c.pixels.windows]
+    inputs = batch.model_inputs()
+    alone = [collate([s], processor.tokenizer.pad_token_id).model_inputs() for s in (a, c)]
+    assert torch.equal(inputs["pixel_values"], torch.cat([x["pixel_values"] for x in alone]))
+    assert torch.equal(inputs["patch_pixel_values"], alone[0]["patch_pixel_values"])  # c has no crops
+    assert batch.view_sides() == [224, 224] + [168] * a.num_patches[0]
+
+
+def test_model_inputs_places_everything_on_the_device(processor):
+    sample = processor(conversation(1), [Image.new("RGB", (600, 300), "blue")])
+    batch = collate([sample], processor.tokenizer.pad_token_id)
+    inputs = batch.model_inputs(device="meta", pixel_dtype=torch.bfloat16)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "patch_pixel_values", "num_patches", "labels"}
+    tensors = [v for v in inputs.values() if torch.is_tensor(v)]
+    assert len(tensors) == 5 and all(t.device.type == "meta" for t in tensors)
+    assert inputs["pixel_values"].dtype == inputs["patch_pixel_values"].dtype == torch.bfloat16
+    assert inputs["input_ids"].dtype == torch.long
 
 
 def test_left_padding_for_generation(processor):

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from rl.algos.advantages import compute_advantages, gae, grpo, reinforce_pp, rloo, terminal_rewards, uniform_groups
-from rl.algos.logprobs import entropy, token_logprobs
 from rl.algos.losses import GlobalCounts, aggregate, explained_variance, policy_loss, value_loss
 
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
@@ -97,8 +96,7 @@ def test_policy_loss_clips_and_truncates_importance_weights():
 
 def test_policy_gradient_points_towards_advantaged_tokens():
     logits = torch.zeros(1, 2, 3, requires_grad=True)
-    tokens = torch.tensor([[0, 1]])
-    logprobs = token_logprobs(logits, tokens)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor([[[0], [1]]])).squeeze(-1)
     loss, _ = policy_loss(
         logprobs,
         logprobs.detach(),
@@ -121,12 +119,3 @@ def test_value_loss_and_explained_variance():
     assert clipped.item() > 0.125  # the clipped prediction (0.1) is further from 1, and the max takes it
     assert explained_variance(returns, returns, MASK) == 1.0
     assert explained_variance(values * MASK, returns, MASK) < 1.0
-
-
-def test_logprobs_and_entropy():
-    logits = torch.log(torch.tensor([[[0.25, 0.75]]]))
-    assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(torch.log(torch.tensor(0.75)).item())
-    assert entropy(torch.zeros(1, 1, 4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
-    # temperature 2 flattens: 0.25/0.75 become 1/(1+sqrt(3)) and sqrt(3)/(1+sqrt(3))
-    p = 3**0.5 / (1 + 3**0.5)
-    assert token_logprobs(logits, torch.tensor([[1]]), 2.0).exp().item() == pytest.approx(p, rel=1e-5)

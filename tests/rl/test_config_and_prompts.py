@@ -81,7 +81,7 @@ def test_prompt_loader_skips_what_cannot_be_a_prompt_and_resumes(tmp_path, tiny_
     loader = PromptLoader(config, tiny_processor)
     first = loader.next_batch(2)
     assert [p.key.rsplit(":", 1)[1] for p in first] == ["a", "f"]
-    assert first[1].image_size == (64, 48) and first[1].sample.pixel_values is not None
+    assert first[1].image_size == (64, 48) and first[1].sample.pixels is not None
     assert first[0].question == "What is 1 + 1?" and first[0].task == "train"
     assert dict(loader.skips) == {"bad_schema": 2, "corrupt_image": 1, "too_long": 1}
     state = loader.state_dict()

@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from rl.algos.logprobs import token_logprobs
 from rl.engines import SamplingParams
 from rl.engines.hf import HFEngine
 from rl.experience import Prompt, sequence_batch
@@ -28,11 +27,15 @@ def text_prompt(processor, text="Hi there, how are you today?") -> Prompt:
 
 
 def forward_logprobs(model, prompt: Prompt, tokens: list[int], temperature: float) -> torch.Tensor:
-    """The trainer's computation: one forward pass over prompt + response."""
+    """The trainer's computation: one forward pass over prompt + response, the head on the response only."""
     sequences = sequence_batch([(prompt.sample, tokens)], pad_token_id=0)
     with torch.no_grad():
-        logits = model(**sequences.batch.model_inputs(with_labels=False)).logits[:, :-1]
-    return sequences.gather(token_logprobs(logits, sequences.batch.input_ids[:, 1:], temperature))[0]
+        out = model(
+            **sequences.batch.model_inputs(with_labels=False),
+            labels=sequences.response_labels(),
+            logprobs_temperature=temperature,
+        )
+    return sequences.gather(out.logprobs[:, :-1])[0]
 
 
 @pytest.fixture

@@ -1,0 +1,180 @@
+"""Peak memory on the CPU: the loss over a long row with Qwen3's vocabulary, before and after tiling, and
+a training step of a narrow, long model against `step3vl_train/train/memory.py`'s estimate.
+
+python benchmarks/memory_cpu.py loss [--lengths 2048 4096 8192 32768]
+python benchmarks/memory_cpu.py step [--seq-len 4096]
+
+Each measurement runs in a fresh process: the growth of its peak RSS over the measured region (what was
+resident before it, the model and the inputs, is subtracted). `loss`: a decoder of 2 layers x 64 with
+the 151,936-token vocabulary, fp32, every position labelled; "whole" is the former path (the head over
+every position, transformers' ForCausalLMLoss), "tiled" the current one (compute.loss_chunk positions a
+head call). The whole path at 32K needs ~60 GB, more than the machine has, so it runs under an address-
+space limit and reports where it failed. `step`: forward and backward with activation checkpointing of
+a 4-layer x 256 decoder, the same vocabulary and a tiny vision tower over a few views, against the
+estimate's activation parts for fp32 (`measured_vs_estimate`). Each mode prints a Markdown table.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 151936
+ADDRESS_LIMIT = 16 * 2**30
+
+
+def rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def narrow_config(hidden: int, layers: int, intermediate: int):
+    from omegaconf import OmegaConf
+
+    from step3vl_train.model import Step3VLConfig
+
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/tiny.yaml"))
+    heads = max(hidden // 64, 2)
+    values["text_config"] |= {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "head_dim": 64,
+        "max_position_embeddings": 65536,
+        "max_window_layers": layers,
+    }
+    return Step3VLConfig.from_dict(values)
+
+
+def loss_region(path: str, length: int, chunk: int) -> dict:
+    """One process: the model, the row, then the measured forward and backward of the loss alone."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from step3vl_train.model import Step3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Step3VLForConditionalGeneration(narrow_config(64, 2, 128))
+    model.runtime.compute.loss_chunk = chunk
+    ids = torch.randint(11, VOCAB, (1, length))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+    hidden.requires_grad_()
+    before = rss()
+    try:
+        if path == "whole":
+            loss = ForCausalLMLoss(model.lm_head(hidden), ids, vocab_size=VOCAB)
+        else:
+            from step3vl_train.model.token_scores import chunk_count, token_scores
+
+            targets = ids[0, 1:]
+            logprobs, _ = token_scores(model.lm_head, hidden[0, :-1], targets, chunk_count(length - 1, chunk))
+            loss = -logprobs.mean()
+        loss.backward()
+    except RuntimeError as error:  # the address-space limit: an allocation refused
+        return {"failed": str(error).splitlines()[0][:120], "peak_gib": (peak_rss() - before) / 2**30}
+    return {"peak_gib": (peak_rss() - before) / 2**30, "loss": float(loss)}
+
+
+def step_region(seq_len: int, chunk: int, vision_chunk: int) -> dict:
+    """One process: a checkpointed forward and backward of a packed row with images; the estimate of the
+    same row's activations in fp32 beside it."""
+    import torch
+
+    from step3vl_train.model import Step3VLForConditionalGeneration
+    from step3vl_train.train.memory import TrainingShape, decoder_parts, peak_bytes, vision_parts
+
+    torch.manual_seed(0)
+    config = narrow_config(256, 4, 768)
+    model = Step3VLForConditionalGeneration(config).train()
+    model.gradient_checkpointing_enable()
+    model.runtime.compute.loss_chunk, model.runtime.compute.vision_chunk = chunk, vision_chunk
+    views, crops_per_image = 4, 3  # tiny views: 224 global, 168 crops (configs/processor/tiny.yaml)
+    image_tokens = views * (crops_per_image * 9 + 16)
+    ids = torch.randint(11, VOCAB, (1, seq_len))
+    ids[0, 100 : 100 + image_tokens] = config.image_token_id
+    inputs = {
+        "input_ids": ids,
+        "position_ids": torch.arange(seq_len)[None],
+        "pixel_values": torch.randn(views, 3, 224, 224),
+        "patch_pixel_values": torch.randn(views * crops_per_image, 3, 168, 168),
+        "num_patches": [crops_per_image] * views,
+        "labels": ids,
+    }
+    for param in model.parameters():  # gradients exist before the region, as after a first step
+        param.grad = torch.zeros_like(param)
+    before = rss()
+    model(**inputs).loss.backward()
+    measured = peak_rss() - before
+    shape = TrainingShape(
+        seq_len=seq_len, bytes_per_param=4, vision_chunk=vision_chunk, loss_chunk=chunk, attention="sdpa",
+        max_views_per_pack=views * crops_per_image, max_images_per_pack=views, image_size=224, crop_size=168,
+    )  # fmt: skip
+    parts = decoder_parts(config, shape) + vision_parts(config, shape)
+    return {
+        "measured_gib": measured / 2**30,
+        "estimate_gib": peak_bytes(parts) / 2**30,
+        "parts": {p.name + (" *" if p.transient else ""): p.bytes for p in parts},
+    }
+
+
+def in_subprocess(function: str, *args, limit: int | None = None) -> dict:
+    code = f"import json, benchmarks.memory_cpu as m; print(json.dumps(m.{function}(*{args!r})))"
+    preexec = (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))) if limit else None
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, preexec_fn=preexec, timeout=1800
+    )
+    if done.returncode != 0:
+        return {"failed": done.stderr.strip().splitlines()[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def loss(args) -> None:
+    print("| length | whole logits (former) | tiled, 2,048 a call |\n|---|---|---|")
+    for length in args.lengths:
+        limit = ADDRESS_LIMIT if length > 8192 else None
+        whole, tiled = in_subprocess("loss_region", "whole", length, 2048, limit=limit), None
+        tiled = in_subprocess("loss_region", "tiled", length, 2048)
+        show = [
+            f"failed at {r['peak_gib']:.2f} GiB (limit {ADDRESS_LIMIT / 2**30:.0f} GiB of address space)"
+            if "failed" in r and "peak_gib" in r
+            else r.get("failed") or f"{r['peak_gib']:.2f} GiB"
+            for r in (whole, tiled)
+        ]
+        print(f"| {length:,} | {show[0]} | {show[1]} |")
+
+
+def step(args) -> None:
+    result = in_subprocess("step_region", args.seq_len, args.loss_chunk, args.vision_chunk)
+    print("| part | estimate GiB |\n|---|---|")
+    for name, value in result["parts"].items():
+        print(f"| {name} | {value / 2**30:.3f} |")
+    ratio = result["measured_gib"] / result["estimate_gib"]
+    total = f"**{result['estimate_gib']:.3f}** (measured {result['measured_gib']:.3f}: {ratio:.2f} of it)"
+    print(f"| total (kept + the largest transient *) | {total} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    loss_parser = sub.add_parser("loss")
+    loss_parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 32768])
+    step_parser = sub.add_parser("step")
+    step_parser.add_argument("--seq-len", type=int, default=4096)
+    step_parser.add_argument("--loss-chunk", type=int, default=512)
+    step_parser.add_argument("--vision-chunk", type=int, default=2)
+    args = parser.parse_args()
+    {"loss": loss, "step": step}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""What a recipe needs per rank, part by part, and whether it fits (step3vl_train/train/memory.py).
+
+python launch/estimate_memory.py +recipe=sft_stage1 [cluster.gpus=8 cluster.gpu_memory_gb=80] [overrides]
+python launch/estimate_memory.py +recipe=rlvr   # the training ranks of RL: cluster.gpus of them
+
+Overrides are the recipe's own (trainer.sequence_parallel=4, compute.vision_chunk=4, ...). Sizes are for
+bf16 on GPUs; where a setting does not fit, the smallest sequence-parallel degree that does is named.
+"""
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from step3vl_train.model import Step3VLConfig
+from step3vl_train.train.memory import ClusterConfig, Estimate, TrainingShape, estimate_rl, estimate_training
+from step3vl_train.train.recipes import RECIPES, register_recipes
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def split_arguments(argv: list[str]) -> tuple[str, ClusterConfig, list[str]]:
+    """(recipe name, cluster, the other overrides)."""
+    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("+recipe=")), None)
+    if recipe is None:
+        raise SystemExit(f"usage: {__doc__.splitlines()[2]}")
+    cluster = OmegaConf.merge(
+        OmegaConf.structured(ClusterConfig),
+        OmegaConf.from_dotlist([a.removeprefix("cluster.") for a in argv if a.startswith("cluster.")]),
+    )
+    return recipe, OmegaConf.to_object(cluster), [a for a in argv if not a.startswith("cluster.")]
+
+
+def is_rl(recipe: str) -> bool:
+    return "rollout" in OmegaConf.load(RECIPES / f"{recipe}.yaml")
+
+
+def training_shape(cfg, world: int) -> TrainingShape:
+    packing, zero = cfg.data.packing, cfg.deepspeed.zero_optimization
+    return TrainingShape(
+        seq_len=packing.seq_len,
+        micro_batch=cfg.data.micro_batch_size,
+        world=world,
+        sequence_parallel=cfg.trainer.sequence_parallel,
+        checkpointing=cfg.trainer.gradient_checkpointing,
+        vision_chunk=cfg.compute.vision_chunk,
+        loss_chunk=cfg.compute.loss_chunk,
+        attention=cfg.compute.attention,
+        max_views_per_pack=packing.max_views_per_pack,
+        max_images_per_pack=packing.max_images_per_pack,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        max_live_parameters=zero.stage3_max_live_parameters,
+        reduce_bucket_size=zero.reduce_bucket_size,
+    )
+
+
+def rl_shapes(cfg, world: int) -> tuple[TrainingShape, TrainingShape]:
+    """The policy and the critic on RL's `world` training ranks (with the rollout engines colocated, or on
+    GPUs of their own), each sequence a prompt plus a whole response."""
+    length = cfg.prompts.max_prompt_tokens + cfg.rollout.max_new_tokens
+    views = cfg.prompts.max_prompt_tokens // 83  # crops a prompt's token budget holds
+    zero = cfg.deepspeed.zero_optimization
+
+    def shape(role) -> TrainingShape:
+        return TrainingShape(
+            seq_len=length,
+            micro_batch=role.micro_batch_size,
+            world=world,
+            checkpointing=role.gradient_checkpointing,
+            vision_chunk=cfg.compute.vision_chunk,
+            loss_chunk=cfg.compute.loss_chunk,
+            attention=cfg.compute.attention,
+            max_views_per_pack=views,
+            max_images_per_pack=views,
+            frozen=tuple(role.freeze),
+            max_live_parameters=zero.stage3_max_live_parameters,
+            reduce_bucket_size=zero.reduce_bucket_size,
+        )
+
+    return shape(cfg.policy), shape(cfg.critic)
+
+
+def estimate(recipe: str, cluster: ClusterConfig, overrides: list[str]) -> tuple[Estimate, object]:
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("rl" if is_rl(recipe) else "pretrain", [*overrides, "tokenizer=none"])
+    model = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    if is_rl(recipe):
+        return estimate_rl(model, *rl_shapes(cfg, cluster.gpus), cluster.gpu_memory_gb), cfg
+    return estimate_training(model, training_shape(cfg, cluster.gpus), cluster.gpu_memory_gb), cfg
+
+
+def main(argv: list[str]) -> None:
+    register_recipes()
+    recipe, cluster, overrides = split_arguments(argv)
+    result, cfg = estimate(recipe, cluster, overrides)
+    print(f"{recipe} on {cluster.gpus} GPUs of {cluster.gpu_memory_gb:g} GiB, per rank:")
+    print(result.table())
+    if not result.fits and not is_rl(recipe):
+        degree = next(
+            (
+                sp
+                for sp in (2, 4, 8, 16)
+                if cluster.gpus % sp == 0
+                and estimate(recipe, cluster, [*overrides, f"trainer.sequence_parallel={sp}"])[0].fits
+            ),
+            None,
+        )
+        advice = f"trainer.sequence_parallel={degree}" if degree else "more GPUs (cluster.gpus) or shorter rows"
+        print(f"it needs {advice}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,131 @@
+"""The driver's own work in an iteration, between the actors' calls: rewards for the responses, their
+advantages and the iteration's metrics, and the minibatches each training rank takes. No Ray here, so
+that one iteration can also run in one process (benchmarks/gpu/rl_iteration.py)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+
+from rl.algos.advantages import compute_advantages
+from rl.algos.losses import GlobalCounts, explained_variance
+from rl.config import RLConfig
+from rl.engines import SamplingParams
+from rl.experience import Completion, Prompt, Response
+from rl.rewards import RewardRequest, RewardScorer
+from step3vl_train.processing.processor import Step3VLProcessor
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def sampling_params(cfg: RLConfig, processor: Step3VLProcessor) -> SamplingParams:
+    """The rollout settings: generation stops at the end of a turn, and never writes an image token."""
+    vocab = processor.tokenizer.get_vocab()
+    return SamplingParams(
+        n=cfg.rollout.n,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        stop_token_ids=[vocab[token] for token in STOP_TOKENS if token in vocab],
+        suppressed_token_ids=sorted(set(vars(processor.image_token_ids).values())),
+    )
+
+
+def group_responses(prompts: list[Prompt], completions: list[list[Completion]]) -> list[Response]:
+    """One Response per completion, grouped by prompt in order (group = the prompt's index)."""
+    return [
+        Response(group=index, prompt=prompt, completion=completion)
+        for index, (prompt, group) in enumerate(zip(prompts, completions, strict=True))
+        for completion in group
+    ]
+
+
+def score_rewards(scorer: RewardScorer, responses: list[Response], decode, stop_token_ids: list[int]) -> None:
+    """Each response's reward, status and validity, from its text without the stop token."""
+    requests = [
+        RewardRequest(
+            response=decode([t for t in r.completion.token_ids if t not in stop_token_ids]),
+            reward=r.prompt.reward,
+            answer=r.prompt.answer,
+            boxes=r.prompt.boxes,
+            points=r.prompt.points,
+            image_size=r.prompt.image_size,
+            truncated=r.completion.finish_reason == "length",
+            prompt=r.prompt.question,
+        )
+        for r in responses
+    ]
+    for response, result in zip(responses, scorer.score(requests), strict=True):
+        response.reward, response.status, response.valid = result.score, result.status, result.valid
+
+
+def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> dict:
+    """Advantages and returns into the responses; the iteration's reward, length and mismatch metrics.
+    `entropy_sum`: the policy's entropy summed over the valid response tokens."""
+    length = max(r.length for r in responses)
+    mask = torch.zeros(len(responses), length)
+    for i, r in enumerate(responses):
+        mask[i, : r.length] = float(r.valid)
+    values = None
+    if cfg.uses_critic:
+        values = torch.zeros(len(responses), length)
+        for i, r in enumerate(responses):
+            values[i, : r.length] = r.values
+    valid = torch.tensor([r.valid for r in responses])
+    rewards = torch.tensor([r.reward for r in responses])
+    groups = torch.tensor([r.group if r.valid else -1 - i for i, r in enumerate(responses)])
+    advantage, returns = compute_advantages(
+        cfg.algo.estimator, rewards, mask, groups, values, cfg.algo.gamma, cfg.algo.lam, cfg.algo.grpo_scale_by_std
+    )
+    for i, r in enumerate(responses):
+        r.advantages = advantage[i, : r.length]
+        r.returns = returns[i, : r.length] if returns is not None else torch.zeros(r.length)
+    engine = torch.cat([torch.tensor(r.completion.logprobs) for r in responses if r.valid] or [torch.zeros(0)])
+    trainer = torch.cat([r.old_logprobs for r in responses if r.valid] or [torch.zeros(0)])
+    gap = (engine - trainer).abs()
+    tokens = int(mask.sum())
+    row = {
+        "reward_mean": float(rewards[valid].mean()) if valid.any() else 0.0,
+        "pass_rate": float((rewards[valid] >= 1.0).float().mean()) if valid.any() else 0.0,
+        "response_len_mean": float(np.mean([r.length for r in responses])),
+        "response_len_max": max(r.length for r in responses),
+        "truncated_fraction": float(np.mean([r.completion.finish_reason == "length" for r in responses])),
+        "entropy": entropy_sum / max(tokens, 1),
+        "logprob_mismatch/mean_abs": float(gap.mean()) if len(gap) else 0.0,
+        "logprob_mismatch/max_abs": float(gap.max()) if len(gap) else 0.0,
+        "explained_variance": explained_variance(values, returns, mask) if values is not None else None,
+        "tokens": tokens,
+        "samples": len(responses) // cfg.rollout.n,
+    }
+    by_task = defaultdict(list)
+    for r in responses:
+        if r.valid:
+            by_task[r.prompt.task].append(r.reward)
+    row |= {f"reward/{task}": float(np.mean(scores)) for task, scores in sorted(by_task.items())}
+    row |= {f"reward_status/{k}": v for k, v in sorted(Counter(r.status for r in responses).items())}
+    return row
+
+
+def minibatches(
+    cfg: RLConfig, responses: list[Response], step: int, world: int
+) -> tuple[list[list[Response]], list[GlobalCounts]]:
+    """Responses shuffled (seeded by the run's seed and `step`), cut into minibatches, each minibatch split
+    evenly over the `world` ranks; with the global counts of valid tokens and responses of each."""
+    order = list(responses)
+    random.Random(cfg.run.seed * 1_000_003 + step).shuffle(order)
+    size = len(order) // cfg.algo.minibatches
+    shards: list[list[Response]] = [[] for _ in range(world)]
+    counts = []
+    for _ in range(cfg.algo.epochs):
+        for m in range(cfg.algo.minibatches):
+            minibatch = order[m * size : (m + 1) * size]
+            valid = [r for r in minibatch if r.valid]
+            counts.append(GlobalCounts(tokens=sum(r.length for r in valid), sequences=len(valid)))
+            per_rank = size // world
+            for rank in range(world):
+                shards[rank] += minibatch[rank * per_rank : (rank + 1) * per_rank]
+    return shards, counts

@@ -1,0 +1,105 @@
+"""How the model computes at long lengths, and which ranks must compute alike: the dataclass behind
+`configs/compute/*.yaml`, the attention kernel choice, and the per-process runtime the model reads.
+
+None of these settings changes a result (the tests hold chunked and unchunked, flattened and padded,
+sequence-parallel and not, to the same numbers); they change memory, speed and what runs where.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# `sdpa_packed` is our CPU reference for packed rows under sequence parallelism (attention.py).
+ATTENTION_KERNELS = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "sdpa_packed")
+# Kernels that take packed rows as one flattened row and find the samples from the position ids
+# (transformers' flash-attention path detects packing only at batch size 1).
+VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
+
+
+class AttentionChoiceError(ValueError):
+    """An attention kernel that cannot run, or cannot keep packed samples apart, in this setting."""
+
+
+@dataclass
+class ComputeConfig:
+    """configs/compute/default.yaml."""
+
+    attention: str = "auto"  # auto: flash_attention_2 with flash-attn on CUDA, else flex_attention; sdpa on the CPU
+    vision_chunk: int = 8  # views per vision-tower call; checkpointed chunk by chunk when training (0: all at once)
+    loss_chunk: int = 2048  # positions per lm_head tile for the loss and RL log-probs (0: all at once)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"compute.attention must be one of {ATTENTION_KERNELS}, not {self.attention!r}")
+        if self.vision_chunk < 0 or self.loss_chunk < 0:
+            raise ValueError("compute.vision_chunk and compute.loss_chunk must be >= 0")
+
+
+def resolve_attention(requested: str, device_type: str, sequence_parallel: int = 1) -> str:
+    """The kernel for training rows on `device_type` ("cuda" or "cpu"). Raises AttentionChoiceError for
+    one that would materialise an (L x L) mask on a GPU, let packed samples see each other, or is not
+    installed."""
+    kernel = requested
+    if requested == "auto":
+        if device_type != "cuda":
+            kernel = "sdpa_packed" if sequence_parallel > 1 else "sdpa"
+        else:
+            kernel = "flash_attention_2" if _flash_attn_installed() else "flex_attention"
+    if device_type == "cuda" and kernel in ("sdpa", "sdpa_packed"):
+        raise AttentionChoiceError(
+            f"compute.attention={kernel} builds an (L x L) mask for packed and padded rows (16 GiB at 128K tokens), "
+            "which GPUs cannot afford at the paper's lengths: use compute.attention=flash_attention_2 (pip install "
+            "flash-attn) or flex_attention"
+        )
+    if device_type != "cuda" and kernel in (*VARLEN_KERNELS, "flex_attention"):
+        raise AttentionChoiceError(f"compute.attention={kernel} is a GPU kernel; on the CPU use sdpa (or auto)")
+    if sequence_parallel > 1 and kernel not in (*VARLEN_KERNELS, "sdpa_packed"):
+        raise AttentionChoiceError(
+            f"trainer.sequence_parallel={sequence_parallel} needs a kernel that finds the packed samples in the "
+            f"gathered position ids: DeepSpeed's Ulysses drops the {kernel} mask (and rebuilds flex's as plainly "
+            "causal), so packed samples would attend to each other. Use compute.attention=flash_attention_2 on "
+            "GPUs (sdpa_packed is the CPU reference)"
+        )
+    if kernel == "flash_attention_2" and not _flash_attn_installed():
+        raise AttentionChoiceError("compute.attention=flash_attention_2 needs flash-attn: pip install flash-attn")
+    return kernel
+
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass
+class ModelRuntime:
+    """What a model instance needs to know at run time beyond its weights. The defaults are one process
+    with no collectives, as in generation, export and the rollout engine."""
+
+    compute: ComputeConfig = field(default_factory=lambda: ComputeConfig(attention="sdpa"))
+    # Ranks that must make the same module calls each forward: ZeRO-3 gathers a module's weights when it
+    # is called, a collective, so a rank calling the vision tower or the head fewer times hangs the others.
+    group: dist.ProcessGroup | None = None
+    sequence_group: dist.ProcessGroup | None = None  # Ulysses sequence parallelism: ranks sharing one row
+
+    @property
+    def sequence_parallel(self) -> int:
+        return dist.get_world_size(self.sequence_group) if self.sequence_group is not None else 1
+
+    @property
+    def sequence_rank(self) -> int:
+        return dist.get_rank(self.sequence_group) if self.sequence_group is not None else 0
+
+    def flattens_packed_rows(self, attention: str) -> bool:
+        return attention in VARLEN_KERNELS
+
+    def agree(self, counts: list[int], device: torch.device) -> list[int]:
+        """The largest of each count over `group` (one small all-reduce on `device`; the counts as they
+        are without a group)."""
+        if self.group is None:
+            return counts
+        tensor = torch.tensor(counts, dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor.tolist()

@@ -1,0 +1,95 @@
+"""Which of a batch's views hold a given range of its image tokens.
+
+Image tokens follow placeholder order: for each image, its crops (row-major), then its global view. A
+sequence-parallel rank holds one slice of a row, so it needs only the views whose tokens fall in its
+slice: a run of consecutive views in that order, hence a range of the global views and a range of the
+crops. Without a range every view is needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+class ImageTokenMismatchError(ValueError):
+    """The image features do not fill the `<im_patch>` positions one for one."""
+
+
+@dataclass
+class ViewSelection:
+    pieces: list[tuple[bool, int]]  # the needed views in placeholder order: (is_global, index in its tensor)
+    globals: range  # indices into pixel_values
+    crops: range  # indices into patch_pixel_values
+    offset: int  # where the wanted tokens start within the needed views' tokens
+    count: int  # wanted tokens
+
+    @classmethod
+    def of(
+        cls,
+        pixel_values: torch.Tensor | None,
+        patch_pixel_values: torch.Tensor | None,
+        num_patches: list[int] | torch.Tensor | None,
+        tokens_per_view: Callable[[int], int],
+        token_range: tuple[int, int] | None = None,
+    ) -> ViewSelection:
+        """`tokens_per_view(side)`: image tokens of a square view of `side` pixels."""
+        num_globals = pixel_values.shape[0] if pixel_values is not None else 0
+        num_crops = patch_pixel_values.shape[0] if patch_pixel_values is not None else 0
+        num_patches = [int(n) for n in num_patches] if num_patches is not None else [0] * num_globals
+        if len(num_patches) != num_globals or sum(num_patches) != num_crops:
+            raise ImageTokenMismatchError(
+                f"num_patches {num_patches} does not match {num_globals} global views and {num_crops} crops"
+            )
+        global_tokens = tokens_per_view(pixel_values.shape[-1]) if num_globals else 0
+        crop_tokens = tokens_per_view(patch_pixel_values.shape[-1]) if num_crops else 0
+        views, at, crop_index = [], 0, itertools.count()  # (is_global, index, first token, end token)
+        for image, crops in enumerate(num_patches):
+            for _ in range(crops):
+                views.append((False, next(crop_index), at, at + crop_tokens))
+                at += crop_tokens
+            views.append((True, image, at, at + global_tokens))
+            at += global_tokens
+        start, end = token_range if token_range is not None else (0, at)
+        if end > at:
+            if not num_globals:
+                raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
+            raise ImageTokenMismatchError(
+                f"input_ids hold at least {end} <im_patch> tokens but the images give {at} image tokens"
+            )
+        needed = [view for view in views if view[2] < end and view[3] > start] if end > start else []
+
+        def indices(is_global: bool) -> range:
+            chosen = [index for kind, index, _, _ in needed if kind == is_global]
+            return range(chosen[0], chosen[-1] + 1) if chosen else range(0)
+
+        offset = start - needed[0][2] if needed else 0
+        return cls([(kind, index) for kind, index, _, _ in needed], indices(True), indices(False), offset, end - start)
+
+    @property
+    def num_globals(self) -> int:
+        return len(self.globals)
+
+    @property
+    def num_crops(self) -> int:
+        return len(self.crops)
+
+    def globals_of(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        return pixel_values[self.globals.start : self.globals.stop] if self.num_globals else None
+
+    def crops_of(self, patch_pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        return patch_pixel_values[self.crops.start : self.crops.stop] if self.num_crops else None
+
+    def assemble(self, globals_: torch.Tensor | None, crops: torch.Tensor | None) -> torch.Tensor | None:
+        """The wanted tokens (count, hidden) from the needed views' encodings, (N, tokens, hidden) each in
+        the order of `globals` and `crops`; None when none is wanted."""
+        if not self.pieces:
+            return None
+        rows = [
+            globals_[index - self.globals.start] if is_global else crops[index - self.crops.start]
+            for is_global, index in self.pieces
+        ]
+        return torch.cat(rows)[self.offset : self.offset + self.count]

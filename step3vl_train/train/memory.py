@@ -1,0 +1,277 @@
+"""What a training rank holds, part by part: an estimate to check by hand and against measured peaks.
+
+Every figure is bytes per rank, from the model's shapes, the run's lengths and these rules:
+- ZeRO-3 over all `world` ranks: parameters in the training dtype, fp32 master copies, Adam's two fp32
+  moments and fp32 gradient partitions (configs/deepspeed/zero3.yaml accumulates in fp32), each 1/world;
+  frozen parameters keep only their working copy. Transient: the gathered parameters
+  (`stage3_max_live_parameters`, at least the largest module) and one module's full gradient in the
+  training dtype plus its fp32 copy for the reduce (the largest is lm_head), plus a reduce bucket.
+- The decoder over T = micro_batch x seq_len / sequence_parallel tokens. With activation checkpointing it
+  keeps each layer's input (layers x T x hidden) and, while one layer is recomputed in backward, that
+  layer's saved tensors, DECODER_SAVED elements a token (below), and half as much again in gradients.
+  Without checkpointing, every layer's saved tensors.
+- The head: `compute.loss_chunk` positions at a time, vocabulary-wide: logits in the training dtype, an
+  fp32 copy and an fp32 exp temporary (10 bytes a logit in bf16), and the tile's gradient of the head's
+  weight before it is added to the accumulated one; plus the hidden states of the scored positions, their
+  gradient, the embeddings and the last hidden states, kept.
+- The vision tower, `compute.vision_chunk` views a call, each call checkpointed whole: the tokens of every
+  call are kept, and in backward one call is recomputed, keeping each block's input plus one block's
+  saved tensors (VIT_SAVED). The pack's views come as pixels in the training dtype; the worst case is
+  the views cap filled with crops, or the image cap with global views, as the token budget allows.
+- Attention: flash and flex keep O(T) (a log-sum-exp per head and token); sdpa with a mask, the CPU's
+  kernel, keeps a (B, L, L) bool mask. Ulysses adds its all-to-all buffers (q, k, v in both layouts).
+- Transient parts (*) happen at different moments of a step (the head's tile at the start of backward,
+  a decoder layer's recompute, a vision call's recompute): only the largest counts towards the total.
+- Fixed: CUDA context and NCCL buffers, and a fragmentation margin on everything else.
+Host memory (not the GPU's): each rank's loader holds packs in shared memory as uint8, about
+HOST_BYTES_PER_VIEW a view, for its workers' prefetch plus the pinned batch in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from step3vl_train.model.config import Step3VLConfig
+from step3vl_train.model.counting import build_on_meta
+
+GIB = 2**30
+# A decoder layer's tensors saved for backward, per token, in elements: the two RMSNorms (fp32 input,
+# fp32 normalised, output: 5 x hidden each), q (projection, q_norm's 5, rope, attention output: 8 x q),
+# k and v (projection, k_norm's 5, rope: 7 x kv; v: 1 x kv), the MLP (gate, up, SiLU, product: 4 x I).
+DECODER_SAVED = "10 * hidden + 8 * q + 8 * kv + 4 * intermediate"
+# A ViT block's, per patch: LayerNorms (2 x w), qkv (3 x w), rotated q, k (2 x w), attention output and
+# out_proj input (2 x w), c_fc output, quick_gelu's input and sigmoid, c_proj input (4 x mlp).
+VIT_SAVED = "9 * width + 4 * mlp"
+CUDA_CONTEXT_GIB = 1.5  # CUDA context, cuBLAS workspaces and NCCL buffers
+FRAGMENTATION = 0.10  # the caching allocator's slack, on top of everything else
+HOST_BYTES_PER_VIEW = 2 * 3 * 504 * 504  # a uint8 504 crop window plus as much again of its image's source
+
+
+@dataclass
+class ClusterConfig:
+    """configs/estimate_memory.yaml `cluster:`: the GPUs a run is sized for."""
+
+    gpus: int = 8  # ranks (all nodes)
+    gpu_memory_gb: float = 80.0  # GiB a GPU
+
+
+@dataclass
+class TrainingShape:
+    """The lengths and settings that decide a rank's memory."""
+
+    seq_len: int
+    micro_batch: int = 1
+    world: int = 8
+    sequence_parallel: int = 1
+    checkpointing: bool = True
+    bytes_per_param: int = 2  # bf16; 4 for fp32
+    vision_chunk: int = 8
+    loss_chunk: int = 2048
+    attention: str = "flash_attention_2"
+    max_views_per_pack: int = 256
+    max_images_per_pack: int = 64
+    frozen: tuple[str, ...] = ()  # parameter name prefixes not trained
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    max_live_parameters: int = 1_000_000_000
+    reduce_bucket_size: int = 50_000_000
+    image_size: int = 728
+    crop_size: int = 504
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: float
+    detail: str
+    transient: bool = False  # one of the step's moments: only the largest transient counts
+
+
+def peak_bytes(parts: list[Part]) -> float:
+    """What is kept, plus the largest transient."""
+    transients = [part.bytes for part in parts if part.transient]
+    return sum(part.bytes for part in parts if not part.transient) + max(transients, default=0.0)
+
+
+@dataclass
+class Estimate:
+    gpu: list[Part] = field(default_factory=list)
+    host: list[Part] = field(default_factory=list)
+    budget_gib: float = 80.0
+
+    @property
+    def gpu_gib(self) -> float:
+        return peak_bytes(self.gpu) / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_gib <= self.budget_gib
+
+    def table(self) -> str:
+        rows = [f"{'part':<34}{'GiB':>9}  how"]
+        rows += [f"{p.name + (' *' if p.transient else ''):<34}{p.bytes / GIB:>9.2f}  {p.detail}" for p in self.gpu]
+        verdict = "fits" if self.fits else "does NOT fit"
+        rows.append(f"{'GPU total':<34}{self.gpu_gib:>9.2f}  of {self.budget_gib:g} GiB: {verdict}")
+        rows.append(f"{'':<34}{'':>9}  (* transient: only the largest counts)")
+        rows += [f"{'host: ' + p.name:<34}{p.bytes / GIB:>9.2f}  {p.detail}" for p in self.host]
+        return "\n".join(rows)
+
+
+def parameter_counts(config: Step3VLConfig, frozen: tuple[str, ...], head: str = "lm_head") -> dict[str, int]:
+    """Total and trainable parameters, the largest module's, from the model built on the meta device;
+    `head` "value" counts the critic (a scalar head in place of lm_head)."""
+    model = build_on_meta(config)
+    shapes = {name: p.numel() for name, p in model.named_parameters()}
+    if head == "value":
+        shapes = {n: c for n, c in shapes.items() if not n.startswith("lm_head.")} | {"value_head.weight": 1}
+    return {
+        "total": sum(shapes.values()),
+        "trainable": sum(c for n, c in shapes.items() if not n.startswith(frozen)) if frozen else sum(shapes.values()),
+        "largest": max(shapes.values()),
+    }
+
+
+def zero3_states(counts: dict[str, int], shape: TrainingShape, label: str) -> list[Part]:
+    b, n = shape.bytes_per_param, shape.world
+    total, trained = counts["total"], counts["trainable"]
+    return [
+        Part(f"{label}: parameters", b * total / n, f"{b} B x {total / 1e9:.3f}B params / {n} ranks"),
+        Part(f"{label}: fp32 master + Adam", 12 * trained / n, f"12 B x {trained / 1e9:.3f}B trained / {n}"),
+        Part(f"{label}: fp32 grad partitions", 4 * trained / n, f"4 B x {trained / 1e9:.3f}B trained / {n}"),
+    ]
+
+
+def zero3_transients(counts: dict[str, int], shape: TrainingShape) -> list[Part]:
+    b = shape.bytes_per_param
+    live = max(shape.max_live_parameters, counts["largest"])
+    largest = counts["largest"]
+    return [
+        Part("ZeRO-3 gathered parameters", b * live, f"{b} B x max(max_live_parameters, largest module)"),
+        Part(
+            "ZeRO-3 gradient reduce",
+            (b + 4) * largest + 4 * shape.reduce_bucket_size,
+            f"largest module's grad ({b} B) + fp32 copy, + fp32 bucket",
+        ),
+    ]
+
+
+def decoder_parts(config: Step3VLConfig, shape: TrainingShape) -> list[Part]:
+    text = config.text_config
+    hidden, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    q = text.num_attention_heads * text.head_dim
+    kv = text.num_key_value_heads * text.head_dim
+    b = shape.bytes_per_param
+    tokens = shape.micro_batch * shape.seq_len // shape.sequence_parallel
+    saved = 10 * hidden + 8 * q + 8 * kv + 4 * inter
+    parts = []
+    if shape.checkpointing:
+        checkpoints = b * layers * tokens * hidden
+        parts.append(Part("decoder checkpoints", checkpoints, f"{layers} layers x {tokens} tokens x hidden"))
+        parts.append(
+            Part(
+                "decoder layer recompute",
+                1.5 * b * tokens * saved,
+                f"{tokens} tokens x ({DECODER_SAVED}) x 1.5",
+                transient=True,
+            )
+        )
+    else:
+        every = b * layers * tokens * saved
+        parts.append(Part("decoder activations", every, f"{layers} layers x {tokens} x ({DECODER_SAVED})"))
+    if shape.attention in ("sdpa", "sdpa_packed", "eager"):
+        rows, length = shape.micro_batch, shape.seq_len
+        parts.append(Part("attention mask", rows * length * length, f"{rows} x ({length} x {length}) bool"))
+    else:
+        parts.append(Part("attention log-sum-exp", 4 * tokens * text.num_attention_heads, "fp32, per head and token"))
+    if shape.sequence_parallel > 1:
+        parts.append(Part("Ulysses all-to-all", 2 * b * tokens * (q + 2 * kv), "q, k, v in both layouts"))
+    head_tokens = min(shape.loss_chunk or tokens, tokens)
+    parts.append(Part("scored and last hidden states", 4 * b * tokens * hidden, "scored, their grad, embeds, last"))
+    parts.append(
+        Part(
+            "loss tile",
+            (b + 8) * head_tokens * text.vocab_size + b * text.vocab_size * hidden,
+            f"{head_tokens} x {text.vocab_size} logits x {b + 8} B, + the tile's head-weight grad",
+            transient=True,
+        )
+    )
+    return parts
+
+
+def vision_parts(config: Step3VLConfig, shape: TrainingShape) -> list[Part]:
+    vision = config.vision_config
+    width, mlp, layers = vision.width, vision.mlp_width, vision.layers
+    b, sp = shape.bytes_per_param, shape.sequence_parallel
+    crop_tokens = (shape.crop_size // (4 * vision.patch_size)) ** 2 + 2  # with <patch_start>, <patch_end>
+    global_tokens = (shape.image_size // (4 * vision.patch_size)) ** 2 + 2
+    budget = shape.micro_batch * shape.seq_len
+    crops = min(shape.max_views_per_pack * shape.micro_batch, budget // crop_tokens)
+    globals_ = min(shape.max_images_per_pack * shape.micro_batch, budget // global_tokens)
+    pixels = max(crops * shape.crop_size**2, globals_ * shape.image_size**2) * 3 * b / sp
+    image_tokens = max(crops * (crop_tokens - 2), globals_ * (global_tokens - 2)) / sp
+    patches = (shape.image_size // vision.patch_size) ** 2  # the larger view kind's
+    chunk = shape.vision_chunk or max(crops, globals_)
+    block = 9 * width + 4 * mlp
+    if shape.frozen and "vision_model." in shape.frozen:  # frozen (RL): forward only, nothing kept
+        return [
+            Part("vision pixels", pixels, f"worst of {crops} crops / {globals_} globals, {b} B"),
+            Part("vision tokens", b * image_tokens * config.hidden_size, "every call's output"),
+            Part(
+                "vision chunk",
+                chunk * patches * block * b,
+                f"{chunk} global views x one block's ({VIT_SAVED})",
+                transient=True,
+            ),
+        ]
+    return [
+        Part("vision pixels", pixels, f"worst of {crops} crops / {globals_} globals a pack, {b} B, / sp {sp}"),
+        Part("vision tokens kept", 2 * b * image_tokens * config.hidden_size, "every call's output, and its grad"),
+        Part(
+            "vision chunk recompute",
+            chunk * patches * (layers * width + block) * b,
+            f"{chunk} global views x {patches} patches x ({layers} x width + {VIT_SAVED})",
+            transient=True,
+        ),
+    ]
+
+
+def fixed_parts(gpu: list[Part]) -> list[Part]:
+    rest = peak_bytes(gpu)
+    return [
+        Part("CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed"),
+        Part("allocator fragmentation", FRAGMENTATION * rest, f"{FRAGMENTATION:.0%} of the above"),
+    ]
+
+
+def host_parts(shape: TrainingShape) -> list[Part]:
+    packs = shape.micro_batch * (shape.num_workers * shape.prefetch_factor + 1)
+    views = shape.max_views_per_pack
+    per_pack = views * HOST_BYTES_PER_VIEW
+    return [
+        Part(
+            "loader shared memory",
+            packs * per_pack,
+            f"{packs} packs in flight x {views} views x {HOST_BYTES_PER_VIEW / 2**20:.2f} MiB (uint8)",
+        )
+    ]
+
+
+def estimate_training(config: Step3VLConfig, shape: TrainingShape, budget_gib: float) -> Estimate:
+    """Pre-training and SFT: one model under ZeRO-3."""
+    counts = parameter_counts(config, shape.frozen)
+    gpu = zero3_states(counts, shape, "model") + zero3_transients(counts, shape)
+    gpu += decoder_parts(config, shape) + vision_parts(config, shape)
+    return Estimate(gpu + fixed_parts(gpu), host_parts(shape), budget_gib)
+
+
+def estimate_rl(config: Step3VLConfig, policy: TrainingShape, critic: TrainingShape, budget_gib: float) -> Estimate:
+    """An RL training rank: the policy's and the critic's ZeRO-3 states side by side, and the larger of the
+    two models' working sets (they run one after the other). Rollout engines are not counted: on GPUs of
+    their own, or colocated and asleep while the trainer works."""
+    policy_counts = parameter_counts(config, policy.frozen)
+    critic_counts = parameter_counts(config, critic.frozen, head="value")
+    gpu = zero3_states(policy_counts, policy, "policy") + zero3_states(critic_counts, critic, "critic")
+    gpu += zero3_transients(policy_counts, policy)
+    working = [decoder_parts(config, s) + vision_parts(config, s) for s in (policy, critic)]
+    gpu += max(working, key=peak_bytes)
+    return Estimate(gpu + fixed_parts(gpu), [], budget_gib)

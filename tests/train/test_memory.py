@@ -1,0 +1,55 @@
+"""The per-rank memory estimate: every recipe fits 8 H100s, the arithmetic is what the docstring says, and
+the estimate matches a measured peak on the CPU."""
+
+import pytest
+
+from benchmarks.memory_cpu import in_subprocess
+from launch.estimate_memory import estimate, main
+from step3vl_train.train.memory import ClusterConfig
+from step3vl_train.train.recipes import register_recipes
+
+GIB = 2**30
+H100 = ClusterConfig(gpus=8, gpu_memory_gb=80)
+register_recipes()
+
+
+def parts(result) -> dict[str, float]:
+    return {part.name: part.bytes for part in result.gpu}
+
+
+@pytest.mark.parametrize("recipe", ["phase1", "phase2", "sft_stage1", "sft_stage2", "rlvr"])
+def test_every_recipe_fits_eight_h100s_as_it_is(recipe):
+    result, _ = estimate(recipe, H100, [f"+recipe={recipe}"])
+    assert result.fits, result.table()
+    assert result.gpu_gib > 30  # a 10B model's states alone are 23 GiB a rank
+
+
+def test_the_arithmetic_by_hand():
+    result, _ = estimate("phase1", H100, ["+recipe=phase1"])
+    got = parts(result)
+    params = 10_172_000_000  # about; the estimate counts them exactly on the meta device
+    assert got["model: parameters"] == pytest.approx(2 * params / 8, rel=1e-3)
+    assert got["model: fp32 master + Adam"] + got["model: fp32 grad partitions"] == pytest.approx(
+        16 * params / 8, rel=1e-3
+    )
+    assert got["decoder checkpoints"] == 36 * 4096 * 4096 * 2  # layers x tokens x hidden x bf16
+    # a 2,048-position tile of the 151,936-token vocabulary at 10 B a logit, plus the head's weight grad
+    assert got["loss tile"] == 2048 * 151936 * 10 + 151936 * 4096 * 2
+    sp8, _ = estimate("sft_stage1", H100, ["+recipe=sft_stage1"])
+    assert parts(sp8)["decoder checkpoints"] == 36 * (131072 // 8) * 4096 * 2
+
+
+def test_a_128k_row_on_one_rank_does_not_fit_and_the_degree_that_does_is_named(capsys):
+    result, _ = estimate("sft_stage1", H100, ["+recipe=sft_stage1", "trainer.sequence_parallel=1"])
+    assert not result.fits and result.gpu_gib > 120
+    main(["+recipe=sft_stage1", "trainer.sequence_parallel=1", "cluster.gpus=8"])
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "it needs trainer.sequence_parallel=4" in out
+
+
+@pytest.mark.slow
+def test_the_estimate_matches_the_measured_peak_of_a_step_on_the_cpu():
+    """A checkpointed forward and backward of a 4 x 256 decoder with the 151,936-token vocabulary and a
+    vision tower, fp32, 4,096 tokens: peak RSS growth against the estimate, within 15%."""
+    result = in_subprocess("step_region", 4096, 512, 2)
+    assert result["measured_gib"] == pytest.approx(result["estimate_gib"], rel=0.15), result
