@@ -265,14 +265,13 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         )
         image_range = (local.image_tokens_before, local.image_tokens_before + local.image_tokens)
         selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, image_range)
-        if selection.num_globals == 0 and local.image_tokens:
-            raise ImageTokenMismatchError("input_ids hold <im_patch> tokens but no pixel_values were given")
         keep_alive = self.training and torch.is_grad_enabled() and self._vision_is_trained()
         scored = int((local.targets != IGNORE_INDEX).sum()) if targets is not None else 0
         wanted = [*self.vision_calls(selection, keep_alive), chunk_count(scored, runtime.compute.loss_chunk)]
-        global_calls, crop_calls, head_calls = runtime.agree(wanted, local.input_ids.device)
+        device = local.input_ids.device
+        global_calls, crop_calls, head_calls = runtime.agree(wanted, device)
         image_embeds, zero = self.image_embeddings(
-            pixel_values, patch_pixel_values, num_patches, image_range, (global_calls, crop_calls), local.input_ids.device
+            pixel_values, patch_pixel_values, num_patches, image_range, (global_calls, crop_calls), device
         )
         if position_ids is not None and attention_mask is None:
             # Packed rows: transformers reads the samples' boundaries from the position ids only without a

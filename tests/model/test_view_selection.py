@@ -86,3 +86,23 @@ def test_stand_ins_are_made_where_the_model_is(tiny_model):
     tiny_model.to("meta")
     tokens, zero = tiny_model.image_embeddings(None, None, None, chunks=(1, 1))
     assert tokens is None and zero.device.type == "meta"
+
+
+def test_a_sequence_slice_holding_only_crop_tokens_runs_only_those_crops(tiny_model, monkeypatch):
+    """The first of two sequence-parallel ranks holds the first half of a 64-token row that opens with an
+    image of 4 crops (36 tokens, then 16 of the global view): only crops reach its tower, and the slice is
+    no error for lacking a global view."""
+    runtime = type(tiny_model.runtime)
+    monkeypatch.setattr(runtime, "sequence_parallel", property(lambda self: 2))
+    monkeypatch.setattr(runtime, "sequence_rank", property(lambda self: 0))
+    globals_, crops, num_patches = views(3, (4,))
+    ids = torch.randint(11, 1000, (1, 64))
+    ids[0, : 4 * CROP + GLOBAL] = 5
+    sides = []
+    tiny_model.vision_model.register_forward_hook(lambda _m, args, _o: sides.append(args[0].shape[-1]))
+    tiny_model.train()
+    tiny_model(
+        input_ids=ids, position_ids=torch.arange(64)[None], pixel_values=globals_, patch_pixel_values=crops,
+        num_patches=num_patches, labels=ids,
+    )  # fmt: skip
+    assert 168 in sides and 224 not in sides  # crops (168 px), and a stand-in where the global view (224) was
