@@ -48,18 +48,10 @@ def model_overrides(args) -> list[str]:
     ]
 
 
-def corpus(kind: str, out: Path, num: int, args) -> Path:
+def corpus(kind: str, out: Path, num: int) -> Path:
     target = out / "data" / kind
     if not target.exists():
-        processor = str(REPO / "configs/processor/tiny.yaml") if args.smoke else None
-        from step3vl_train.processing.processor import load_processor
-
-        loaded = load_processor("tiny", processor)
-
-        def count(record, images):
-            return len(loaded.layout(record.get("messages"), [i.size for i in images], document=record.get("text")))
-
-        write_corpus(kind, str(target), num, seed=0, shard_size=50, count_tokens=count)
+        write_corpus(kind, str(target), num, seed=0, shard_size=50)
     return target
 
 
@@ -92,7 +84,7 @@ def train_run(name: str, launcher: str, recipe: str, seq_len: int, steps: int, d
 
 
 def rl_run(args) -> dict:
-    data = corpus("rl", args.out, 40, args)
+    data = corpus("rl", args.out, 40)
     overrides = [
         "stage=rlvr", "+recipe=rlvr", *model_overrides(args), f"prompts.root={data}", "prompts.prompts_per_step=2",
         "rollout.n=4", f"rollout.max_new_tokens={64 if args.smoke else 512}", "algo.minibatches=2",
@@ -163,8 +155,8 @@ def main() -> None:
     register_recipes()
     started = time.perf_counter()
     short, long = (512, 2048) if args.smoke else (4096, 32768)
-    pretrain = corpus("pretrain", args.out, 120 if args.smoke else 400, args)
-    sft = corpus("sft", args.out, 120 if args.smoke else 600, args)
+    pretrain = corpus("pretrain", args.out, 120 if args.smoke else 400)
+    sft = corpus("sft", args.out, 120 if args.smoke else 600)
     results = {"device": device_name()}
     results["pretrain_4k"] = train_run("pretrain_4k", "launch/pretrain.py", "phase1", short, args.steps, pretrain, args)
     results["sft_32k"] = train_run("sft_32k", "launch/sft.py", "sft_stage1", long, max(args.steps // 2, 2), sft, args)

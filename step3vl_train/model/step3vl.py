@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import step3vl_train.model.attention  # noqa: F401  (registers the sdpa_packed kernel)
 from step3vl_train.model.compute import ModelRuntime
 from step3vl_train.model.config import Step3VLConfig
-from step3vl_train.model.sequence import IGNORE_INDEX, local_sequence, shift_targets
+from step3vl_train.model.sequence import IGNORE_INDEX, LocalSequence, local_sequence, shift_targets
 from step3vl_train.model.token_scores import chunk_count, token_scores
 from step3vl_train.model.view_selection import ImageTokenMismatchError, ViewSelection
 from step3vl_train.model.vision import LayerScale, StepVisionEncoder, VisionAttention
@@ -105,6 +105,17 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, token_range)
         if chunks is None:
             chunks = self.vision_calls(selection, keep_alive=False)
+        return self._embed_views(selection, pixel_values, patch_pixel_values, chunks, device)
+
+    def _embed_views(
+        self,
+        selection: ViewSelection,
+        pixel_values: torch.Tensor | None,
+        patch_pixel_values: torch.Tensor | None,
+        chunks: tuple[int, int],
+        device: torch.device | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`image_embeddings` for views already selected."""
         # A parameter's device is no gather under ZeRO-3: its (empty) partition lives there.
         device = device if device is not None else self.vision_model.positional_embedding.device
         zero = torch.zeros((), device=device)
@@ -238,18 +249,43 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
         Every rank of `runtime.group` agrees here, in one all-reduce, on how many times it will call the
         vision tower (global views, crops) and the head, each the largest any rank needs."""
+        local, head_calls = None, 1
         if inputs_embeds is not None or not _is_prefill(past_key_values):
             # Embeddings given, or a decode step: the images are in the KV cache already.
             embeds = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, None)
-            outputs = self.model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
+        else:
+            if position_ids is not None and attention_mask is None:
+                # Packed rows: transformers reads the samples' boundaries from the position ids only without
+                # a KV cache; with one, the samples would attend to each other.
+                use_cache = False
+            local, embeds, head_calls = self._prefill_embeddings(
+                input_ids, attention_mask, position_ids, pixel_values, patch_pixel_values, num_patches, targets
             )
-            return outputs, None, 1
+            attention_mask, position_ids = local.attention_mask, local.position_ids
+        outputs = self.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if local is not None and local.is_whole:
+            outputs.last_hidden_state = outputs.last_hidden_state.reshape(*local.batch_shape, -1)
+            local.targets = local.targets.reshape(local.batch_shape) if local.targets is not None else None
+        return outputs, local, head_calls
+
+    def _prefill_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        patch_pixel_values: torch.Tensor | None,
+        num_patches: list[int] | torch.Tensor | None,
+        targets: torch.Tensor | None,
+    ) -> tuple[LocalSequence, torch.Tensor, int]:
+        """This rank's part of a fresh batch, its embeddings with the images in, and the agreed head calls."""
         runtime = self.runtime
         # Sequence parallelism in training only: in eval mode (generation) DeepSpeed's Ulysses wrapper steps
         # aside and each rank runs whole rows.
@@ -260,7 +296,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             position_ids,
             targets,
             self.config.image_token_id,
-            flatten=runtime.flattens_packed_rows(self.model.config._attn_implementation) or shard[1] > 1,
+            flatten=runtime.flattens_packed_rows(self.model.config._attn_implementation),
             shard=shard,
         )
         image_range = (local.image_tokens_before, local.image_tokens_before + local.image_tokens)
@@ -270,25 +306,10 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         wanted = [*self.vision_calls(selection, keep_alive), chunk_count(scored, runtime.compute.loss_chunk)]
         device = local.input_ids.device
         global_calls, crop_calls, head_calls = runtime.agree(wanted, device)
-        image_embeds, zero = self.image_embeddings(
-            pixel_values, patch_pixel_values, num_patches, image_range, (global_calls, crop_calls), device
+        image_embeds, zero = self._embed_views(
+            selection, pixel_values, patch_pixel_values, (global_calls, crop_calls), device
         )
-        if position_ids is not None and attention_mask is None:
-            # Packed rows: transformers reads the samples' boundaries from the position ids only without a
-            # KV cache; with one, the samples would attend to each other.
-            use_cache = False
-        outputs = self.model(
-            inputs_embeds=self.embed(local.input_ids, image_embeds) + zero,
-            attention_mask=local.attention_mask,
-            position_ids=local.position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        if local.is_whole:
-            outputs.last_hidden_state = outputs.last_hidden_state.reshape(*local.batch_shape, -1)
-            local.targets = local.targets.reshape(local.batch_shape) if local.targets is not None else None
-        return outputs, local, head_calls
+        return local, self.embed(local.input_ids, image_embeds) + zero, head_calls
 
     def _vision_is_trained(self) -> bool:
         return any(param.requires_grad for param in self.vision_model.parameters())

@@ -56,8 +56,8 @@ class Batch:
         """The model's keyword arguments, every tensor on `device` (None: where the batch is): `pixel_values`
         (ΣN_images, 3, S, S) and `patch_pixel_values` (ΣN_crops, 3, s, s) or None, normalised there in
         float32 and cast to `pixel_dtype`. Copies are asynchronous from pinned memory."""
-        # Packed rows pass position ids instead of the padding mask: transformers builds the
-        # block-diagonal causal mask from them, but only with no attention mask and no KV cache.
+        # Packed rows pass position ids instead of the padding mask: the model keeps their samples apart
+        # by them (and runs them without a KV cache, which would let the samples see each other).
         packed = self.position_ids is not None
         pixel_values, patch_pixel_values = (
             model_pixels(self.pixels, device, pixel_dtype) if self.pixels is not None else (None, None)
@@ -65,7 +65,7 @@ class Batch:
         inputs = {
             "input_ids": self.input_ids.to(device, non_blocking=True),
             "attention_mask": None if packed else self.attention_mask.to(device, non_blocking=True),
-            **({"position_ids": self.position_ids.to(device, non_blocking=True), "use_cache": False} if packed else {}),
+            **({"position_ids": self.position_ids.to(device, non_blocking=True)} if packed else {}),
             "pixel_values": pixel_values,
             "patch_pixel_values": patch_pixel_values,
             "num_patches": self.num_patches,
