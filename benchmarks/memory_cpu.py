@@ -1,7 +1,9 @@
-"""Peak memory on the CPU: the loss over a long row with Qwen3's vocabulary, before and after tiling, and
-a training step of a narrow, long model against `step3vl_train/train/memory.py`'s estimate.
+"""Peak memory on the CPU: the loss over a long row with Qwen3's vocabulary, before and after tiling; RL's
+scoring of long responses, before and after; and a training step of a narrow, long model against
+`step3vl_train/train/memory.py`'s estimate.
 
 python benchmarks/memory_cpu.py loss [--lengths 2048 4096 8192 32768]
+python benchmarks/memory_cpu.py score [--responses 2048 4096 8192 16384] [--prompt 512]
 python benchmarks/memory_cpu.py step [--seq-len 4096]
 
 Each measurement runs in a fresh process: the growth of its peak RSS over the measured region (what was
@@ -9,9 +11,14 @@ resident before it, the model and the inputs, is subtracted). `loss`: a decoder 
 the 151,936-token vocabulary, fp32, every position labelled; "whole" is the former path (the head over
 every position, transformers' ForCausalLMLoss), "tiled" the current one (compute.loss_chunk positions a
 head call). The whole path at 32K needs ~60 GB, more than the machine has, so it runs under an address-
-space limit and reports where it failed. `step`: forward and backward with activation checkpointing of
-a 4-layer x 256 decoder, the same vocabulary and a tiny vision tower over a few views, against the
-estimate's activation parts for fp32 (`measured_vs_estimate`). Each mode prints a Markdown table.
+space limit and reports where it failed. `score`: RL's log-probs and entropy of one prompt + response
+row without gradients (TrainWorker.score), the same decoder in bf16 as on GPUs; "whole" is the former
+path (bf16 logits over every position, upcast to fp32, logsumexp, then log_softmax and a full softmax
+entropy), "tiled" the current one (the forward with response labels: the head over response positions
+only, compute.loss_chunk at a time); where the whole path would pass 8 GiB it runs under the address-space
+limit. `step`: forward and backward with activation checkpointing of a 4-layer x 256 decoder, the same
+vocabulary and a tiny vision tower over a few views, against the estimate's activation parts for fp32
+(`measured_vs_estimate`). Each mode prints a Markdown table.
 """
 
 import argparse
@@ -85,6 +92,46 @@ def loss_region(path: str, length: int, chunk: int) -> dict:
     return {"peak_gib": (peak_rss() - before) / 2**30, "loss": float(loss)}
 
 
+def score_region(path: str, response: int, prompt: int, chunk: int) -> dict:
+    """One process: the bf16 model and a prompt + response row, then the measured scoring of the response
+    (log-probs at temperature 1 and entropy, no gradients)."""
+    import torch
+
+    from rl.experience import sequence_batch
+    from step3vl_train.model import Step3VLForConditionalGeneration
+    from step3vl_train.processing.processor import ProcessedSample
+
+    torch.manual_seed(0)
+    model = Step3VLForConditionalGeneration(narrow_config(64, 2, 128)).to(torch.bfloat16).eval()
+    model.runtime.compute.loss_chunk = chunk
+    prompt_ids = torch.randint(11, VOCAB, (prompt,))
+    sample = ProcessedSample(prompt_ids, prompt_ids.clone(), None, [], torch.zeros(0, dtype=torch.bool))
+    sequences = sequence_batch([(sample, torch.randint(11, VOCAB, (response,)).tolist())], 0)
+    inputs = sequences.batch.model_inputs(with_labels=False)
+    before = rss()
+    try:
+        with torch.no_grad():
+            if path == "whole":  # as rl/algos/logprobs.py did before the head was tiled
+                logits = model(**inputs).logits[:, :-1]
+                targets = sequences.batch.input_ids[:, 1:]
+                scaled = logits.float() / 1.0
+                logprobs = scaled.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+                del scaled
+                log_p = torch.log_softmax(logits.float() / 1.0, dim=-1)
+                entropy = -(log_p.exp() * log_p).sum(-1)
+            else:  # TrainWorker._scores
+                out = model(**inputs, labels=sequences.response_labels(), logprobs_temperature=1.0, return_entropy=True)
+                logprobs, entropy = out.logprobs[:, :-1], out.entropy[:, :-1]
+    except RuntimeError as error:  # the address-space limit: an allocation refused
+        return {"failed": str(error).splitlines()[0][:120], "peak_gib": (peak_rss() - before) / 2**30}
+    mask = sequences.response_mask.bool()
+    return {
+        "peak_gib": (peak_rss() - before) / 2**30,
+        "logprob_sum": float(logprobs[mask].sum()),
+        "entropy_sum": float(entropy[mask].sum()),
+    }
+
+
 def step_region(seq_len: int, chunk: int, vision_chunk: int) -> dict:
     """One process: a checkpointed forward and backward of a packed row with images; the estimate of the
     same row's activations in fp32 beside it."""
@@ -153,6 +200,27 @@ def loss(args) -> None:
         print(f"| {length:,} | {show[0]} | {show[1]} |")
 
 
+def score(args) -> None:
+    print(f"{args.prompt}-token prompt + a response, 1 row, vocabulary {VOCAB:,}, bf16; peak RSS growth")
+    print(
+        f"| response tokens | whole logits (former) | bytes a logit | tiled, {args.loss_chunk:,} a call | "
+        "tiled bytes a tile logit |\n|---|---|---|---|---|"
+    )
+    for response in args.responses:
+        logits = (args.prompt + response - 1) * VOCAB  # (L - 1) x V: every position but the last
+        limit = ADDRESS_LIMIT if 14 * logits > ADDRESS_LIMIT // 2 else None
+        whole = in_subprocess("score_region", "whole", response, args.prompt, args.loss_chunk, limit=limit)
+        tiled = in_subprocess("score_region", "tiled", response, args.prompt, args.loss_chunk)
+        if "failed" in whole:
+            shown, per_logit = f"failed at {whole.get('peak_gib', 0):.2f} GiB (limit {ADDRESS_LIMIT / 2**30:.0f})", "-"
+        else:
+            shown, per_logit = f"{whole['peak_gib']:.2f} GiB", f"{whole['peak_gib'] * 2**30 / logits:.1f}"
+            assert abs(whole["logprob_sum"] - tiled["logprob_sum"]) < 1e-3 * abs(tiled["logprob_sum"]), (whole, tiled)
+        tile = min(args.loss_chunk, response) * VOCAB
+        print(f"| {response:,} | {shown} | {per_logit} | {tiled['peak_gib']:.2f} GiB | "
+              f"{tiled['peak_gib'] * 2**30 / tile:.1f} |")  # fmt: skip
+
+
 def step(args) -> None:
     result = in_subprocess("step_region", args.seq_len, args.loss_chunk, args.vision_chunk)
     print("| part | estimate GiB |\n|---|---|")
@@ -168,12 +236,16 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     loss_parser = sub.add_parser("loss")
     loss_parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 32768])
+    score_parser = sub.add_parser("score")
+    score_parser.add_argument("--responses", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    score_parser.add_argument("--prompt", type=int, default=512)
+    score_parser.add_argument("--loss-chunk", type=int, default=2048)
     step_parser = sub.add_parser("step")
     step_parser.add_argument("--seq-len", type=int, default=4096)
     step_parser.add_argument("--loss-chunk", type=int, default=512)
     step_parser.add_argument("--vision-chunk", type=int, default=2)
     args = parser.parse_args()
-    {"loss": loss, "step": step}[args.mode](args)
+    {"loss": loss, "score": score, "step": step}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@ the model grows. Runs `rl/run.py` (2 ZeRO-3 ranks over gloo, the transformers en
 timings it logs in metrics.jsonl.
 
 python benchmarks/rl_cpu.py phases [--steps 10]
-python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096]
+python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096 1024:12:4096:768:12]
 python benchmarks/rl_cpu.py engine [--lengths 64 256 1024]
 
 `phases`: the tiny model on the synthetic RL prompts (images), 8 prompts x 4 responses of up to 48 tokens,
 PPO with the critic. The first iteration is left out (warm-up). `sync`: the decoder at hidden:layers:ffn,
-critic-free GRPO on 2 prompts x 2 responses of 4 tokens, so that the sync is what varies; the median of
-iterations 2 and 3. `engine`: the transformers engine alone, the tiny model with Qwen3's 151,936-token
-vocabulary, 8 responses of exactly N tokens; the growth of peak RSS over generation after a short warm-up
-one, in a fresh process per length, beside the logits that keeping every step's would take. Each mode
-prints a Markdown table.
+critic-free GRPO on 2 prompts x 2 responses of 4 tokens, so that the sync is what varies; the vision
+tower scaled too where a size names it. The first sync (every tensor) and each iteration's (the trainable
+ones: the vision tower stays frozen), the median time of iterations 2 and 3. `engine`: the transformers
+engine alone, the tiny model with Qwen3's 151,936-token vocabulary, 8 responses of exactly N tokens; the
+growth of peak RSS over generation after a short warm-up one, in a fresh process per length, beside the
+logits that keeping every step's would take. Each mode prints a Markdown table.
 """
 
 import argparse
@@ -46,7 +47,7 @@ def run_rl(out: Path, corpus: Path, *overrides: str) -> list[dict]:
 
 def phases(args, corpus: Path, work: Path) -> None:
     rows = run_rl(work / "phases", corpus, "prompts.prompts_per_step=8", "rollout.n=4", "algo.minibatches=2",
-                  "policy.micro_batch_size=8", "critic.micro_batch_size=8", "rollout.max_new_tokens=48",
+                  "policy.micro_batch_tokens=4096", "critic.micro_batch_tokens=4096", "rollout.max_new_tokens=48",
                   f"run.max_steps={args.steps}")[1:]  # fmt: skip
     step = statistics.median(r["time/step"] for r in rows)
     print("| phase | median s | share of the iteration |\n|---|---|---|")
@@ -60,23 +61,33 @@ def phases(args, corpus: Path, work: Path) -> None:
 
 def sync(args, corpus: Path, work: Path) -> None:
     print(
-        "| decoder hidden:layers:ffn | parameters | bytes sent | buckets | sync s | MB/s |\n|---|---|---|---|---|---|"
+        "| model hidden:layers:ffn[:vision width:layers] | parameters (frozen) | first sync | each iteration's |"
+        " tensors first / each | sync s | MB/s |\n|---|---|---|---|---|---|---|"
     )
     for size in args.sizes:
-        hidden, layers, ffn = (int(x) for x in size.split(":"))
+        hidden, layers, ffn, *vision = (int(x) for x in size.split(":"))
         heads = max(4, hidden // 128)
+        overrides = [
+            f"model.text_config.hidden_size={hidden}", f"model.text_config.num_hidden_layers={layers}",
+            f"model.text_config.max_window_layers={layers}", f"model.text_config.intermediate_size={ffn}",
+            f"model.text_config.num_attention_heads={heads}", f"model.text_config.num_key_value_heads={heads // 2}",
+            f"model.text_config.head_dim={hidden // heads}",
+        ]  # fmt: skip
+        if vision:
+            overrides += [f"model.vision_config.width={vision[0]}", f"model.vision_config.layers={vision[1]}",
+                          f"model.vision_config.heads={max(4, vision[0] // 64)}"]  # fmt: skip
         rows = run_rl(
             work / f"sync_{size.replace(':', '_')}", corpus, "prompts.prompts_per_step=2", "rollout.n=2",
-            "algo.minibatches=1", "policy.micro_batch_size=2", "algo.estimator=grpo", "critic.enabled=false",
-            "rollout.max_new_tokens=4", "run.max_steps=3", f"model.text_config.hidden_size={hidden}",
-            f"model.text_config.num_hidden_layers={layers}", f"model.text_config.max_window_layers={layers}",
-            f"model.text_config.intermediate_size={ffn}", f"model.text_config.num_attention_heads={heads}",
-            f"model.text_config.num_key_value_heads={heads // 2}", f"model.text_config.head_dim={hidden // heads}",
-        )[1:]  # fmt: skip
-        seconds = statistics.median(r["sync/s"] for r in rows)
-        sent = rows[-1]["sync/bytes"]
-        print(f"| {size} | {sent / 4 / 1e6:.1f}M | {sent / 1e6:.0f} MB | {rows[-1]['sync/buckets']:.0f} | "
-              f"{seconds:.3f} | {sent / 1e6 / seconds:.0f} |")  # fmt: skip
+            "algo.minibatches=1", "policy.micro_batch_tokens=1024", "algo.estimator=grpo", "critic.enabled=false",
+            "rollout.max_new_tokens=4", "run.max_steps=3", *overrides,
+        )  # fmt: skip
+        first, later = rows[0], rows[1:]
+        seconds = statistics.median(r["sync/s"] for r in later)
+        sent, everything = later[-1]["sync/bytes"], first["sync_start/bytes"]
+        frozen = (everything - sent) / 4 / 1e6
+        tensors = f"{first['sync_start/tensors']:.0f} / {later[-1]['sync/tensors']:.0f}"
+        sizes = f"{everything / 4 / 1e6:.1f}M ({frozen:.1f}M) | {everything / 1e6:.0f} MB | {sent / 1e6:.0f} MB"
+        print(f"| {size} | {sizes} | {tensors} | {seconds:.3f} | {sent / 1e6 / seconds:.0f} |")
 
 
 QWEN3_VOCAB = 151_936
@@ -125,7 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["phases", "sync", "engine", "engine-one"])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096"])
+    parser.add_argument(
+        "--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096", "1024:12:4096:768:12"]
+    )
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024])
     args = parser.parse_args()
     if args.mode == "engine":  # needs no corpus

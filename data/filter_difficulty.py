@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rl.config import RLConfig
-from rl.engines import build_rollout_engine
+from rl.engines import build_rollout_engine, engine_options
 from rl.iteration import group_responses, sampling_params, score_rewards
 from rl.prompts import PromptLoader
 from rl.rewards import RewardScorer
@@ -51,15 +51,7 @@ def main() -> None:
     processor = load_processor(cfg.tokenizer, cfg.processor or None)
     loader = PromptLoader(cfg.prompts, processor, cfg.reward.fn, max_epochs=1)
     tokenizer = processor.tokenizer
-    engine = build_rollout_engine(
-        cfg.rollout.engine,
-        init_from=cfg.policy.init_from,
-        pad_token_id=tokenizer.pad_token_id or 0,
-        **({"model_config": cfg.model, "batch_size": cfg.rollout.batch_size} if cfg.rollout.engine == "hf" else
-           {"tokenizer": cfg.tokenizer, "processor_config": cfg.processor or None,
-            "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
-            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}),
-    )  # fmt: skip
+    engine = build_rollout_engine(cfg.rollout.engine, **engine_options(cfg, tokenizer.pad_token_id or 0, True))
     sampling = replace(sampling_params(cfg, processor), n=args.k)
     scorer = RewardScorer(cfg.reward)
     out = Path(args.out)

@@ -90,7 +90,7 @@ def main() -> None:
     rl = [
         sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", *TINY, f"prompts.root={corpora['rl']}",
         f"policy.init_from={out / 'sft_hf'}", "prompts.prompts_per_step=8", "rollout.n=4", "algo.minibatches=2",
-        "policy.micro_batch_size=8", "critic.micro_batch_size=8", "rollout.max_new_tokens=48",
+        "policy.micro_batch_tokens=4096", "critic.micro_batch_tokens=4096", "rollout.max_new_tokens=48",
         "policy.optim.lr=1e-4", "critic.optim.lr=1e-4", f"run.max_steps={args.rl_steps}",
         f"run.save_every={args.rl_steps}", f"run.output_dir={out / 'rlvr'}",
     ]  # fmt: skip

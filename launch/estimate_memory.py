@@ -1,7 +1,7 @@
 """What a recipe needs per rank, part by part, and whether it fits (step3vl_train/train/memory.py).
 
 python launch/estimate_memory.py +recipe=sft_stage1 [cluster.gpus=8 cluster.gpu_memory_gb=80] [overrides]
-python launch/estimate_memory.py +recipe=rlvr   # the training ranks of RL: cluster.gpus of them
+python launch/estimate_memory.py +recipe=rlvr   # RL's training ranks (cluster.gpus of them) and a vLLM engine GPU
 
 Overrides are the recipe's own (trainer.sequence_parallel=4, compute.vision_chunk=4, ...). Sizes are for
 bf16 on GPUs; where a setting does not fit, the smallest sequence-parallel degree that does is named.
@@ -14,7 +14,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from step3vl_train.model import Step3VLConfig
-from step3vl_train.train.memory import ClusterConfig, Estimate, TrainingShape, estimate_rl, estimate_training
+from step3vl_train.train.memory import (
+    ClusterConfig,
+    EngineShape,
+    Estimate,
+    TrainingShape,
+    estimate_engine,
+    estimate_rl,
+    estimate_training,
+    rl_resident,
+)
 from step3vl_train.train.recipes import RECIPES, register_recipes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -58,15 +67,19 @@ def training_shape(cfg, world: int) -> TrainingShape:
 
 def rl_shapes(cfg, world: int) -> tuple[TrainingShape, TrainingShape]:
     """The policy and the critic on RL's `world` training ranks (with the rollout engines colocated, or on
-    GPUs of their own), each sequence a prompt plus a whole response."""
+    GPUs of their own). A forward holds `micro_batch_tokens` padded tokens, or one sequence (a prompt plus
+    a whole response) where that is longer: the worst is that many tokens in as few rows as the longest
+    sequence allows, each row with a prompt's images."""
     length = cfg.prompts.max_prompt_tokens + cfg.rollout.max_new_tokens
     views = cfg.prompts.max_prompt_tokens // 83  # crops a prompt's token budget holds
     zero = cfg.deepspeed.zero_optimization
 
     def shape(role) -> TrainingShape:
+        tokens = max(role.micro_batch_tokens, length)
+        rows = -(-tokens // length)
         return TrainingShape(
-            seq_len=length,
-            micro_batch=role.micro_batch_size,
+            seq_len=-(-tokens // rows),
+            micro_batch=rows,
             world=world,
             checkpointing=role.gradient_checkpointing,
             vision_chunk=cfg.compute.vision_chunk,
@@ -80,6 +93,19 @@ def rl_shapes(cfg, world: int) -> tuple[TrainingShape, TrainingShape]:
         )
 
     return shape(cfg.policy), shape(cfg.critic)
+
+
+def engine_estimate(cfg, cluster: ClusterConfig) -> Estimate:
+    """A GPU of the recipe's vLLM engine (`rollout.*`), beside a training rank's states when colocated."""
+    model = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    rollout = cfg.rollout
+    engine = EngineShape(
+        seq_len=cfg.prompts.max_prompt_tokens + rollout.max_new_tokens,
+        tensor_parallel=rollout.tensor_parallel_size,
+        memory_utilization=rollout.gpu_memory_utilization,
+        colocated=rollout.colocate,
+    )
+    return estimate_engine(model, engine, rl_resident(model, *rl_shapes(cfg, cluster.gpus)), cluster.gpu_memory_gb)
 
 
 def estimate(recipe: str, cluster: ClusterConfig, overrides: list[str]) -> tuple[Estimate, object]:
@@ -97,6 +123,10 @@ def main(argv: list[str]) -> None:
     result, cfg = estimate(recipe, cluster, overrides)
     print(f"{recipe} on {cluster.gpus} GPUs of {cluster.gpu_memory_gb:g} GiB, per rank:")
     print(result.table())
+    if is_rl(recipe):
+        where = "beside training rank i" if cfg.rollout.colocate else "a GPU of its own"
+        print(f"\nrollout engine (vLLM, {where}), per GPU:")
+        print(engine_estimate(cfg, cluster).table())
     if not result.fits and not is_rl(recipe):
         degree = next(
             (

@@ -38,6 +38,7 @@ class PromptsConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf: transformers generate (CPU or GPU); vllm: vLLM 0.33 (GPU)
+    model: str | None = None  # vllm: the directory it loads (a released-format one as it is); None: policy.init_from
     n: int = 16  # responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -89,12 +90,19 @@ class AlgoConfig:
 
 @dataclass
 class ModelRoleConfig:
-    """The policy or the critic: a ZeRO-3 group of `world_size` ranks."""
+    """The policy or the critic: a ZeRO-3 group of `world_size` ranks.
+
+    `micro_batch_tokens`: the padded tokens of one forward (rows x the longest row, prompt plus response).
+    Each rank cuts its share of a minibatch into forwards within it, responses of similar length together,
+    and every rank makes as many forwards as the rank that needs the most (rl/micro_batches.py). A single
+    sequence longer than the budget is a forward of its own: size the budget to the longest sequence
+    (prompts.max_prompt_tokens + rollout.max_new_tokens) where that one must fit as well.
+    """
 
     init_from: str | None = None  # a released-format directory (an export); the critic defaults to the policy's
     optim: OptimConfig = field(default_factory=OptimConfig)
     freeze: list[str] = field(default_factory=lambda: ["vision_model."])  # name prefixes not trained
-    micro_batch_size: int = 4  # sequences per forward
+    micro_batch_tokens: int = 2048  # padded tokens a forward; a longer single sequence runs alone
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     enabled: bool = True  # the critic: off for critic-free estimators
@@ -151,6 +159,11 @@ class RLConfig:
             raise ValueError("algo.estimator=gae needs the critic (critic.enabled=true)")
         if self.algo.estimator != "gae" and self.rollout.n < 2:
             raise ValueError(f"algo.estimator={self.algo.estimator} compares responses to one prompt: rollout.n >= 2")
+        if self.rollout.engine == "vllm" and self.processor.get("crop_rule", "released") != "vllm":
+            raise ValueError(
+                "rollout.engine=vllm needs processor.crop_rule=vllm (configs/rollout/vllm.yaml sets it): vLLM 0.33 "
+                "gives a 728-pixel-long image crops where the released processor does not"
+            )
         if self.rollout.colocate and (self.rollout.num_engines > self.run.world_size or not self.run.num_gpus_per_rank):
             raise ValueError("rollout.colocate puts engine i on training rank i's GPU: num_engines <= world_size, GPUs")
         responses = self.prompts.prompts_per_step * self.rollout.n
@@ -159,14 +172,9 @@ class RLConfig:
                 f"{responses} responses an iteration (prompts.prompts_per_step x rollout.n) do not split into "
                 f"algo.minibatches={self.algo.minibatches} x run.world_size={self.run.world_size} equal parts"
             )
-
-        share = responses // (self.algo.minibatches * self.run.world_size)
         for name, role in (("policy", self.policy), ("critic", self.critic)):
-            if (name == "policy" or self.uses_critic) and share % role.micro_batch_size:
-                raise ValueError(
-                    f"each rank's share of a minibatch ({share} responses) is not a multiple of "
-                    f"{name}.micro_batch_size={role.micro_batch_size}"
-                )
+            if (name == "policy" or self.uses_critic) and role.micro_batch_tokens < 1:
+                raise ValueError(f"{name}.micro_batch_tokens must be positive, not {role.micro_batch_tokens}")
 
     @property
     def minibatch_per_rank(self) -> int:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from rl.algos.advantages import uniform_groups
 from rl.config import RLConfig
+from rl.engines import engine_options
 from rl.experience import Prompt, Response
 from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
 from rl.prompts import PromptLoader
@@ -46,6 +47,7 @@ class Driver:
         self.step = 0
         self.workers: list = []
         self.engines: list = []
+        self.start_sync: dict[str, float] = {}  # logged with the first iteration after the engines start
 
     # ---- actors ---------------------------------------------------------------------------------------
 
@@ -55,26 +57,10 @@ class Driver:
         self.workers, self.group = start_train_group(
             cfg.run.world_size, cfg.run.num_gpus_per_rank, self.raw_config, self.pad_token_id, share
         )
-        if rollout.engine == "hf":  # built from the config; its weights come with the first sync
-            options = {
-                "model_config": cfg.model,
-                "init_from": None,
-                "pad_token_id": self.pad_token_id,
-                "batch_size": rollout.batch_size,
-                "dtype": torch.bfloat16 if cfg.run.use_bf16 else torch.float32,
-            }
+        options = engine_options(cfg, self.pad_token_id, load_weights=False)
+        if rollout.engine == "hf":
             num_gpus = cfg.run.num_gpus_per_rank
         else:
-            options = {
-                "init_from": cfg.policy.init_from,
-                "tokenizer": cfg.tokenizer,
-                "pad_token_id": self.pad_token_id,
-                "processor_config": cfg.processor or None,
-                "tensor_parallel_size": rollout.tensor_parallel_size,
-                "gpu_memory_utilization": rollout.gpu_memory_utilization,
-                "enforce_eager": rollout.enforce_eager,
-                "weight_transfer": rollout.weight_transfer,
-            }
             num_gpus = cfg.run.num_gpus_per_rank * (1 - share) if rollout.colocate else rollout.tensor_parallel_size
         colocate_with = self.group if rollout.colocate else None
         self.engines = start_rollout_engines(rollout.num_engines, num_gpus, rollout.engine, colocate_with, **options)
@@ -133,14 +119,16 @@ class Driver:
             self.loader.load_state_dict(state["prompts"])
             set_rng_state(state["rng"])
             logger.info("resumed from %s", latest)
-        self.sync_weights()
+        # The engines have just started: every tensor, the frozen ones included, this once.
+        self.start_sync = {f"sync_start/{k.removeprefix('sync_')}": v for k, v in self.sync_weights(True).items()}
 
     def loop(self, metrics: MetricsLog) -> None:
         progress = tqdm(total=self.cfg.run.max_steps, initial=self.step, desc=f"{self.cfg.stage}", unit="it")
         while self.step < self.cfg.run.max_steps:
             self.step += 1
             row = self.iteration()
-            metrics.write(row)
+            metrics.write(row | self.start_sync)
+            self.start_sync = {}
             progress.update(1)
             progress.set_postfix(reward=f"{row['reward_mean']:.3f}", length=f"{row['response_len_mean']:.0f}")
             if self.step % self.cfg.run.save_every == 0 or self.step == self.cfg.run.max_steps:
@@ -160,7 +148,7 @@ class Driver:
         timings["time/update"] = time.perf_counter() - tick
         tick = time.perf_counter()
         self.engines_sleep(False)
-        sync = self.sync_weights()
+        sync = self.sync_weights(False)
         timings["time/sync"] = time.perf_counter() - tick
         valid_tokens = sum(c.tokens for c in counts)
         row |= {
@@ -255,8 +243,8 @@ class Driver:
         self.entropy_sum = sum(s.entropy_sum for s in stats)
         timings["time/score"] = time.perf_counter() - tick
 
-    def sync_weights(self) -> dict:
-        return ray.get([w.sync_weights.remote(self.engines) for w in self.workers])[0]
+    def sync_weights(self, everything: bool) -> dict:
+        return ray.get([w.sync_weights.remote(self.engines, everything) for w in self.workers])[0]
 
     def engines_sleep(self, sleep: bool) -> None:
         """Colocated engines give their GPU memory to the trainer between rollouts."""

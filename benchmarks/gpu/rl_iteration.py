@@ -23,7 +23,7 @@ from rl.engines.hf import HFEngine
 from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
 from rl.prompts import PromptLoader
 from rl.rewards import RewardScorer
-from rl.sync import gathered
+from rl.sync import gathered, sync_parameters
 from rl.workers.train import TrainWorker
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.recipes import register_recipes
@@ -37,9 +37,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def sync(worker: TrainWorker, engine: HFEngine, bucket_bytes: int) -> float:
+def sync(worker: TrainWorker, engine: HFEngine, bucket_bytes: int, everything: bool) -> float:
+    """As rl/sync.py sends weights, without Ray: every tensor first, the trainable ones after."""
     started = time.perf_counter()
-    for name, tensor in gathered(worker.policy.model, bucket_bytes):
+    for name, tensor in gathered(sync_parameters(worker.policy.model, everything), bucket_bytes):
         engine.load_weights({name: tensor})
     engine.finish_weight_update()
     return time.perf_counter() - started
@@ -59,7 +60,7 @@ def main(out: Path, overrides: list[str]) -> None:
     dtype = torch.bfloat16 if config.run.use_bf16 else torch.float32
     engine = HFEngine(config.model, None, pad, config.rollout.batch_size, dtype)
     timings["time/setup"] = time.perf_counter() - tick
-    timings["time/first_sync"] = sync(worker, engine, bucket_bytes)
+    timings["time/first_sync"] = sync(worker, engine, bucket_bytes, everything=True)
 
     started = tick = time.perf_counter()
     prompts = loader.next_batch(config.prompts.prompts_per_step)
@@ -80,7 +81,7 @@ def main(out: Path, overrides: list[str]) -> None:
     tick = time.perf_counter()
     sums = worker.update(shards[0], counts)
     timings["time/update"] = time.perf_counter() - tick
-    timings["time/sync"] = sync(worker, engine, bucket_bytes)
+    timings["time/sync"] = sync(worker, engine, bucket_bytes, everything=False)
     timings["time/step"] = time.perf_counter() - started
     row |= {"policy_loss": sums["policy_loss"] / len(counts), "value_loss": sums["value_loss"] / len(counts)}
     row |= timings

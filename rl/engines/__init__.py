@@ -2,7 +2,34 @@
 
 from rl.engines.base import RolloutEngine, SamplingParams
 
-__all__ = ["RolloutEngine", "SamplingParams", "build_rollout_engine"]
+__all__ = ["RolloutEngine", "SamplingParams", "build_rollout_engine", "engine_options"]
+
+
+def engine_options(cfg, pad_token_id: int, load_weights: bool) -> dict:
+    """`build_rollout_engine`'s keyword arguments from an `RLConfig`. The transformers engine is built from
+    the model config and, unless `load_weights`, takes its weights from the first sync; vLLM always loads
+    `rollout.model` (default: `policy.init_from`)."""
+    import torch
+
+    rollout = cfg.rollout
+    if rollout.engine == "hf":
+        return {
+            "model_config": cfg.model,
+            "init_from": cfg.policy.init_from if load_weights else None,
+            "pad_token_id": pad_token_id,
+            "batch_size": rollout.batch_size,
+            "dtype": torch.bfloat16 if cfg.run.use_bf16 else torch.float32,
+        }
+    return {
+        "model": rollout.model or cfg.policy.init_from,
+        "tokenizer": cfg.tokenizer,
+        "pad_token_id": pad_token_id,
+        "processor_config": cfg.processor or None,
+        "tensor_parallel_size": rollout.tensor_parallel_size,
+        "gpu_memory_utilization": rollout.gpu_memory_utilization,
+        "enforce_eager": rollout.enforce_eager,
+        "weight_transfer": rollout.weight_transfer,
+    }
 
 
 def build_rollout_engine(name: str, **kwargs) -> RolloutEngine:

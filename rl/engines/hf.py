@@ -66,6 +66,7 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
         self.updated: set[str] = set()
+        self.complete = False  # every tensor has been replaced once (the first sync sends them all)
 
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
@@ -118,10 +119,13 @@ class HFEngine:
         self.updated.update(tensors)
 
     def finish_weight_update(self) -> int:
+        """Later syncs may send a subset (the trainable tensors); the first must send every tensor, since
+        the engine was built without weights of its own."""
         missing = sorted(set(self.params) - self.updated)
         count, self.updated = len(self.updated), set()
-        if missing:
-            raise RuntimeError(f"weight sync left {len(missing)} tensors stale, e.g. {missing[:5]}")
+        if missing and not self.complete:
+            raise RuntimeError(f"the first weight sync left {len(missing)} tensors unset, e.g. {missing[:5]}")
+        self.complete = True
         return count
 
     def sleep(self) -> None:

@@ -1,11 +1,19 @@
 """The vLLM engine (vLLM 0.33, GPUs): continuous batching, images as multi-modal data, weights replaced
 in place through vLLM's weight-transfer API (NCCL between separate GPUs, CUDA IPC when colocated).
 
+vLLM opens the model directory as it opens the released checkpoint: `architectures`
+`StepVLForConditionalGeneration` picks its STEP3-VL class, and `auto_map` names the configuration module
+beside `config.json` (ours in an export, StepFun's in a released directory), hence `trust_remote_code`.
+
 vLLM expands each image's single `<im_patch>` itself, so it is given the chat-rendered prompt before
 expansion; the expanded prompt it reports must equal ours token for token, or the trainer would score
-other tokens than the engine sampled (checked on every request). Log-probs are vLLM's
-`processed_logprobs`: after the temperature, as the trainer computes them. vLLM is imported here only:
-the rest of the project runs without it.
+other tokens than the engine sampled (checked on every request; tests/contract shows the two agree).
+Log-probs are vLLM's `processed_logprobs`: after the temperature, as the trainer computes them.
+
+Requests are not seeded. One seed in one `SamplingParams` would give the k-th response of every prompt
+the same noise (vLLM seeds child k with seed + k), and seeded requests leave vLLM's batched sampler for a
+per-request one. So vLLM rollouts are not reproducible, as its batching is not either; the `hf` engine is.
+vLLM is imported here only: the rest of the project runs without it.
 """
 
 from __future__ import annotations
@@ -20,6 +28,15 @@ from step3vl_train.processing.chat import render_chat
 from step3vl_train.processing.processor import load_processor
 
 
+def vllm_request(processor, prompt: Prompt) -> dict:
+    """What vLLM is given for a prompt: the chat-rendered ids with one `<im_patch>` an image, and the images."""
+    ids, _ = render_chat(processor.tokenizer, prompt.messages, True, processor.chat_template)
+    request = {"prompt_token_ids": ids}
+    if prompt.images:
+        request["multi_modal_data"] = {"image": [Image.open(io.BytesIO(data)).convert("RGB") for data in prompt.images]}
+    return request
+
+
 class PromptMismatchError(RuntimeError):
     """vLLM expanded a prompt into other tokens than our processor."""
 
@@ -27,7 +44,7 @@ class PromptMismatchError(RuntimeError):
 class VLLMEngine:
     def __init__(
         self,
-        init_from: str,
+        model: str,
         tokenizer: str,
         pad_token_id: int,
         tensor_parallel_size: int = 1,
@@ -36,18 +53,20 @@ class VLLMEngine:
         max_model_len: int | None = None,
         weight_transfer: str = "nccl",  # "ipc" when the engine shares its GPUs with the trainer
         processor_config: dict | None = None,
-        model_config: dict | None = None,  # unused: vLLM reads config.json from init_from
     ):
         try:
             from vllm import LLM
         except ImportError as error:
             raise ImportError("rollout.engine=vllm needs vLLM (pip install 'step3vl-train[gpu]')") from error
-        if not init_from:
-            raise ValueError("the vLLM engine loads its first weights from policy.init_from: set it")
+        if not model:
+            raise ValueError("the vLLM engine loads its first weights from rollout.model or policy.init_from: set one")
         self.processor = load_processor(tokenizer, processor_config)
+        if self.processor.config.crop_rule != "vllm":
+            raise ValueError("the vLLM engine needs processor.crop_rule=vllm, vLLM's own crop plan")
         self.llm = LLM(
-            model=init_from,
-            tokenizer=tokenizer,
+            model=model,
+            tokenizer=model,  # exports and released directories carry their tokenizer
+            trust_remote_code=True,
             dtype="bfloat16",
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -59,6 +78,7 @@ class VLLMEngine:
         )
 
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        """`seed` is not used: see the module's docstring."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         params = VLLMSamplingParams(
@@ -70,9 +90,8 @@ class VLLMEngine:
             stop_token_ids=sampling.stop_token_ids,
             logprobs=0,  # the sampled token's own log-prob
             logit_bias=dict.fromkeys(sampling.suppressed_token_ids, -100.0) or None,
-            seed=seed,
         )
-        requests = [self._request(prompt) for prompt in prompts]
+        requests = [vllm_request(self.processor, prompt) for prompt in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for prompt, output in zip(prompts, outputs, strict=True):
@@ -89,14 +108,6 @@ class VLLMEngine:
                 ]
             )
         return results
-
-    def _request(self, prompt: Prompt) -> dict:
-        ids, _ = render_chat(self.processor.tokenizer, prompt.messages, True, self.processor.chat_template)
-        request = {"prompt_token_ids": ids}
-        if prompt.images:
-            images = [Image.open(io.BytesIO(data)).convert("RGB") for data in prompt.images]
-            request["multi_modal_data"] = {"image": images}
-        return request
 
     # vLLM's weight-transfer control plane, driven by the trainer's sender through Ray (see rl/sync.py).
     def init_weight_transfer_engine(self, request) -> None:

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rl.rewards import verifiable
+from rl.rewards import grounding, verifiable
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ REWARDS: dict[str, RewardSpec] = {
     "choice": RewardSpec(verifiable.choice_reward, boxed=True),
     "counting": RewardSpec(verifiable.counting_reward, boxed=True),
     "numeric": RewardSpec(verifiable.numeric_reward, boxed=True),
-    "grounding": RewardSpec(verifiable.grounding_reward, boxed=False),
-    "pointing": RewardSpec(verifiable.pointing_reward, boxed=False),
+    "grounding": RewardSpec(grounding.grounding_reward, boxed=False),
+    "pointing": RewardSpec(grounding.pointing_reward, boxed=False),
 }
 # Scored by a model behind an OpenAI-compatible endpoint (`verifier.py`), not in the process pool.
 VERIFIER = "verifier"

@@ -13,8 +13,7 @@ from pebble import ProcessExpired, ProcessPool
 
 from rl.rewards.answer import boxed_contents, split_reasoning
 from rl.rewards.registry import VERIFIER, resolve
-from rl.rewards.types import RewardRequest, RewardResult
-from rl.rewards.verifiable import NoAnswerError
+from rl.rewards.types import NoAnswerError, RewardRequest, RewardResult
 from rl.rewards.verifier import Verifier, VerifierConfig
 
 logger = logging.getLogger("rl.rewards")
@@ -29,7 +28,7 @@ class RewardConfig:
     fn: str | None = None  # one reward for every sample, overriding their `reward` fields (`pkg.mod:fn`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # keyword arguments by reward name
     # Rewards whose unreadable answers ("no_answer") go to the verifier, as the paper did with GPT-OSS-120B
-    # for checkable answers rules cannot parse. Needs `verifier.base_url`.
+    # for checkable answers rules cannot parse. Off, with a warning, while `verifier.base_url` is unset.
     verifier_fallback: list[str] = field(default_factory=list)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
@@ -61,10 +60,15 @@ class RewardScorer:
     def __init__(self, config: RewardConfig):
         for name in config.verifier_fallback:
             resolve(name)  # a misspelt name fails now, not at the first unreadable answer
-        if config.verifier_fallback and not config.verifier.base_url:
-            raise ValueError(
-                f"reward.verifier_fallback={list(config.verifier_fallback)} needs reward.verifier.base_url"
+        self.fallback = list(config.verifier_fallback)
+        if self.fallback and not config.verifier.base_url:
+            # `+recipe=rlvr` names a fallback; a run without a verifier endpoint still runs, told so.
+            logger.warning(
+                "reward.verifier_fallback=%s is off: reward.verifier.base_url (or VERIFIER_URL) is not set, "
+                "so their unreadable answers stay no_answer",
+                self.fallback,
             )
+            self.fallback = []
         self.config = config
         self.pool = ProcessPool(max_workers=config.num_workers)
         self.verifier: Verifier | None = None
@@ -93,7 +97,7 @@ class RewardScorer:
                 )
         for index, future in futures.items():
             results[index] = self._collect(future, requests[index])
-            if results[index].status == "no_answer" and names[index] in self.config.verifier_fallback:
+            if results[index].status == "no_answer" and names[index] in self.fallback:
                 remote[index] = self._verifier().submit(requests[index])
         for index, future in remote.items():
             results[index] = future.result()

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Outcomes of scoring one response. Only "ok" and the guards' outcomes are the model's doing; a timeout or
-# an error is the scorer's failure, and such responses are left out of the update rather than scored 0.
-STATUSES = ("ok", "truncated", "no_reasoning", "multiple_answers", "no_answer", "timeout", "error")
+# Outcomes of scoring one response. "ok", the guards' outcomes and "injection" (the response tried to
+# instruct the model verifier; scored 0) are the model's doing; a timeout or an error is the scorer's
+# failure, and such responses are left out of the update rather than scored 0.
+STATUSES = ("ok", "truncated", "no_reasoning", "multiple_answers", "no_answer", "injection", "timeout", "error")
 SCORER_FAILURES = ("timeout", "error")
+
+
+class NoAnswerError(ValueError):
+    """Raised by a reward: the response holds no answer it can read (status "no_answer", score 0)."""
 
 
 @dataclass

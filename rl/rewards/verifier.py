@@ -1,27 +1,20 @@
 """A model as answer verifier, behind an OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API).
 
-The paper used GPT-OSS-120B for checkable answers that rules cannot parse. The model is asked whether the
-response's final answer matches the reference and replies with a verdict; the openai client retries
-errors and timeouts, and a thread pool caps the requests in flight.
+The paper used GPT-OSS-120B for checkable answers that rules cannot parse, and its verifier penalises a
+right answer reached through flawed reasoning: the model is shown the response's reasoning and its final
+answer (`verifier_protocol.py`) and replies CORRECT (1), INCORRECT (0) or INJECTION (0, status
+"injection"). A reply that is not a verdict is status "error", left out of the update. The openai client
+retries errors and timeouts, and a thread pool caps the requests in flight.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rl.rewards.answer import split_reasoning
 from rl.rewards.types import RewardRequest, RewardResult
-
-PROMPT = """You check answers. Decide whether the RESPONSE's final answer means the same as the REFERENCE \
-answer for the QUESTION (equal values in any notation or form count as the same).
-QUESTION: {question}
-REFERENCE: {reference}
-RESPONSE: {response}
-Reply with exactly one word: CORRECT or INCORRECT."""
-VERDICT = re.compile(r"\b(CORRECT|INCORRECT)\b")
+from rl.rewards.verifier_protocol import injection_attempt, read_verdict, verifier_prompt
 
 
 @dataclass
@@ -32,7 +25,11 @@ class VerifierConfig:
     timeout_s: float = 60.0  # per request
     max_retries: int = 3  # on connection errors, timeouts, 429 and 5xx (the openai client's policy)
     max_concurrency: int = 32
-    max_tokens: int = 1024
+    max_tokens: int = 1024  # of the reply, a reasoning model's reasoning included
+    max_reply_chars: int = 64  # the reply's content, stripped: a longer one is no verdict ("error")
+    # Head and tail kept around a marked elision, so a 20K-token reasoning fits the verifier's context.
+    max_reasoning_chars: int = 32000
+    max_answer_chars: int = 4000
 
 
 class Verifier:
@@ -56,8 +53,10 @@ class Verifier:
     def score_one(self, request: RewardRequest) -> RewardResult:
         from openai import APIError, APITimeoutError
 
-        final = split_reasoning(request.response)[1].strip()
-        prompt = PROMPT.format(question=request.prompt, reference=request.answer, response=final)
+        attempt = injection_attempt(request.response)
+        if attempt is not None:
+            return RewardResult(0.0, "injection", f"the response addresses its grader: {attempt!r}")
+        prompt = verifier_prompt(request, self.config.max_reasoning_chars, self.config.max_answer_chars)
         try:
             completion = self.client.chat.completions.create(
                 model=self.config.model,
@@ -69,10 +68,15 @@ class Verifier:
             return RewardResult(0.0, "timeout", f"verifier: {error}")
         except APIError as error:
             return RewardResult(0.0, "error", f"verifier: {error}")
-        verdicts = VERDICT.findall(completion.choices[0].message.content or "")
-        if not verdicts:
-            return RewardResult(0.0, "error", "verifier gave no verdict")
-        return RewardResult(float(verdicts[-1] == "CORRECT"))
+        # Only `content` is the reply: a reasoning model's `reasoning_content` is never read for a verdict.
+        content = completion.choices[0].message.content if completion.choices else None
+        try:
+            verdict = read_verdict(content, self.config.max_reply_chars)
+        except ValueError as error:
+            return RewardResult(0.0, "error", f"verifier: {error}")
+        if verdict == "INJECTION":
+            return RewardResult(0.0, "injection", "the verifier found the response addressing its grader")
+        return RewardResult(float(verdict == "CORRECT"), detail=f"verifier: {verdict}")
 
     def close(self) -> None:
         self.threads.shutdown(wait=False, cancel_futures=True)

@@ -1,13 +1,15 @@
 """A training rank, as a Ray actor: its shards of the policy and of the critic, each a DeepSpeed ZeRO-3
 engine over the same process group (gloo on the CPU, NCCL on GPUs).
 
-The driver hands every rank the same number of responses, so all ranks make the same forward passes and
-collectives. Losses are divided by counts of the whole minibatch (all ranks), handed in by the driver.
+The driver hands every rank the same number of responses; the ranks cut them into micro-batches by a token
+budget and agree on their number, so all make the same forward passes and collectives (rl/micro_batches.py).
+Losses are divided by counts of the whole minibatch (all ranks), handed in by the driver.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import deepspeed
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from rl.algos.losses import GlobalCounts, policy_loss, value_loss
 from rl.config import ModelRoleConfig, RLConfig
 from rl.experience import Response, SequenceBatch, sequence_batch
+from rl.micro_batches import agreed_micro_batches
 from rl.sync import RaySender, VLLMSender
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.value import Step3VLForValue
@@ -53,8 +56,9 @@ class TrainWorker:
             self.critic = self._build(self.cfg.critic, self.cfg.critic.init_from or self.cfg.policy.init_from, True)
 
     def _build(self, role: ModelRoleConfig, init_from: str | None, critic: bool = False) -> Engine:
-        grad_accum = self.minibatch_per_rank // role.micro_batch_size
-        ds_config = deepspeed_config(self.cfg.deepspeed, role.micro_batch_size, grad_accum, role.grad_clip, self.bf16)
+        # Micro-batches vary in rows and in number (a token budget, rl/micro_batches.py), so DeepSpeed's own
+        # counts are nominal: each micro-batch sets the accumulation boundary itself (_train_micro_batches).
+        ds_config = deepspeed_config(self.cfg.deepspeed, 1, 1, role.grad_clip, self.bf16)
         model_class = Step3VLForValue if critic else Step3VLForConditionalGeneration
         engine = build_engine(
             self.model_config, role.optim, ds_config, init_from, model_class, tuple(role.freeze), self.cfg.compute
@@ -63,25 +67,37 @@ class TrainWorker:
             engine.model.gradient_checkpointing_enable()
         return engine
 
+    def _micro_batches(self, responses: list[Response], budget: int) -> list[list[int]]:
+        """Indices of `responses` in forwards of at most `budget` padded tokens, as many forwards as any
+        rank needs (a collective: ZeRO-3 gathers parameters in every forward)."""
+        lengths = [len(r.prompt.sample.input_ids) + r.length for r in responses]  # a row of sequence_batch
+        return agreed_micro_batches(lengths, budget, self.policy.engine.device)
+
     # ---- scoring before the update -------------------------------------------------------------------
 
     def score(self, responses: list[Response], temperature: float) -> ResponseStats:
-        """The trainer's log-probs of each response token (and the critic's values), without gradients."""
-        logprobs, values, entropy_sum = [], [] if self.critic else None, 0.0
-        size = self.cfg.policy.micro_batch_size
-        for start in range(0, len(responses), size):
-            chunk = responses[start : start + size]
+        """The trainer's log-probs of each response token (and the critic's values), without gradients.
+        A collective: every rank holds the same number of responses."""
+        logprobs: list = [None] * len(responses)
+        entropy_sum = 0.0
+        for group in self._micro_batches(responses, self.cfg.policy.micro_batch_tokens):
+            chunk = [responses[i] for i in group]
             sequences = self._sequences(chunk)
             with torch.no_grad():
                 token_logprobs, token_entropy = self._scores(sequences, temperature, with_entropy=True)
-            logprobs += sequences.gather(token_logprobs.cpu())
+            for index, row in zip(group, sequences.gather(token_logprobs.cpu()), strict=True):
+                logprobs[index] = row
             token_entropy = token_entropy.cpu() * sequences.response_mask
             entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
+        values: list | None = None
         if self.critic is not None:
-            for start in range(0, len(responses), self.cfg.critic.micro_batch_size):
-                sequences = self._sequences(responses[start : start + self.cfg.critic.micro_batch_size])
+            values = [None] * len(responses)
+            for group in self._micro_batches(responses, self.cfg.critic.micro_batch_tokens):
+                sequences = self._sequences([responses[i] for i in group])
                 with torch.no_grad():
-                    values += sequences.gather(self.critic.engine(**self._inputs(sequences))[:, :-1].cpu())
+                    rows = sequences.gather(self.critic.engine(**self._inputs(sequences))[:, :-1].cpu())
+                for index, row in zip(group, rows, strict=True):
+                    values[index] = row
         return ResponseStats(logprobs, values, entropy_sum)
 
     # ---- the update -----------------------------------------------------------------------------------
@@ -99,12 +115,25 @@ class TrainWorker:
         sums["policy_grad_norm"] = float(self.policy.engine.get_global_grad_norm() or 0.0)
         return sums
 
+    def _train_micro_batches(
+        self, engine: deepspeed.DeepSpeedEngine, minibatch: list[Response], budget: int
+    ) -> Iterator[tuple[list[Response], SequenceBatch]]:
+        """Yields the minibatch's micro-batches (responses, their rows) for the caller to run forward and
+        `engine.backward` on, then makes the minibatch's one optimizer step. The boundary is set before each
+        forward: False accumulates (ZeRO-3 reduce-scatters each backward's gradients into the fp32
+        partitions), True on the last makes `engine.step()` update and zero them. DeepSpeed's own count
+        (gradient_accumulation_steps) would step mid-minibatch where the number of micro-batches varies."""
+        groups = self._micro_batches(minibatch, budget)
+        for position, group in enumerate(groups):
+            engine.set_gradient_accumulation_boundary(position == len(groups) - 1)
+            chunk = [minibatch[i] for i in group]
+            yield chunk, self._sequences(chunk)
+        engine.step()
+
     def _policy_step(self, minibatch: list[Response], counts: GlobalCounts) -> dict[str, float]:
-        algo, size, world = self.cfg.algo, self.cfg.policy.micro_batch_size, dist.get_world_size()
+        algo, world, engine = self.cfg.algo, dist.get_world_size(), self.policy.engine
         out = {"policy_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
-        for start in range(0, len(minibatch), size):
-            chunk = minibatch[start : start + size]
-            sequences = self._sequences(chunk)
+        for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.policy.micro_batch_tokens):
             mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
             token_logprobs, _ = self._scores(sequences, self.cfg.rollout.temperature)
             device = token_logprobs.device
@@ -120,20 +149,17 @@ class TrainWorker:
                 algo.tis_cap,
                 algo.loss_aggregation,
             )
-            self.policy.engine.backward(loss * world, scale_wrt_gas=False)
-            self.policy.engine.step()  # DeepSpeed updates at the minibatch's last micro-batch only
+            engine.backward(loss * world, scale_wrt_gas=False)  # ZeRO-3 averages over the ranks
             out["policy_loss"] += loss.item()
             out["clip_tokens"] += float(stats["clip_fraction"])
             out["approx_kl"] += float(stats["approx_kl"])
         return out
 
     def _critic_step(self, minibatch: list[Response], counts: GlobalCounts) -> float:
-        size, world, total = self.cfg.critic.micro_batch_size, dist.get_world_size(), 0.0
-        for start in range(0, len(minibatch), size):
-            chunk = minibatch[start : start + size]
-            sequences = self._sequences(chunk)
+        world, engine, total = dist.get_world_size(), self.critic.engine, 0.0
+        for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.critic.micro_batch_tokens):
             mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
-            values = self.critic.engine(**self._inputs(sequences))[:, :-1]
+            values = engine(**self._inputs(sequences))[:, :-1]
             device = values.device
             loss = value_loss(
                 values,
@@ -144,8 +170,7 @@ class TrainWorker:
                 self.cfg.algo.value_clip,
                 self.cfg.algo.loss_aggregation,
             )
-            self.critic.engine.backward(loss * world, scale_wrt_gas=False)
-            self.critic.engine.step()
+            engine.backward(loss * world, scale_wrt_gas=False)
             total += loss.item()
         return total
 
@@ -171,8 +196,9 @@ class TrainWorker:
 
     # ---- weight sync ----------------------------------------------------------------------------------
 
-    def sync_weights(self, engines: list) -> dict[str, float]:
-        """Streams the policy's weights to the rollout engines (a collective of every rank; rl/sync.py)."""
+    def sync_weights(self, engines: list, everything: bool) -> dict[str, float]:
+        """Streams the policy's weights to the rollout engines (a collective of every rank; rl/sync.py):
+        every tensor when the engines have just started, else the trainable ones."""
         if self.sender is None:
             rollout, bucket_bytes = self.cfg.rollout, self.cfg.rollout.sync_bucket_mb * 2**20
             if rollout.engine == "vllm":
@@ -181,11 +207,11 @@ class TrainWorker:
                 address, port = rendezvous_address()
                 self.sender = VLLMSender(
                     self.policy.model, engines, self.rank, bucket_bytes, rollout.weight_transfer,
-                    rollout.num_engines * rollout.tensor_parallel_size, address, port,
+                    rollout.tensor_parallel_size, address, port,
                 )  # fmt: skip
             else:
                 self.sender = RaySender(self.policy.model, engines, self.rank, bucket_bytes)
-        return self.sender.send()
+        return self.sender.send(everything)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 

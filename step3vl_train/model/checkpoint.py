@@ -1,8 +1,13 @@
 """The released checkpoint layout on disk: `config.json`, `model-0000i-of-0000n.safetensors` shards and
-`model.safetensors.index.json`, under the released tensor names (spec section 2.5)."""
+`model.safetensors.index.json`, under the released tensor names (spec section 2.5).
+
+Like the released checkpoint, a directory carries its configuration module, `configuration_step_vl.py`, named
+in `config.json`'s `auto_map`: `AutoConfig` and vLLM (with `trust_remote_code`) open it the way they open
+StepFun's. The module is a copy of `model/config.py`, which imports only transformers for that reason."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -15,9 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from step3vl_train.model import config as config_module
 from step3vl_train.model.config import Step3VLConfig
 
 CONFIG_NAME = "config.json"
+CONFIG_MODULE = "configuration_step_vl"  # the released checkpoint's name for it
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 
@@ -57,13 +64,21 @@ def save_released(model: nn.Module, directory: str | os.PathLike, max_shard_size
             save_file({name: state[name] for name in names}, staging / filename, metadata={"format": "pt"})
         index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        model.config.save_json(staging / CONFIG_NAME)
+        save_config(model.config, staging)
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def save_config(config: Step3VLConfig, directory: Path) -> None:
+    """`config.json` and the configuration module it names."""
+    shutil.copyfile(inspect.getsourcefile(config_module), directory / f"{CONFIG_MODULE}.py")
+    released = config.to_released_dict()
+    released["auto_map"] = {"AutoConfig": f"{CONFIG_MODULE}.{type(config).__name__}"}
+    (directory / CONFIG_NAME).write_text(json.dumps(released, indent=2, sort_keys=True) + "\n")
 
 
 def read_released_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

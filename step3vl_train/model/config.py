@@ -19,6 +19,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 # Keys older transformers wrote into a Qwen3 config that the current class folds into other fields.
 _LEGACY_TEXT_KEYS = {"rope_theta", "rope_scaling"}
+# Options transformers' loaders pass to `from_dict` beside the file's contents (telemetry, defaults).
+_LOADING_OPTIONS = {"_from_auto", "_from_pipeline", "attn_implementation", "dtype", "torch_dtype"}
 # Bookkeeping keys that transformers writes into any config; accepted on read, not written back.
 _SERIALISATION_KEYS = {
     "torch_dtype",
@@ -145,9 +147,22 @@ class Step3VLConfig(PreTrainedConfig):
         return self.text_config.hidden_size
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> Step3VLConfig:
-        """Builds the config from a `config.json`-shaped dict; unknown fields anywhere are an error."""
-        config_dict = {**config_dict, **kwargs}
+    def from_dict(cls, config_dict: dict[str, Any], **options) -> Step3VLConfig:
+        """Builds the config from a `config.json`-shaped dict; unknown fields anywhere are an error.
+        `options` are what `AutoConfig.from_pretrained` hands every config class (an export carries this
+        file as its configuration module, see model/checkpoint.py): `name_or_path` is kept, none of them
+        is a field of the file, and any other is an error."""
+        return_unused = options.pop("return_unused_kwargs", False)
+        name_or_path = options.pop("name_or_path", "")
+        unknown = sorted(set(options) - _LOADING_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown loading option(s): {', '.join(unknown)}")
+        config = cls._from_file_dict(config_dict)
+        config.name_or_path = name_or_path
+        return (config, {}) if return_unused else config
+
+    @classmethod
+    def _from_file_dict(cls, config_dict: dict[str, Any]) -> Step3VLConfig:
         _reject_unknown(config_dict, _field_names(cls) | _SERIALISATION_KEYS | {"architectures"}, "")
         vision = config_dict.get("vision_config") or {}
         _reject_unknown(vision, _VISION_FIELDS, "vision_config.")
@@ -181,9 +196,6 @@ class Step3VLConfig(PreTrainedConfig):
             if value is not None:
                 out[name] = value
         return out
-
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_released_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _field_names(cls) -> set[str]:

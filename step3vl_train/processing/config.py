@@ -5,6 +5,7 @@ from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_RULES = ("released", "vllm")
 
 
 @dataclass(frozen=True)
@@ -15,8 +16,16 @@ class ProcessorConfig:
     patch_size: int = 14  # ViT patch side
     downsample_stride: int = 4  # two stride-2 convs
     enable_patch: bool = True  # False: global view only (171 tokens an image at full size)
+    # An image whose long side is `image_size` exactly: "released" gives it crops only when elongated
+    # (processing_step3.py's `long <= 728`); "vllm" plans it as a large image (vLLM 0.33's `long < 728`), so
+    # a 728x728 image gets 4 crops. RL with vLLM rollouts needs "vllm" (configs/rollout/vllm.yaml sets it).
+    crop_rule: str = "released"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.crop_rule not in CROP_RULES:
+            raise ValueError(f"processor crop_rule must be one of {CROP_RULES}, not {self.crop_rule!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ProcessorConfig":

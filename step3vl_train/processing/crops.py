@@ -61,7 +61,7 @@ def num_image_tokens(plan: CropPlan, cfg: ProcessorConfig) -> int:
 
 
 def _window_size(long: int, short: int, cfg: ProcessorConfig) -> int:
-    if long <= cfg.image_size:  # the released file's `<=` (newer vLLM uses `<`)
+    if long < cfg.image_size or (long == cfg.image_size and cfg.crop_rule == "released"):
         return short if long / short > 1.5 else 0
     return min(short, cfg.crop_size) if long / short > EXTREME_RATIO else cfg.crop_size
 

@@ -25,6 +25,12 @@ Every figure is bytes per rank, from the model's shapes, the run's lengths and t
 - Fixed: CUDA context and NCCL buffers, and a fragmentation margin on everything else.
 Host memory (not the GPU's): each rank's loader holds packs in shared memory as uint8, about
 HOST_BYTES_PER_VIEW a view, for its workers' prefetch plus the pinned batch in flight.
+
+A vLLM rollout engine takes `gpu_memory_utilization` of each of its GPUs: the bf16 weights split over
+tensor parallelism, then the KV cache (2 x layers x KV heads x head_dim bf16 values a token, split the same
+way) in what is left, less the activations of its profiling forward (not estimated here). Colocated, the
+training rank's ZeRO-3 states stay on the GPU while the engine is awake (the working set is freed), so
+both must fit together.
 """
 
 from __future__ import annotations
@@ -264,14 +270,55 @@ def estimate_training(config: Step3VLConfig, shape: TrainingShape, budget_gib: f
     return Estimate(gpu + fixed_parts(gpu), host_parts(shape), budget_gib)
 
 
-def estimate_rl(config: Step3VLConfig, policy: TrainingShape, critic: TrainingShape, budget_gib: float) -> Estimate:
-    """An RL training rank: the policy's and the critic's ZeRO-3 states side by side, and the larger of the
-    two models' working sets (they run one after the other). Rollout engines are not counted: on GPUs of
-    their own, or colocated and asleep while the trainer works."""
+def rl_resident(config: Step3VLConfig, policy: TrainingShape, critic: TrainingShape) -> list[Part]:
+    """What an RL training rank keeps between steps: the policy's and the critic's ZeRO-3 states."""
     policy_counts = parameter_counts(config, policy.frozen)
     critic_counts = parameter_counts(config, critic.frozen, head="value")
-    gpu = zero3_states(policy_counts, policy, "policy") + zero3_states(critic_counts, critic, "critic")
-    gpu += zero3_transients(policy_counts, policy)
+    return zero3_states(policy_counts, policy, "policy") + zero3_states(critic_counts, critic, "critic")
+
+
+def estimate_rl(config: Step3VLConfig, policy: TrainingShape, critic: TrainingShape, budget_gib: float) -> Estimate:
+    """An RL training rank: the policy's and the critic's ZeRO-3 states side by side, and the larger of the
+    two models' working sets (they run one after the other). A colocated engine sleeps while the trainer
+    works (its weights in host memory); `estimate_engine` counts the other moment, the rollout."""
+    gpu = rl_resident(config, policy, critic)
+    gpu += zero3_transients(parameter_counts(config, policy.frozen), policy)
     working = [decoder_parts(config, s) + vision_parts(config, s) for s in (policy, critic)]
     gpu += max(working, key=peak_bytes)
     return Estimate(gpu + fixed_parts(gpu), [], budget_gib)
+
+
+@dataclass
+class EngineShape:
+    """A vLLM engine's settings (`rollout.*`) and the longest sequence it holds."""
+
+    seq_len: int
+    tensor_parallel: int = 1
+    memory_utilization: float = 0.6
+    colocated: bool = False
+
+
+def kv_bytes_per_token(config: Step3VLConfig, tensor_parallel: int) -> float:
+    text = config.text_config
+    kv_heads = max(text.num_key_value_heads / tensor_parallel, 1)  # replicated beyond one head a GPU
+    return 2 * text.num_hidden_layers * kv_heads * text.head_dim * 2
+
+
+def estimate_engine(config: Step3VLConfig, engine: EngineShape, resident: list[Part], budget_gib: float) -> Estimate:
+    """One GPU of a rollout engine; `resident` is what a colocated training rank keeps beside it."""
+    weights = 2 * parameter_counts(config, ())["total"] / engine.tensor_parallel
+    cap = engine.memory_utilization * budget_gib * GIB
+    per_token = kv_bytes_per_token(config, engine.tensor_parallel)
+    pool = cap - weights
+    gpu = [
+        Part("engine: weights", weights, f"2 B x params / TP {engine.tensor_parallel}"),
+        Part(
+            "engine: KV cache",
+            pool,
+            f"{engine.memory_utilization:g} x {budget_gib:g} GiB - weights; {per_token / 2**10:.0f} KiB a token:"
+            f" {pool / (per_token * engine.seq_len):.1f} sequences of {engine.seq_len:,} tokens at once",
+        ),
+    ]
+    if engine.colocated:
+        gpu = [*resident, Part("trainer: CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed"), *gpu]
+    return Estimate(gpu, [], budget_gib)

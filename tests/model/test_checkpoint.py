@@ -21,12 +21,14 @@ def test_save_then_load_is_bit_exact(tiny_model, tmp_path):
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     shards = [f for f in files if f.startswith("model-")]
     assert len(shards) > 1 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
-    assert {"config.json", INDEX_NAME} <= set(files)
+    assert {"config.json", "configuration_step_vl.py", INDEX_NAME} <= set(files)
     index = json.loads((tmp_path / "ckpt" / INDEX_NAME).read_text())
     assert set(index["weight_map"]) == set(tiny_model.state_dict())
 
     loaded = Step3VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
-    assert loaded.config.to_released_dict() == tiny_model.config.to_released_dict()
+    # config.json names the configuration module written beside it, as the released checkpoint does
+    auto_map = {"AutoConfig": "configuration_step_vl.Step3VLConfig"}
+    assert loaded.config.to_released_dict() == {**tiny_model.config.to_released_dict(), "auto_map": auto_map}
     for name, tensor in tiny_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     ids = torch.randint(11, 1000, (1, 9))
@@ -82,3 +84,13 @@ def test_inspect_model_tool(tmp_path):
     assert json.loads(result.stdout) == report
     assert report["tensors"] == REFERENCE["tensors"]
     assert report["parameters"]["total"] == 10_171_750_144
+
+
+def test_an_export_opens_with_autoconfig_as_the_release_does(tiny_model, tmp_path):
+    from transformers import AutoConfig
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    config = AutoConfig.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    assert type(config).__name__ == "Step3VLConfig" and config.model_type == "step_robotics"
+    assert config.to_released_dict()["vision_config"] == tiny_model.config.to_released_dict()["vision_config"]
+    assert config.name_or_path == str(tmp_path / "ckpt")

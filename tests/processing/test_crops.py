@@ -75,3 +75,26 @@ def test_tiny_processor_scales_the_same_rules():
     assert (tiny.global_tokens, tiny.crop_tokens) == (16, 9)
     plan = plan_crops(451, 300, tiny)
     assert (plan.window, plan.canvas_size, plan.num_crops, plan.num_newlines) == (168, (504, 336), 6, 1)
+
+
+@pytest.mark.parametrize(
+    "size, released, vllm",
+    [
+        ((728, 728), 171, 504),
+        ((728, 600), 171, 337),
+        ((728, 400), 337, 337),
+        ((727, 400), 337, 337),
+        ((729, 729), 504, 504),
+    ],
+)
+def test_crop_rules_differ_only_at_a_long_side_of_exactly_728(size, released, vllm):
+    """The released file plans with `long <= 728`, vLLM 0.33 with `long < 728` (tests/contract checks the
+    latter against vLLM's own processor)."""
+    for rule, tokens in (("released", released), ("vllm", vllm)):
+        cfg = ProcessorConfig(crop_rule=rule)
+        assert num_image_tokens(plan_crops(*size, cfg), cfg) == tokens
+
+
+def test_unknown_crop_rule_is_an_error():
+    with pytest.raises(ValueError, match="crop_rule"):
+        ProcessorConfig(crop_rule="newest")

@@ -4,6 +4,7 @@ import torch
 from step3vl_train.data.synthetic import write_corpus
 from step3vl_train.model import Step3VLForConditionalGeneration
 from step3vl_train.processing.processor import load_processor
+from step3vl_train.processing.tokenizer import load_tokenizer
 from tests.conftest import REPO, load_model_config
 from tests.rl.format_task import train_format_model, write_prompts
 
@@ -18,6 +19,7 @@ def exported_tiny_model(tmp_path_factory):
             param.normal_(0, 0.3)
     out = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(out)
+    load_tokenizer("tiny").save_pretrained(out)  # as an export carries it; vLLM reads it from there
     return out
 
 

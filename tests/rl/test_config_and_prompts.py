@@ -25,6 +25,7 @@ def test_rlvr_recipe_carries_the_papers_numbers():
 def test_cpu_overrides_and_options():
     cfg = compose_rl("stage=rlvr", "model=tiny", "processor=tiny", "rollout=vllm", "algo.estimator=grpo")
     assert cfg.rollout.engine == "vllm" and cfg.model["text_config"]["hidden_size"] < 1024
+    assert cfg.processor["crop_rule"] == "vllm" and cfg.processor["image_size"] == 224  # vLLM's rule, tiny sizes
     assert cfg.algo.estimator == "grpo" and not cfg.uses_critic
 
 
@@ -36,10 +37,11 @@ def test_cpu_overrides_and_options():
         (["critic.enabled=false"], "needs the critic"),
         (["prompts.prompts_per_step=3", "rollout.n=1"], "equal parts"),
         (["rollout.engine=sglang"], "rollout.engine"),
+        (["rollout.engine=vllm"], "crop_rule=vllm"),
         (["algo.loss_aggregation=sum"], "loss_aggregation"),
         (["rollout.colocate=true"], "colocate"),
         (["prompts.sources=[]"], "prompts.sources is empty"),
-        (["prompts.prompts_per_step=8", "rollout.n=4", "policy.micro_batch_size=3"], "policy.micro_batch_size"),
+        (["policy.micro_batch_tokens=0"], "policy.micro_batch_tokens must be positive"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(overrides, message):

@@ -1,13 +1,9 @@
-import http.server
-import json
-import threading
 import time
 
 import pytest
 
 from rl.rewards import RewardConfig, RewardRequest, RewardScorer
 from rl.rewards.answer import boxed_contents, split_reasoning
-from rl.rewards.verifier import VerifierConfig
 
 T = "Some reasoning.</think>"
 
@@ -144,6 +140,89 @@ def test_pointing_decays_with_distance(scorer, response, expected):
     assert score(scorer, response, "pointing", **fields) == (expected, "ok")
 
 
+# Answers as models write them, scored against two reference boxes and points of a square image, where
+# 0-1000 normalised coordinates are pixels.
+SQUARE = (1000, 1000)
+CATS = [[100, 100, 300, 300], [500, 500, 700, 800]]
+QWEN_BOXES = """```json
+[
+  {"bbox_2d": [500, 500, 700, 800], "label": "cat 2"},
+  {"bbox_2d": [100, 100, 300, 300], "label": "cat 1"}
+]
+```"""
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (T + QWEN_BOXES, 1.0),  # Qwen2.5-VL: fenced JSON, digits in keys and labels are not coordinates
+        (T + '{"bbox_2d": [100, 100, 300, 300], "label": "cat"}', 0.5),  # one of two cats
+        (T + "<box>[[100,100,300,300],[500,500,700,800]]</box>", 1.0),  # InternVL, nested, no spaces
+        (T + "[100,100,300,300]", 0.5),  # no spaces: four coordinates, not one number with thousands commas
+        (T + "[100, 100, 300, 300]\n[500, 500, 700, 800]", 1.0),  # one a line: every line is read
+        (T + "There are 2 cats:\n1. [100, 100, 300, 300]\n2. [500, 500, 700, 800]", 1.0),  # prose numbers
+        (T + "The first cat [500, 500, 700, 800], the second [100, 100, 300, 300].", 1.0),  # any order
+        (T + "[100 100 300 300] [500 500 700 800]", 1.0),  # space-separated
+        (T + "{'bbox_2d': [100, 100, 300, 300]}, {'bbox_2d': [500, 500, 700, 800]}", 1.0),  # a Python repr
+        (T + "I first thought [0, 0, 50, 50].\n\\boxed{[100, 100, 300, 300], [500, 500, 700, 800]}", 1.0),
+        (T + "Steps [1, 2, 3] give [100, 100, 300, 300] and [500, 500, 700, 800]", 1.0),  # 3 numbers: no box
+        (T + "[100, 100, 300, 300] [500, 500, 700, 800] [0, 0, 10, 10]", pytest.approx(2 / 3)),  # an extra
+        (T + "[100, 100, 300, 300, 500]", None),  # five numbers are no box
+        (T + "The cats are at (200, 200) and (600, 650).", None),  # points are no boxes
+    ],
+)
+def test_grounding_reads_boxes_as_models_write_them(scorer, response, expected):
+    result = score(scorer, response, "grounding", boxes=CATS, image_size=SQUARE)
+    assert result == ((expected, "ok") if expected is not None else (0.0, "no_answer"))
+
+
+@pytest.mark.parametrize(
+    ("boxes", "references", "expected"),
+    [
+        # Greedy matching gives the first box its best reference (IoU 0.36, below the threshold) and leaves
+        # the second an IoU of 0.05; the optimal pairing scores the second's 0.76.
+        ([[400, 0, 700, 200], [200, 50, 700, 300]], [[150, 0, 700, 300], [550, 200, 900, 750]], 0.7576 / 2),
+        # Maximising raw IoU pairs both boxes below the threshold (0.42 + 0.47); the scores pair one above it.
+        ([[50, 100, 600, 600], [50, 0, 500, 450]], [[200, 0, 600, 550], [0, 250, 400, 600]], 0.5714 / 2),
+    ],
+)
+def test_grounding_pairs_boxes_by_optimal_assignment(scorer, boxes, references, expected):
+    response = T + " ".join(str(box) for box in boxes)
+    result = score(scorer, response, "grounding", boxes=references, image_size=SQUARE)
+    assert result == (pytest.approx(expected, abs=1e-4), "ok")
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (T + "(200, 200)\n(600, 650)", 1.0),  # two points, one a line
+        (T + '[{"point_2d": [600, 650], "label": "cat 2"}, {"point_2d": [200, 200], "label": "cat 1"}]', 1.0),
+        (T + "[200,200]", 0.5),  # one of two
+        (T + "(200, 200) (600, 650) (900, 100)", pytest.approx(2 / 3)),  # an extra point
+        (T + "(200, 200) (600, 700)", pytest.approx((1 + 1 - 50 / (360.5551 / 2)) / 2, abs=1e-4)),
+        (T + "There are 2 cats, at \\boxed{(200, 200), (600, 650)}", 1.0),
+        (T + "[100, 100, 300, 300]", None),  # a box is no point
+    ],
+)
+def test_pointing_at_several_targets(scorer, response, expected):
+    fields = {"boxes": CATS, "points": [[200, 200], [600, 650]], "image_size": SQUARE}
+    assert score(scorer, response, "pointing", **fields) == (
+        (expected, "ok") if expected is not None else (0.0, "no_answer")
+    )
+
+
+@pytest.mark.parametrize(
+    ("reward", "fields", "match"),
+    [
+        ("grounding", {"boxes": []}, "reference boxes"),
+        ("pointing", {"boxes": CATS, "points": [[200, 200]]}, "1 points, 2 boxes"),
+    ],
+)
+def test_grounding_data_without_usable_references_is_an_error(scorer, reward, fields, match):
+    [result] = scorer.score([RewardRequest(T + "[100, 100, 300, 300] (200, 200)", reward, image_size=SQUARE, **fields)])
+    assert result.status == "error" and match in result.detail
+
+
 def test_user_reward_by_import_path(scorer):
     assert score(scorer, T + "yes", "tests.rl.user_rewards:exact", "yes") == (1.0, "ok")
     assert score(scorer, T + "yes", "no_such_module:fn", "yes")[1] == "error"
@@ -179,102 +258,3 @@ def test_config_fn_overrides_every_sample():
 def test_answer_helpers():
     assert split_reasoning("a</think>b</think>c") == ("a</think>b", "c")
     assert boxed_contents(r"\boxed{\frac{1}{2}} and \boxed{x^{2}}") == [r"\frac{1}{2}", "x^{2}"]
-
-
-class VerifierHandler(http.server.BaseHTTPRequestHandler):
-    mode = "ok"
-    calls = 0
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        type(self).calls += 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.mode == "slow":
-            time.sleep(2)
-        if self.mode == "error":
-            self.send_response(500)
-            self.end_headers()
-            return
-        prompt = body["messages"][0]["content"]
-        verdict = "CORRECT" if "REFERENCE: 42" in prompt and "RESPONSE: forty-two" in prompt else "INCORRECT"
-        if self.mode == "garbled":
-            verdict = "maybe"
-        reply = {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}],
-        }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def endpoint():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), VerifierHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-
-
-@pytest.mark.parametrize(
-    ("mode", "expected"),
-    [
-        ("ok", [(1.0, "ok"), (0.0, "ok")]),
-        ("error", [(0.0, "error")] * 2),
-        ("slow", [(0.0, "timeout")] * 2),
-        ("garbled", [(0.0, "error")] * 2),
-    ],
-)
-def test_verifier_endpoint(endpoint, mode, expected):
-    VerifierHandler.mode, VerifierHandler.calls = mode, 0
-    config = RewardConfig(verifier=VerifierConfig(base_url=endpoint, timeout_s=0.5, max_retries=1, max_concurrency=2))
-    scorer = RewardScorer(config)
-    try:
-        requests = [RewardRequest(T + "forty-two", "verifier", answer=a, prompt="?") for a in ("42", "41")]
-        assert [(r.score, r.status) for r in scorer.score(requests)] == expected
-    finally:
-        scorer.close()
-    if mode in ("error", "slow"):
-        assert VerifierHandler.calls == 4  # each request tried twice (one retry)
-
-
-def test_verifier_needs_an_endpoint():
-    scorer = RewardScorer(RewardConfig(num_workers=1))
-    try:
-        with pytest.raises(ValueError, match="base_url"):
-            scorer.score([RewardRequest(T + "x", "verifier", answer="x")])
-    finally:
-        scorer.close()
-
-
-def test_verifier_scores_answers_the_rules_cannot_read(endpoint):
-    VerifierHandler.mode, VerifierHandler.calls = "ok", 0
-    config = RewardConfig(num_workers=1, verifier_fallback=["math"], verifier=VerifierConfig(base_url=endpoint))
-    scorer = RewardScorer(config)
-    try:
-        requests = [
-            RewardRequest(T + "forty-two", "math", answer="42"),  # math-verify reads no number: the verifier does
-            RewardRequest(T + "many", "counting", answer="3"),  # not a fallback reward: stays no_answer
-            RewardRequest(T + r"\boxed{41}", "math", answer="42"),  # read by the rule: never sent
-        ]
-        assert [(r.score, r.status) for r in scorer.score(requests)] == [(1.0, "ok"), (0.0, "no_answer"), (0.0, "ok")]
-    finally:
-        scorer.close()
-    assert VerifierHandler.calls == 1
-
-
-@pytest.mark.parametrize(
-    ("fallback", "base_url", "match"), [(["math"], None, "base_url"), (["nonsense"], "http://x/v1", "unknown")]
-)
-def test_verifier_fallback_is_checked_at_start(fallback, base_url, match):
-    config = RewardConfig(verifier_fallback=fallback, verifier=VerifierConfig(base_url=base_url))
-    with pytest.raises((ValueError, KeyError), match=match):
-        RewardScorer(config)

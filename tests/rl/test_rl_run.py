@@ -20,8 +20,8 @@ from tests.rl.compose import compose_rl
 TINY = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny", "logging.mode=disabled"]
 # The secret-digit task: 8 prompts x 8 responses an iteration, 2 minibatches over 2 ranks.
 SECRET = [
-    "prompts.prompts_per_step=8", "rollout.n=8", "algo.minibatches=2", "policy.micro_batch_size=16",
-    "critic.micro_batch_size=16", "rollout.max_new_tokens=24", "policy.optim.lr=5e-4", "critic.optim.lr=1e-3",
+    "prompts.prompts_per_step=8", "rollout.n=8", "algo.minibatches=2", "policy.micro_batch_tokens=1024",
+    "critic.micro_batch_tokens=1024", "rollout.max_new_tokens=24", "policy.optim.lr=5e-4", "critic.optim.lr=1e-3",
 ]  # fmt: skip
 
 
@@ -60,6 +60,11 @@ def test_reward_rises_on_a_verifiable_task_and_the_policy_exports(secret_task, t
         for key in ("pass_rate", "response_len_mean", "clip_fraction", "value_loss", "entropy", "reward/train",
                     "time/rollout", "time/reward", "time/score", "time/update", "time/sync", "sync/bytes"):  # fmt: skip
             assert key in row, key
+    # The frozen encoder crosses once, when the engine starts; each iteration sends the trainable tensors.
+    names = [name for name, _ in Step3VLForConditionalGeneration.from_pretrained(model).named_parameters()]
+    assert metrics[0]["sync_start/tensors"] == len(names)
+    assert all(row["sync/tensors"] == len([n for n in names if not n.startswith("vision_model.")]) for row in metrics)
+    assert all("sync_start/tensors" not in row for row in metrics[1:])
     logged = rows(out / "rollouts.jsonl")
     assert len(logged) == 20 * 8 and all(len(row["rewards"]) == 8 for row in logged)
     assert sorted((out / "checkpoints").glob("step_*")) == [
@@ -92,7 +97,7 @@ def test_a_killed_driver_and_a_dead_rank_lose_and_repeat_no_prompt(rl_corpus, ti
     resumes, then loses a training rank after step 5 and replaces it from the latest checkpoint. The prompts
     the run trained on are exactly the loader's sequence: none lost, none twice."""
     settings = [f"prompts.root={rl_corpus}", "prompts.prompts_per_step=4", "rollout.n=2", "algo.minibatches=2",
-                "policy.micro_batch_size=2", "critic.micro_batch_size=2", "rollout.max_new_tokens=8",
+                "policy.micro_batch_tokens=256", "critic.micro_batch_tokens=256", "rollout.max_new_tokens=8",
                 "run.max_steps=8", "run.save_every=2"]  # fmt: skip
     loader = PromptLoader(compose_rl(*TINY, *settings).prompts, tiny_processor)
     expected = [(step, prompt.key) for step in range(1, 9) for prompt in loader.next_batch(4)]
@@ -122,7 +127,7 @@ def test_critic_free_grpo_with_dynamic_sampling(secret_task, tmp_path):
     prompts, model = secret_task
     metrics = run(tmp_path / "run", *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}",
                   "algo.estimator=grpo", "critic.enabled=false", "algo.drop_uniform_groups=true", "rollout.n=4",
-                  "policy.micro_batch_size=8", "run.max_steps=3")  # fmt: skip
+                  "policy.micro_batch_tokens=512", "run.max_steps=3")  # fmt: skip
     assert [row["step"] for row in metrics] == [1, 2, 3]
     assert all(row["value_loss"] is None and row["explained_variance"] is None for row in metrics)
     # two in three groups of 4 guesses at 1 in 10 all fail: they are dropped and more prompts drawn

@@ -4,7 +4,7 @@ the estimate matches a measured peak on the CPU."""
 import pytest
 
 from benchmarks.memory_cpu import in_subprocess
-from launch.estimate_memory import estimate, main
+from launch.estimate_memory import engine_estimate, estimate, main
 from step3vl_train.train.memory import ClusterConfig
 from step3vl_train.train.recipes import register_recipes
 
@@ -37,6 +37,20 @@ def test_the_arithmetic_by_hand():
     assert got["loss tile"] == 2048 * 151936 * 10 + 151936 * 4096 * 2
     sp8, _ = estimate("sft_stage1", H100, ["+recipe=sft_stage1"])
     assert parts(sp8)["decoder checkpoints"] == 36 * (131072 // 8) * 4096 * 2
+
+
+def test_the_rollout_engine_by_hand():
+    _, cfg = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm"])
+    engine = parts(engine_estimate(cfg, H100))
+    assert engine["engine: weights"] == pytest.approx(2 * 10_172_000_000, rel=1e-3)  # bf16, TP 1
+    assert engine["engine: KV cache"] == pytest.approx(0.6 * 80 * GIB - engine["engine: weights"])
+    # 2 (k, v) x 36 layers x 8 KV heads x 128 x bf16 = 144 KiB a token
+    result = engine_estimate(cfg, H100)
+    assert "144 KiB a token" in result.table() and result.fits
+    # Colocated, the training rank's states stay beside the engine: at 0.6 of the GPU they do not fit.
+    _, colocated = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"])
+    crowded = engine_estimate(colocated, H100)
+    assert "policy: fp32 master + Adam" in parts(crowded) and not crowded.fits
 
 
 def test_a_128k_row_on_one_rank_does_not_fit_and_the_degree_that_does_is_named(capsys):
