@@ -4,7 +4,7 @@ Not collected by the project's pytest (vLLM is not importable there): `test_vllm
 file in the contract environment, where vLLM is installed without its CUDA dependencies. Each test name
 starts with the letter of the check it belongs to:
   (a) an export's config loads through vLLM's config path, as a STEP3-VL model;
-  (b) vLLM's multimodal processor expands our prompts to exactly our token ids;
+  (b) vLLM's multimodal processor expands our prompts to exactly our token ids, and makes our pixels;
   (c) every exported tensor loads, through vLLM's weight mapper, into a parameter of vLLM's model class;
   (d) the NCCL transfer group we lay out for N engines x TP is a valid group by vLLM's rank formula.
 What needs CUDA (generation, NCCL, CUDA IPC) is not here: docs/rl.md says what has not run.
@@ -24,7 +24,7 @@ from rl.experience import Prompt
 from rl.sync import EngineFleetClient, trainer_init_info
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.checkpoint import read_released_tensors, save_config
-from step3vl_train.processing.processor import load_processor
+from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.processing.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,6 +124,29 @@ def test_b_several_images_in_one_prompt(processors):
     _, ours, vllm_processor = processors
     prompt = image_prompt(ours, [(1024, 768), (300, 200), (2000, 300)])
     assert vllm_expanded(vllm_processor, vllm_request(ours, prompt)) == prompt.sample.input_ids.tolist()
+
+
+@pytest.mark.parametrize("size", [(728, 728), (640, 480), (1024, 768), (2000, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_b_vllm_sees_our_pixels(size, processors):
+    """The views the trainer scores with are the ones vLLM sampled from: a real photo's global view and
+    crops, to float32 rounding (we normalise after the last resize, vLLM before: the resize is linear)."""
+    _, ours, vllm_processor = processors
+    photo = Image.open(REPO / "data" / "samples" / "chelsea.png").convert("RGB").resize(size)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = Prompt("k", "t", ours(messages, [photo], add_generation_prompt=True), messages, [buffer.getvalue()], "m")
+    request = vllm_request(ours, prompt)
+    [item] = vllm_processor(
+        request["prompt_token_ids"], vllm_processor.info.parse_mm_data(request["multi_modal_data"])
+    )["mm_kwargs"]["image"]
+    mine = collate([prompt.sample], pad_token_id=0).model_inputs(with_labels=False)
+    assert torch.allclose(item["pixel_values"].data, mine["pixel_values"][0], atol=1e-5)
+    crops = mine["patch_pixel_values"]
+    if crops is None:  # no crops: vLLM's field is empty
+        assert item["patch_pixel_values"].data.numel() == 0
+    else:
+        assert torch.allclose(item["patch_pixel_values"].data, crops, atol=1e-5)
 
 
 def test_b_the_released_rule_differs_from_vllm_at_728(processors):
