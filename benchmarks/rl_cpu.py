@@ -37,7 +37,7 @@ def run_rl(out: Path, corpus: Path, *overrides: str) -> list[dict]:
     command = [
         sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny",
         "logging.mode=disabled", f"prompts.root={corpus}", f"run.output_dir={out}", "run.save_every=1000",
-        *overrides,
+        "policy.from_scratch=true", *overrides,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:

@@ -15,6 +15,7 @@ JSON summary.
 
 import argparse
 import json
+import sys
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from rl.config import RLConfig
 from rl.engines import build_rollout_engine, engine_options
 from rl.iteration import group_responses, sampling_params, score_rewards
+from rl.preflight import PreflightError, check_weights
 from rl.prompts import PromptLoader
 from rl.rewards import RewardScorer
 from step3vl_train.data.encoding import image_suffix
@@ -48,6 +50,10 @@ def main() -> None:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         raw = OmegaConf.to_container(compose("rl", args.overrides), resolve=True)
     cfg = RLConfig.from_dict(raw)
+    try:
+        check_weights(cfg)
+    except PreflightError as error:
+        sys.exit(f"filter_difficulty.py: {error}")
     processor = load_processor(cfg.tokenizer, cfg.processor or None)
     loader = PromptLoader(cfg.prompts, processor, cfg.reward.fn, max_epochs=1)
     tokenizer = processor.tokenizer

@@ -100,6 +100,7 @@ class ModelRoleConfig:
     """
 
     init_from: str | None = None  # a released-format directory (an export); the critic defaults to the policy's
+    from_scratch: bool = False  # policy: start from random weights; without it a missing init_from is refused
     optim: OptimConfig = field(default_factory=OptimConfig)
     freeze: list[str] = field(default_factory=lambda: ["vision_model."])  # name prefixes not trained
     micro_batch_tokens: int = 2048  # padded tokens a forward; a longer single sequence runs alone

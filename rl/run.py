@@ -8,12 +8,15 @@ python rl/run.py stage=rlvr model=tiny processor=tiny tokenizer=tiny policy.init
 Re-running the same command resumes from the run's last complete checkpoint.
 """
 
+import sys
+
 import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
 from rl.config import RLConfig
 from rl.driver import Driver
+from rl.preflight import PreflightError, preflight
 from step3vl_train.train.recipes import register_recipes
 
 register_recipes()
@@ -29,7 +32,10 @@ def main(cfg: DictConfig) -> None:
         needed = config.run.world_size + config.rollout.num_engines + 1
         ray.init(num_cpus=config.ray.num_cpus or needed, include_dashboard=False)
     try:
+        preflight(config, ray.cluster_resources())
         Driver(config, raw).run()
+    except PreflightError as error:
+        sys.exit(f"rl/run.py: {error}")
     finally:
         ray.shutdown()
 

@@ -96,9 +96,9 @@ def test_a_killed_driver_and_a_dead_rank_lose_and_repeat_no_prompt(rl_corpus, ti
     """The driver is SIGKILLed with its process group after step 3 (checkpoint: step 2); the re-run command
     resumes, then loses a training rank after step 5 and replaces it from the latest checkpoint. The prompts
     the run trained on are exactly the loader's sequence: none lost, none twice."""
-    settings = [f"prompts.root={rl_corpus}", "prompts.prompts_per_step=4", "rollout.n=2", "algo.minibatches=2",
-                "policy.micro_batch_tokens=256", "critic.micro_batch_tokens=256", "rollout.max_new_tokens=8",
-                "run.max_steps=8", "run.save_every=2"]  # fmt: skip
+    settings = [f"prompts.root={rl_corpus}", "policy.from_scratch=true", "prompts.prompts_per_step=4",
+                "rollout.n=2", "algo.minibatches=2", "policy.micro_batch_tokens=256", "critic.micro_batch_tokens=256",
+                "rollout.max_new_tokens=8", "run.max_steps=8", "run.save_every=2"]  # fmt: skip
     loader = PromptLoader(compose_rl(*TINY, *settings).prompts, tiny_processor)
     expected = [(step, prompt.key) for step in range(1, 9) for prompt in loader.next_batch(4)]
     assert len({key for _, key in expected}) == 32

@@ -1,0 +1,77 @@
+"""The RL preflight: a missing or wrong model, or a cluster without the GPUs a config asks for, is one
+message before any actor starts, never a hang or a crash retried."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rl.preflight import PreflightError, check_resources, check_weights, gpus_needed
+from tests.conftest import REPO
+from tests.rl.compose import compose_rl
+
+TINY = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny"]
+CPU_CLUSTER = {"CPU": 8.0}
+
+
+def test_a_missing_init_from_is_refused_unless_training_from_scratch():
+    with pytest.raises(PreflightError, match="policy.init_from is not set.*policy.from_scratch=true"):
+        check_weights(compose_rl(*TINY))
+    check_weights(compose_rl(*TINY, "policy.from_scratch=true"))
+
+
+def test_model_directories_are_checked(exported_tiny_model, tmp_path):
+    check_weights(compose_rl(*TINY, f"policy.init_from={exported_tiny_model}"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    for path, problem in [
+        (tmp_path / "nowhere", "no such directory"),
+        (tmp_path / "empty", "no config.json"),
+        (tmp_path / "no_weights", "no model.safetensors.index.json or model.safetensors"),
+    ]:
+        with pytest.raises(PreflightError, match=f"policy.init_from={path}: {problem}"):
+            check_weights(compose_rl(*TINY, f"policy.init_from={path}"))
+    with pytest.raises(PreflightError, match="critic.init_from"):
+        check_weights(compose_rl(*TINY, f"policy.init_from={exported_tiny_model}", f"critic.init_from={tmp_path}"))
+    with pytest.raises(PreflightError, match="rollout.model"):
+        check_weights(compose_rl(*TINY, "rollout=vllm", f"policy.init_from={exported_tiny_model}", "rollout.model=x"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus"),
+    [
+        ([], 0),  # the CPU default: the transformers engine, gloo ranks
+        (["rollout=vllm", "rollout.num_engines=4", "rollout.tensor_parallel_size=2"], 8),  # CPU ranks, GPU engines
+        (["rollout=vllm", "run.world_size=8", "run.num_gpus_per_rank=1", "rollout.num_engines=4"], 12),
+        (["rollout=vllm", "run.world_size=8", "run.num_gpus_per_rank=1", "rollout.colocate=true"], 8),
+    ],
+)
+def test_gpus_needed(overrides, gpus):
+    assert gpus_needed(compose_rl(*TINY, "policy.from_scratch=true", *overrides)) == gpus
+
+
+def test_a_cluster_without_the_gpus_is_refused():
+    cfg = compose_rl(*TINY, "policy.from_scratch=true", "rollout=vllm")
+    with pytest.raises(PreflightError, match="needs 1 GPUs .* the Ray cluster has 0. Without GPUs, run rollout=hf"):
+        check_resources(cfg, CPU_CLUSTER)
+    check_resources(cfg, {**CPU_CLUSTER, "GPU": 1.0})
+    check_resources(compose_rl(*TINY, "policy.from_scratch=true"), CPU_CLUSTER)
+
+
+@pytest.mark.slow
+def test_rl_run_says_what_is_wrong_and_stops(exported_tiny_model, tmp_path):
+    """rl/run.py on this GPU-less machine: vLLM waited on Ray's autoscaler forever, a wrong path was retried
+    as three actor crashes. Now each is its message, at once, without a traceback."""
+    cases = [
+        ([f"policy.init_from={tmp_path / 'nowhere'}"], "policy.init_from=.*nowhere: no such directory"),
+        (["rollout=vllm", f"policy.init_from={exported_tiny_model}"], "needs 1 GPUs"),
+    ]
+    for overrides, message in cases:
+        command = [sys.executable, str(REPO / "rl" / "run.py"), *TINY, f"run.output_dir={tmp_path / 'run'}", *overrides]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("rl/run.py: ") and re.search(message, last), done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "restarting" not in done.stderr
