@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from rl.config import RLConfig
 from step3vl_train.model.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME
+from step3vl_train.train.checkpoint import Checkpointer
 
 
 class PreflightError(ValueError):
@@ -73,6 +76,23 @@ def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
         )
 
 
+def check_resume(cfg: RLConfig) -> None:
+    """A run resumes its ZeRO-3 shards only on as many training ranks as wrote them."""
+    run_dir = Path(cfg.run.output_dir)
+    latest = Checkpointer(run_dir, keep_last=0).latest()
+    if latest is None or not (run_dir / "config.yaml").is_file():
+        return
+    written_by = OmegaConf.load(run_dir / "config.yaml").run.world_size
+    if written_by != cfg.run.world_size:
+        raise PreflightError(
+            f"run.output_dir={cfg.run.output_dir} resumes from {latest.name}, written by run.world_size={written_by} "
+            f"training ranks, and this run has {cfg.run.world_size}. DeepSpeed's shards resume only on as many "
+            f"ranks: re-run with run.world_size={written_by}, or export the policy (python launch/export_hf.py "
+            f"checkpoint={cfg.run.output_dir} out=DIR) and start a new run with policy.init_from=DIR."
+        )
+
+
 def preflight(cfg: RLConfig, resources: dict[str, float]) -> None:
     check_weights(cfg)
     check_resources(cfg, resources)
+    check_resume(cfg)

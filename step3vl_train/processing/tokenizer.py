@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -57,9 +58,24 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """`"tiny"` for the built-in tokenizer, else a local tokenizer directory (e.g. the released checkpoint's)."""
-    tokenizer = build_tiny_tokenizer() if source == "tiny" else AutoTokenizer.from_pretrained(source)
+    """`"tiny"` for the built-in tokenizer, else a local tokenizer directory (e.g. the released checkpoint's).
+    Nothing is fetched from a hub: anything else is an error naming it, at once."""
+    if source == "tiny":
+        tokenizer = build_tiny_tokenizer()
+    else:
+        tokenizer = _read_tokenizer(source)
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"tokenizer {source!r} lacks special tokens: {', '.join(missing)}")
     return tokenizer
+
+
+def _read_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    wanted = "a local model directory with its tokenizer (the released checkpoint, an export), or tiny"
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"tokenizer={source}: no such directory. Give {wanted}.")
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"tokenizer={source}: no tokenizer can be read from it ({reason}). Give {wanted}.") from None

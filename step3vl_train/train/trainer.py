@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,21 @@ class Progress:
 
 
 def init_distributed() -> None:
+    """The process group torchrun describes in the environment. Started without torchrun (no `RANK`), the
+    script is one rank of one, as `torchrun --nproc-per-node 1` would start it (DeepSpeed would otherwise
+    look for MPI)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def agreed_run_dir(output_dir: str) -> Path:

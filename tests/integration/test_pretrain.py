@@ -119,7 +119,8 @@ def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretra
 @pytest.mark.slow
 def test_held_out_shards_skip_counts_and_a_changed_world_size(pretrain_corpus, tmp_path):
     """Our own held-out shards (broken samples included) through the entry point: the skips are counted
-    right. Then the same run with one rank instead of two is refused, naming the way out."""
+    right. Then the same run with one rank instead of two, started without torchrun (one rank of one), is
+    refused, naming the way out."""
     from tests.data.broken_data import EXPECTED_SKIPS, write_held_out
 
     held_out = write_held_out(str(tmp_path / "held_out"))
@@ -129,9 +130,9 @@ def test_held_out_shards_skip_counts_and_a_changed_world_size(pretrain_corpus, t
     assert json.loads((out / "data_skips.json").read_text()) == {**EXPECTED_SKIPS, "unreadable_shard": 1}
     assert held_out[-1].endswith("gone-000000.tar")  # not matched by the glob: only the truncated shard
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_1"]
-    one_rank = command(pretrain_corpus, out, "trainer.max_steps=2")
-    one_rank[one_rank.index("--nproc_per_node") + 1] = "1"
-    done = subprocess.run(one_rank, capture_output=True, text=True, timeout=300, env=environment())
+    torchrun = command(pretrain_corpus, out, "trainer.max_steps=2")
+    plain = [sys.executable, *torchrun[torchrun.index(str(REPO / "launch" / "pretrain.py")) :]]
+    done = subprocess.run(plain, capture_output=True, text=True, timeout=300, env=environment())
     assert done.returncode != 0
     assert "written by 2 ranks and this run has 1" in done.stderr and "export_hf.py" in done.stderr
 

@@ -59,3 +59,16 @@ def test_tokenizer_without_image_tokens_is_rejected(tmp_path):
         path.write_text(path.read_text().replace("<patch_newline>", "<patch_nl>"))
     with pytest.raises(ValueError, match="lacks special tokens: <patch_newline>"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("path", ["outputs/no_such_model", "/models/no_such_model", "Qwen/Qwen3-8B"])
+def test_a_tokenizer_path_that_is_no_directory_is_named_at_once(path):
+    """Before: a repo-id error for an absolute path, and a 51 s wait on the hub for a relative one."""
+    with pytest.raises(FileNotFoundError, match=f"tokenizer={path}: no such directory. Give a local model"):
+        load_tokenizer(path)
+
+
+def test_a_directory_without_a_tokenizer_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"tokenizer={tmp_path}: no tokenizer can be read from it"):
+        load_tokenizer(str(tmp_path))

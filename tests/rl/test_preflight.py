@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rl.preflight import PreflightError, check_resources, check_weights, gpus_needed
+from rl.preflight import PreflightError, check_resources, check_resume, check_weights, gpus_needed
 from tests.conftest import REPO
 from tests.rl.compose import compose_rl
 
@@ -75,3 +75,17 @@ def test_rl_run_says_what_is_wrong_and_stops(exported_tiny_model, tmp_path):
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("rl/run.py: ") and re.search(message, last), done.stderr[-3000:]
         assert "Traceback" not in done.stderr and "restarting" not in done.stderr
+
+
+def test_resuming_with_another_world_size_is_refused(tmp_path):
+    """Before: `The size of tensor a (16384) must match the size of tensor b (8192)` from DeepSpeed."""
+    from omegaconf import OmegaConf
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_4").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_4")
+    OmegaConf.save(OmegaConf.create({"run": {"world_size": 2}}), out / "config.yaml")
+    check_resume(compose_rl(*TINY, f"run.output_dir={out}", "run.world_size=2"))
+    with pytest.raises(PreflightError, match="resumes from step_4, written by run.world_size=2 .* this run has 4"):
+        check_resume(compose_rl(*TINY, f"run.output_dir={out}", "run.world_size=4"))
+    check_resume(compose_rl(*TINY, f"run.output_dir={tmp_path / 'fresh'}", "run.world_size=4"))
