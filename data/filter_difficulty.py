@@ -4,7 +4,7 @@ policy and keep the prompts it solves sometimes but not always (0 < correct < k)
 python data/filter_difficulty.py --k 24 --out DIR -- stage=rlvr tokenizer=... policy.init_from=MODEL \
     [prompts.root=... | prompts.train=PATHS] [rollout=vllm] [rollout.max_new_tokens=...]
 python data/filter_difficulty.py --k 8 --out outputs/filtered -- stage=rlvr model=tiny processor=tiny \
-    tokenizer=tiny policy.init_from=outputs/sft_tiny_hf rollout.max_new_tokens=64     # the CPU
+    tokenizer=tiny policy.init_from=outputs/demo/sft_hf rollout.max_new_tokens=64     # the CPU
 
 Everything after `--` is a Hydra override of the RL config (configs/rl.yaml): the prompts, the engine, the
 sampling and the rewards are the RL stage's own. Each source is read once. Kept samples are written as

@@ -2,7 +2,7 @@
 
 python rl/run.py stage=rlvr +recipe=rlvr tokenizer=/models/sft policy.init_from=/models/sft \
     rollout=vllm run.num_gpus_per_rank=1 run.world_size=8 ray.address=auto
-python rl/run.py stage=rlvr model=tiny processor=tiny tokenizer=tiny policy.init_from=outputs/sft_tiny_hf \
+python rl/run.py stage=rlvr model=tiny processor=tiny tokenizer=tiny policy.init_from=outputs/demo/sft_hf \
     run.max_steps=20 run.output_dir=outputs/rl_tiny   # CPU: 2 gloo ranks, the transformers engine
 
 Re-running the same command resumes from the run's last complete checkpoint.
