@@ -183,6 +183,21 @@ class RLConfig:
         return self.prompts.prompts_per_step * self.rollout.n // (self.algo.minibatches * self.run.world_size)
 
     @property
+    def trainer_gpu_share(self) -> float:
+        """The share of its GPU a training rank asks Ray for: half when an engine is colocated on it."""
+        return 0.5 if self.rollout.colocate else 1.0
+
+    @property
+    def engine_gpus(self) -> float:
+        """GPUs each rollout engine asks Ray for: the rest of a training rank's GPU when colocated, its
+        tensor-parallel GPUs (vLLM), or a training rank's worth (transformers)."""
+        if self.rollout.colocate:
+            return self.run.num_gpus_per_rank * (1 - self.trainer_gpu_share)
+        if self.rollout.engine == "vllm":
+            return self.rollout.tensor_parallel_size
+        return self.run.num_gpus_per_rank
+
+    @property
     def uses_critic(self) -> bool:
         return self.critic.enabled and self.algo.estimator == "gae"
 

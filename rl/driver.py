@@ -53,17 +53,14 @@ class Driver:
 
     def start_actors(self) -> None:
         cfg, rollout = self.cfg, self.cfg.rollout
-        share = 0.5 if rollout.colocate else 1.0  # colocated: trainer and engine split each GPU
         self.workers, self.group = start_train_group(
-            cfg.run.world_size, cfg.run.num_gpus_per_rank, self.raw_config, self.pad_token_id, share
+            cfg.run.world_size, cfg.run.num_gpus_per_rank, self.raw_config, self.pad_token_id, cfg.trainer_gpu_share
         )
         options = engine_options(cfg, self.pad_token_id, load_weights=False)
-        if rollout.engine == "hf":
-            num_gpus = cfg.run.num_gpus_per_rank
-        else:
-            num_gpus = cfg.run.num_gpus_per_rank * (1 - share) if rollout.colocate else rollout.tensor_parallel_size
         colocate_with = self.group if rollout.colocate else None
-        self.engines = start_rollout_engines(rollout.num_engines, num_gpus, rollout.engine, colocate_with, **options)
+        self.engines = start_rollout_engines(
+            rollout.num_engines, cfg.engine_gpus, rollout.engine, colocate_with, **options
+        )
         pids = {
             "train": ray.get([w.pid.remote() for w in self.workers]),
             "rollout": ray.get([e.pid.remote() for e in self.engines]),

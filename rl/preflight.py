@@ -50,15 +50,10 @@ def check_weights(cfg: RLConfig) -> None:
 
 
 def gpus_needed(cfg: RLConfig) -> float:
-    """GPUs the actors ask Ray for: the training ranks, and the engines where they have GPUs of their own."""
-    rollout, run = cfg.rollout, cfg.run
-    if rollout.colocate:
-        engines = 0.0  # they take half of each training rank's GPU
-    elif rollout.engine == "vllm":
-        engines = rollout.num_engines * rollout.tensor_parallel_size
-    else:
-        engines = rollout.num_engines * run.num_gpus_per_rank
-    return run.world_size * run.num_gpus_per_rank + engines
+    """GPUs the actors ask Ray for: the training ranks, and the engines where they have GPUs of their own
+    (colocated, they take part of the training ranks' bundles)."""
+    engines = 0.0 if cfg.rollout.colocate else cfg.rollout.num_engines * cfg.engine_gpus
+    return cfg.run.world_size * cfg.run.num_gpus_per_rank + engines
 
 
 def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:

@@ -101,10 +101,16 @@ class EngineFleetClient:
         self.rank_offsets = engine_rank_offsets(len(engines), tensor_parallel_size)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
+        import ray
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        requests = [WeightTransferInitRequest(init_info=info) for info in self.engine_init_infos(init_info)]
-        self._each(lambda engine, request: engine.init_weight_transfer_engine.remote(request), requests)
+        infos = self.engine_init_infos(init_info)
+        ray.get(
+            [
+                engine.init_weight_transfer_engine.remote(WeightTransferInitRequest(init_info=info))
+                for engine, info in zip(self.engines, infos, strict=True)
+            ]
+        )
 
     def engine_init_infos(self, init_info: dict) -> list[dict]:
         """What each engine is told: its rank offset in the NCCL group (IPC has none)."""
@@ -131,11 +137,6 @@ class EngineFleetClient:
         import ray
 
         ray.get([call(engine) for engine in self.engines])
-
-    def _each(self, call, arguments: list) -> None:
-        import ray
-
-        ray.get([call(engine, argument) for engine, argument in zip(self.engines, arguments, strict=True)])
 
 
 class VLLMSender:
