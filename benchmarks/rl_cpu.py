@@ -36,7 +36,7 @@ PHASES = ("rollout", "reward", "score", "update", "sync")
 def run_rl(out: Path, corpus: Path, *overrides: str) -> list[dict]:
     command = [
         sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny",
-        "logging.mode=disabled", f"prompts.root={corpus}", f"run.output_dir={out}", "run.save_every=1000",
+        "logging.mode=disabled", f"prompts.root={corpus}", f"trainer.output_dir={out}", "trainer.save_every=1000",
         "policy.from_scratch=true", *overrides,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -48,7 +48,7 @@ def run_rl(out: Path, corpus: Path, *overrides: str) -> list[dict]:
 def phases(args, corpus: Path, work: Path) -> None:
     rows = run_rl(work / "phases", corpus, "prompts.prompts_per_step=8", "rollout.n=4", "algo.minibatches=2",
                   "policy.micro_batch_tokens=4096", "critic.micro_batch_tokens=4096", "rollout.max_new_tokens=48",
-                  f"run.max_steps={args.steps}")[1:]  # fmt: skip
+                  f"trainer.max_steps={args.steps}")[1:]  # fmt: skip
     step = statistics.median(r["time/step"] for r in rows)
     print("| phase | median s | share of the iteration |\n|---|---|---|")
     for phase in PHASES:
@@ -79,7 +79,7 @@ def sync(args, corpus: Path, work: Path) -> None:
         rows = run_rl(
             work / f"sync_{size.replace(':', '_')}", corpus, "prompts.prompts_per_step=2", "rollout.n=2",
             "algo.minibatches=1", "policy.micro_batch_tokens=1024", "algo.estimator=grpo", "critic.enabled=false",
-            "rollout.max_new_tokens=4", "run.max_steps=3", *overrides,
+            "rollout.max_new_tokens=4", "trainer.max_steps=3", *overrides,
         )  # fmt: skip
         first, later = rows[0], rows[1:]
         seconds = statistics.median(r["sync/s"] for r in later)

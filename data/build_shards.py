@@ -5,7 +5,9 @@ python data/build_shards.py --hf DATASET_DIR [--split train] --out SHARDS/ [--ma
     [--tokenizer tiny|DIR] [--processor configs/processor/step3vl.yaml]
 
 Samples follow the schema in docs/data.md. Each is checked and laid out with the processor (which also
-counts its tokens for the manifest); a bad one is skipped, counted by reason and logged with its key.
+counts its tokens for the manifest); a bad one is skipped, counted by reason and logged with its key
+(`file.jsonl:LINE`, LINE 1-based, for a JSONL line without a `key`), at most 10 lines a minute and the
+rest summed by reason.
 Shards are `shard-NNNNNN.tar` beside a `manifest.json` (samples, tokens, images, bytes a shard). The last
 line printed is a JSON summary.
 """
@@ -22,7 +24,7 @@ from step3vl_train.data.config import PackingConfig
 from step3vl_train.data.encoding import SampleEncoder, image_suffix, sample_record
 from step3vl_train.data.schema import Sample
 from step3vl_train.data.shards import ShardSetWriter
-from step3vl_train.data.skips import SkippedSample
+from step3vl_train.data.skips import SkipLog, SkippedSample
 from step3vl_train.data.sources import hf_row_to_sample, load_hf_rows, read_jsonl_shard
 from step3vl_train.processing.processor import load_processor
 
@@ -67,6 +69,7 @@ def main() -> None:
     encoder = SampleEncoder(load_processor(args.tokenizer, args.processor), unlimited)
     writer = ShardSetWriter(args.out, args.prefix, args.max_samples, args.max_bytes)
     skips: Counter = Counter()
+    skip_log = SkipLog()
     for item in tqdm(read_input(args), desc="samples", unit="sample", mininterval=2):
         try:
             if isinstance(item, SkippedSample):
@@ -74,7 +77,7 @@ def main() -> None:
             tokens = len(encoder.encode(item, "input"))
             suffixes = [image_suffix(item.key, data) for data in item.images]
         except SkippedSample as skip:
-            skip.log()
+            skip_log.record(skip.record("input"))
             skips[skip.reason] += 1
             continue
         writer.write(
@@ -84,6 +87,7 @@ def main() -> None:
             suffixes,
             tokens,
         )
+    skip_log.flush()
     manifest = writer.close()
     print(
         json.dumps(

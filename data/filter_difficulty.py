@@ -27,13 +27,14 @@ from tqdm import tqdm
 from rl.config import RLConfig
 from rl.engines import build_rollout_engine, engine_options
 from rl.iteration import group_responses, sampling_params, score_rewards
-from rl.preflight import PreflightError, check_weights
+from rl.preflight import check_weights
 from rl.prompts import PromptLoader
 from rl.rewards import RewardScorer
 from step3vl_train.data.encoding import image_suffix
 from step3vl_train.data.shards import ShardSetWriter
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.recipes import register_recipes
+from step3vl_train.usage import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,10 +50,10 @@ def main() -> None:
     register_recipes()
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         raw = OmegaConf.to_container(compose("rl", args.overrides), resolve=True)
-    cfg = RLConfig.from_dict(raw)
     try:
+        cfg = RLConfig.from_dict(raw)
         check_weights(cfg)
-    except PreflightError as error:
+    except UsageError as error:
         sys.exit(f"filter_difficulty.py: {error}")
     processor = load_processor(cfg.tokenizer, cfg.processor or None)
     loader = PromptLoader(cfg.prompts, processor, cfg.reward.fn, max_epochs=1)

@@ -5,8 +5,10 @@ python data/inspect_data.py recipes/sft_stage1.yaml data.root=outputs/synthetic/
 python data/inspect_data.py 'shards/train-{000000..000009}.tar' [--seq-len 4096] [--workers 2]
 
 A YAML is a data config, or a recipe (its `data:` block is used); anything else is read as shard paths
-of one webdataset source. Prints samples/s, tokens/s, images/s, packing efficiency, realised token
-shares and skips by reason as it goes, and ends with one line holding all of them as a JSON object.
+of one webdataset source. Shows samples/s, tokens/s, packing efficiency and skips as it goes; then
+prints each source's realised token share beside its target (its weight, normalised), each skip reason's
+distinct samples and encounters, and, last, one line holding all of them as a JSON object (`share/` and
+`target/<source>`, `skipped/` encounters and `skipped_unique/<reason>` distinct samples).
 """
 
 import argparse
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
+from step3vl_train.data.mixture import TokenMixture
 from step3vl_train.processing.processor import load_processor
 
 
@@ -65,6 +68,7 @@ def main() -> None:
             break
     elapsed = time.perf_counter() - start
     stats = loader.stats()
+    targets = TokenMixture([s.name for s in cfg.sources], [s.weight for s in cfg.sources]).targets
     report = {
         "batches": batches,
         "seconds": round(elapsed, 2),
@@ -73,9 +77,12 @@ def main() -> None:
         "images_per_s": round(stats.images / elapsed, 2),
         "views_per_s": round(stats.views / elapsed, 2),
         **stats.summary(),
+        **{f"target/{name}": round(share, 4) for name, share in targets.items()},
     }
+    for name, target in targets.items():
+        print(f"source {name}: {report.get(f'share/{name}', 0.0):.4f} of tokens (target {target:.4f})")
     for reason, count in sorted(stats.skips.items()):
-        print(f"skipped {count} ({reason})")
+        print(f"skipped {stats.skipped_unique[reason]} distinct, met {count} times ({reason})")
     print(json.dumps(report))
 
 

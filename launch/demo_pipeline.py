@@ -1,13 +1,15 @@
 """The whole recipe on the tiny model, on the CPU: synthetic corpora -> pre-training (2 ZeRO-3 ranks) ->
-export -> SFT -> export -> RLVR on Ray -> a reward-curve PNG and a summary (outputs/demo/summary.md).
+export -> SFT stage 1 -> export -> SFT stage 2 -> export -> RLVR on Ray -> a reward-curve PNG and a
+summary (outputs/demo/summary.md).
 
-    python launch/demo_pipeline.py [--out outputs/demo] [--steps 30] [--rl-steps 12]
+    python launch/demo_pipeline.py [--out outputs/demo] [--steps N] [--rl-steps N]
 
-Each stage is the command a user runs (launch/pretrain.py, launch/sft.py, launch/export_hf.py, rl/run.py),
-in a subprocess. Re-running resumes each stage from its last checkpoint. In minutes on a CPU the 0.7M-
-parameter model learns neither the answer format nor the tasks, so the RLVR reward stays near 0: the demo
-shows every stage running and handing its model to the next. tests/rl/test_rl_run.py shows the reward
-rising on a task a tiny model can learn.
+Each stage is the command a user runs (printed, and documented in docs/training.md and docs/rl.md), in a
+subprocess, from the current directory (outputs go under it); the `+cpu=...` groups (configs/cpu/) hold
+the CPU settings, so the commands stay short.
+`--steps` and `--rl-steps` override the groups' step counts (tests use them to run a few). Re-running
+resumes each stage from its last checkpoint. SFT teaches the tiny model the answer format; RLVR then
+trains on the one synthetic task it can learn in minutes (configs/cpu/rlvr.yaml), so the reward rises.
 """
 
 import argparse
@@ -19,99 +21,104 @@ import time
 from pathlib import Path
 
 from rl.plot import plot_rewards
-from step3vl_train.data.synthetic import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny", "processor=tiny", "tokenizer=tiny", "logging.mode=offline"]
-# Short packed sequences, one micro-batch a step and a flat learning rate: what the CPU can do in minutes.
-TRAIN = [
-    "data.packing.seq_len=1024", "data.packing.window=4", "data.num_workers=1", "optim.lr=1e-3",
-    "optim.schedule.shape=constant", "optim.schedule.warmup_tokens=0", "trainer.grad_accum=1",
-]  # fmt: skip
+# How the documented commands' first words run here: this interpreter, so the venv's packages.
+EXECUTABLES = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+# What the summary's figures mean (its table's last column).
+MEANINGS = {
+    "loss": "mean cross-entropy per trained token, in nats (a uniform guess over the 1,024-token vocabulary: 6.93)",
+    "reward_mean": "the share of responses the verifier scored correct, 0-1 (`choice`: the option letter; "
+    "a uniform guess among 4 options scores 0.25, a response cut at the length limit or without "
+    "`</think>` scores 0)",
+}
 
 
-def run(stage: str, command: list[str], log_dir: Path) -> float:
+def run(stage: str, command: str, log_dir: Path) -> float:
     started = time.monotonic()
-    print(f"== {stage}: {' '.join(command)}", flush=True)
+    print(f"== {stage}: {command}", flush=True)
+    program, *arguments = command.split()
+    arguments = [str(REPO / a) if a.endswith(".py") else a for a in arguments]  # the scripts, from anywhere
     with (log_dir / f"{stage}.log").open("w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        done = subprocess.run([*EXECUTABLES[program], *arguments], stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     if done.returncode != 0:
         sys.exit(f"{stage} failed (exit {done.returncode}): see {log_dir / f'{stage}.log'}")
     return time.monotonic() - started
 
 
-def train(
-    stage: str, script: str, recipe: str, corpus: Path, out: Path, steps: int, init_from: Path | None, *extra: str
-) -> list:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launch" / script),
-        f"+recipe={recipe}", *TINY, *TRAIN, f"data.root={corpus}", f"trainer.max_steps={steps}",
-        f"trainer.save_every={steps}", f"trainer.output_dir={out / stage}",
-        *([f"trainer.init_from={init_from}"] if init_from else []), *extra,
-    ]  # fmt: skip
+def steps(count: int | None) -> str:
+    return f" trainer.max_steps={count} trainer.save_every={count}" if count else ""
 
 
-def export(stage: str, out: Path) -> list:
-    return [
-        sys.executable,
-        str(REPO / "launch" / "export_hf.py"),
-        f"checkpoint={out / stage}",
-        f"out={out / f'{stage}_hf'}",
-    ]
+def commands(out: Path, train_steps: int | None, rl_steps: int | None) -> dict[str, str]:
+    """The stages' commands, in order; paths relative to the current directory unless `out` is absolute."""
+    corpus = out / "synthetic"
+    train = "torchrun --nproc_per_node 2 launch"
+    synthetic = "python data/make_synthetic.py --shard-size 10"
+    return {
+        "synthetic_pretrain": f"{synthetic} --kind pretrain --out {corpus / 'pretrain'} --num 400",
+        "synthetic_sft": f"{synthetic} --kind sft --out {corpus / 'sft'} --num 420",
+        "synthetic_rl": f"{synthetic} --kind rl --out {corpus / 'rl'} --num 240",
+        "pretrain": f"{train}/pretrain.py +recipe=phase1 +cpu=pretrain data.root={corpus / 'pretrain'} "
+        f"trainer.output_dir={out / 'pretrain'}" + steps(train_steps),
+        "export_pretrain": f"python launch/export_hf.py checkpoint={out / 'pretrain'} out={out / 'pretrain_hf'}",
+        "sft": f"{train}/sft.py +recipe=sft_stage1 +cpu=sft data.root={corpus / 'sft'} "
+        f"trainer.init_from={out / 'pretrain_hf'} trainer.output_dir={out / 'sft'}" + steps(train_steps),
+        "export_sft": f"python launch/export_hf.py checkpoint={out / 'sft'} out={out / 'sft_hf'}",
+        "sft2": f"{train}/sft.py +recipe=sft_stage2 +cpu=sft data.root={corpus / 'sft'} "
+        f"trainer.init_from={out / 'sft_hf'} trainer.output_dir={out / 'sft2'}" + steps(train_steps),
+        "export_sft2": f"python launch/export_hf.py checkpoint={out / 'sft2'} out={out / 'sft2_hf'}",
+        "rlvr": f"python rl/run.py stage=rlvr +cpu=rlvr policy.init_from={out / 'sft2_hf'} "
+        f"prompts.root={corpus / 'rl'} trainer.output_dir={out / 'rlvr'}" + steps(rl_steps),
+    }
 
 
 def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/demo")
-    parser.add_argument("--steps", type=int, default=30, help="pre-training and SFT steps")
-    parser.add_argument("--rl-steps", type=int, default=12)
+    parser.add_argument("--out", default="outputs/demo", help="relative to the current directory, or absolute")
+    parser.add_argument("--steps", type=int, help="pre-training and SFT steps (default: configs/cpu/)")
+    parser.add_argument("--rl-steps", type=int, help="RLVR iterations (default: configs/cpu/rlvr.yaml)")
     args = parser.parse_args()
-    out = (REPO / args.out).resolve()
-    logs = out / "logs"
+    root = Path(args.out)
+    logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    corpora = {kind: out / "synthetic" / kind for kind in ("pretrain", "sft", "rl")}
-    for kind, num in (("pretrain", 400), ("sft", 300), ("rl", 200)):
-        if not (corpora[kind] / "text").exists() and not (corpora[kind] / "math").exists():
-            write_corpus(kind, str(corpora[kind]), num=num, seed=0, shard_size=10)
 
-    seconds = {}
-    seconds["pretrain"] = run("pretrain", train("pretrain", "pretrain.py", "phase1", corpora["pretrain"], out,
-                                                args.steps, None), logs)  # fmt: skip
-    seconds["export pretrain"] = run("export_pretrain", export("pretrain", out), logs)
-    # As the 128K recipe does on a node, at CPU scale: both ranks share each packed row (Ulysses).
-    seconds["sft"] = run("sft", train("sft", "sft.py", "sft_stage1", corpora["sft"], out, args.steps,
-                                      out / "pretrain_hf", "trainer.sequence_parallel=2"), logs)  # fmt: skip
-    seconds["export sft"] = run("export_sft", export("sft", out), logs)
-    rl = [
-        sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", *TINY, f"prompts.root={corpora['rl']}",
-        f"policy.init_from={out / 'sft_hf'}", "prompts.prompts_per_step=8", "rollout.n=4", "algo.minibatches=2",
-        "policy.micro_batch_tokens=4096", "critic.micro_batch_tokens=4096", "rollout.max_new_tokens=48",
-        "policy.optim.lr=1e-4", "critic.optim.lr=1e-4", f"run.max_steps={args.rl_steps}",
-        f"run.save_every={args.rl_steps}", f"run.output_dir={out / 'rlvr'}",
-    ]  # fmt: skip
-    seconds["rlvr"] = run("rlvr", rl, logs)
-    png = plot_rewards(out / "rlvr")
+    seconds = {stage: run(stage, command, logs) for stage, command in commands(Path(args.out), args.steps,
+                                                                              args.rl_steps).items()}  # fmt: skip
+    png = plot_rewards(root / "rlvr")
+    pretrain, sft, sft2, rlvr = (
+        metrics(root / stage / "metrics.jsonl") for stage in ("pretrain", "sft", "sft2", "rlvr")
+    )
 
-    pretrain, sft, rlvr = (metrics(out / stage / "metrics.jsonl") for stage in ("pretrain", "sft", "rlvr"))
+    def row(name: str, rows: list[dict], key: str, stage: str, window: int = 1) -> str:
+        first, last = mean([r[key] for r in rows[:window]]), mean([r[key] for r in rows[-window:]])
+        return f"| {name} | {len(rows)} | {first:.3f} | {last:.3f} | {seconds[stage]:.0f} | {key} |"
 
-    def row(name: str, rows: list[dict], key: str, stage: str) -> str:
-        return f"| {name} ({key}) | {len(rows)} | {rows[0][key]:.3f} | {rows[-1][key]:.3f} | {seconds[stage]:.0f} |"
-
+    window = min(3, len(rlvr))
     lines = [
         "# The tiny pipeline on the CPU", "",
-        "| stage | steps | first | last | seconds |", "|---|---|---|---|---|",
-        row("pre-training", pretrain, "loss", "pretrain"), row("SFT", sft, "loss", "sft"),
-        row("RLVR", rlvr, "reward_mean", "rlvr"),
-        "", f"Reward curve: `{png.relative_to(out)}`. Exports: `pretrain_hf/`, `sft_hf/`. Logs: `logs/`.",
+        "| stage | steps | first | last | seconds | figure |", "|---|---|---|---|---|---|",
+        row("pre-training (loss)", pretrain, "loss", "pretrain"), row("SFT stage 1 (loss)", sft, "loss", "sft"),
+        row("SFT stage 2 (loss)", sft2, "loss", "sft2"),
+        row("RLVR (reward_mean)", rlvr, "reward_mean", "rlvr", window), "",
+        f"Pre-training and SFT: the first and the last step's figure. RLVR: the mean of the first {window} "
+        f"and of the last {window} iterations.", "",
+        *(f"- `{key}`: {meaning}." for key, meaning in MEANINGS.items()), "",
+        f"Reward curve: `{png.relative_to(root)}`. Exports: `pretrain_hf/`, `sft_hf/`, `sft2_hf/`. Logs: `logs/`. "
+        f"Exports take {sum(v for k, v in seconds.items() if k.startswith('export')):.0f} s in all.",
         f"RL log-prob mismatch, engine vs trainer (max over the run): "
-        f"{max(row['logprob_mismatch/max_abs'] for row in rlvr):.2e}.",
+        f"{max(r['logprob_mismatch/max_abs'] for r in rlvr):.2e}.",
     ]  # fmt: skip
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

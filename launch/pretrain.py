@@ -1,22 +1,20 @@
-"""Pre-training on DeepSpeed ZeRO-3.
+r"""Pre-training on DeepSpeed ZeRO-3.
 
 torchrun --nproc_per_node 8 launch/pretrain.py +recipe=phase1 tokenizer=/models/step3vl data.root=/data/pretrain
-torchrun --nproc_per_node 2 launch/pretrain.py +recipe=phase1 model=tiny processor=tiny tokenizer=tiny \
-    data.root=outputs/synthetic/pretrain \
-    trainer.max_steps=20 trainer.output_dir=outputs/pretrain_tiny   # CPU, gloo
+torchrun --nproc_per_node 2 launch/pretrain.py +recipe=phase1 +cpu=pretrain data.root=outputs/demo/synthetic/pretrain \
+    trainer.output_dir=outputs/demo/pretrain   # CPU, gloo
 
 Re-running the same command resumes from the run's last complete checkpoint.
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from step3vl_train.train.recipes import register_recipes
-from step3vl_train.train.trainer import Trainer
+from step3vl_train.cli import launch
 
 
-@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
+    from step3vl_train.train.trainer import Trainer  # here: --help need not wait for DeepSpeed
+
     trainer = Trainer(cfg)
     try:
         trainer.run()
@@ -25,5 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_recipes()
-    main()
+    launch(train, "pretrain", __doc__)

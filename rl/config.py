@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from rl.algos.advantages import ESTIMATORS
 from rl.algos.losses import AGGREGATIONS
 from rl.rewards.scorer import RewardConfig
 from step3vl_train.data.config import SourceConfig
 from step3vl_train.model.compute import ComputeConfig
 from step3vl_train.train.config import LoggingConfig, OptimConfig
+from step3vl_train.usage import build
 
 ENGINES = ("hf", "vllm")
 
@@ -110,7 +109,7 @@ class ModelRoleConfig:
 
 
 @dataclass
-class RunConfig:
+class RLTrainerConfig:
     output_dir: str = "outputs/rl"
     max_steps: int = 600  # iterations
     save_every: int = 10
@@ -149,7 +148,7 @@ class RLConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     policy: ModelRoleConfig = field(default_factory=ModelRoleConfig)
     critic: ModelRoleConfig = field(default_factory=ModelRoleConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -165,13 +164,15 @@ class RLConfig:
                 "rollout.engine=vllm needs processor.crop_rule=vllm (configs/rollout/vllm.yaml sets it): vLLM 0.33 "
                 "gives a 728-pixel-long image crops where the released processor does not"
             )
-        if self.rollout.colocate and (self.rollout.num_engines > self.run.world_size or not self.run.num_gpus_per_rank):
+        if self.rollout.colocate and (
+            self.rollout.num_engines > self.trainer.world_size or not self.trainer.num_gpus_per_rank
+        ):
             raise ValueError("rollout.colocate puts engine i on training rank i's GPU: num_engines <= world_size, GPUs")
         responses = self.prompts.prompts_per_step * self.rollout.n
-        if responses % (self.algo.minibatches * self.run.world_size):
+        if responses % (self.algo.minibatches * self.trainer.world_size):
             raise ValueError(
                 f"{responses} responses an iteration (prompts.prompts_per_step x rollout.n) do not split into "
-                f"algo.minibatches={self.algo.minibatches} x run.world_size={self.run.world_size} equal parts"
+                f"algo.minibatches={self.algo.minibatches} x trainer.world_size={self.trainer.world_size} equal parts"
             )
         for name, role in (("policy", self.policy), ("critic", self.critic)):
             if (name == "policy" or self.uses_critic) and role.micro_batch_tokens < 1:
@@ -180,7 +181,7 @@ class RLConfig:
     @property
     def minibatch_per_rank(self) -> int:
         """Responses each rank trains on in each minibatch."""
-        return self.prompts.prompts_per_step * self.rollout.n // (self.algo.minibatches * self.run.world_size)
+        return self.prompts.prompts_per_step * self.rollout.n // (self.algo.minibatches * self.trainer.world_size)
 
     @property
     def trainer_gpu_share(self) -> float:
@@ -192,10 +193,10 @@ class RLConfig:
         """GPUs each rollout engine asks Ray for: the rest of a training rank's GPU when colocated, its
         tensor-parallel GPUs (vLLM), or a training rank's worth (transformers)."""
         if self.rollout.colocate:
-            return self.run.num_gpus_per_rank * (1 - self.trainer_gpu_share)
+            return self.trainer.num_gpus_per_rank * (1 - self.trainer_gpu_share)
         if self.rollout.engine == "vllm":
             return self.rollout.tensor_parallel_size
-        return self.run.num_gpus_per_rank
+        return self.trainer.num_gpus_per_rank
 
     @property
     def uses_critic(self) -> bool:
@@ -203,5 +204,4 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, values: Any) -> RLConfig:
-        merged = OmegaConf.merge(OmegaConf.structured(cls), values)
-        return OmegaConf.to_object(merged)
+        return build(cls, values)

@@ -1,6 +1,6 @@
 """The RL loop (one process, the Ray driver): prompts -> rollouts -> rewards -> the trainer's log-probs
 and values -> advantages -> policy and critic updates -> weight sync, then a checkpoint every
-`run.save_every` iterations. A run re-started with the same command resumes from its latest checkpoint;
+`trainer.save_every` iterations. A run re-started with the same command resumes from its latest checkpoint;
 a training or rollout actor that dies mid-run is replaced, and the run goes on from that checkpoint."""
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class Driver:
     def __init__(self, config: RLConfig, raw_config: dict):
         self.cfg = config
         self.raw_config = raw_config
-        self.run_dir = Path(config.run.output_dir).resolve()
+        self.run_dir = Path(config.trainer.output_dir).resolve()
         self.processor = load_processor(config.tokenizer, config.processor or None)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.loader = PromptLoader(config.prompts, self.processor, config.reward.fn)  # checks the sources now
         self.scorer = RewardScorer(config.reward)
-        self.checkpointer = Checkpointer(self.run_dir, config.run.keep_last)
+        self.checkpointer = Checkpointer(self.run_dir, config.trainer.keep_last)
         self.sampling = sampling_params(config, self.processor)
         self.stop_token_ids = self.sampling.stop_token_ids
         self.step = 0
@@ -54,7 +54,11 @@ class Driver:
     def start_actors(self) -> None:
         cfg, rollout = self.cfg, self.cfg.rollout
         self.workers, self.group = start_train_group(
-            cfg.run.world_size, cfg.run.num_gpus_per_rank, self.raw_config, self.pad_token_id, cfg.trainer_gpu_share
+            cfg.trainer.world_size,
+            cfg.trainer.num_gpus_per_rank,
+            self.raw_config,
+            self.pad_token_id,
+            cfg.trainer_gpu_share,
         )
         options = engine_options(cfg, self.pad_token_id, load_weights=False)
         colocate_with = self.group if rollout.colocate else None
@@ -95,10 +99,10 @@ class Driver:
                     return
                 except RayActorError as error:
                     restarts += 1
-                    if restarts > self.cfg.run.max_restarts:
+                    if restarts > self.cfg.trainer.max_restarts:
                         raise
                     logger.error("an actor died (%s); restarting from the latest checkpoint (%d/%d)",
-                                 error, restarts, self.cfg.run.max_restarts)  # fmt: skip
+                                 error, restarts, self.cfg.trainer.max_restarts)  # fmt: skip
                 finally:
                     self.stop_actors()
         finally:
@@ -115,22 +119,31 @@ class Driver:
             self.step = state["step"]
             self.loader.load_state_dict(state["prompts"])
             set_rng_state(state["rng"])
-            logger.info("resumed from %s", latest)
+            logger.info("resumed from step %d (of %d): %s", self.step, self.cfg.trainer.max_steps, latest)
         # The engines have just started: every tensor, the frozen ones included, this once.
         self.start_sync = {f"sync_start/{k.removeprefix('sync_')}": v for k, v in self.sync_weights(True).items()}
 
     def loop(self, metrics: MetricsLog) -> None:
-        progress = tqdm(total=self.cfg.run.max_steps, initial=self.step, desc=f"{self.cfg.stage}", unit="it")
-        while self.step < self.cfg.run.max_steps:
-            self.step += 1
-            row = self.iteration()
-            metrics.write(row | self.start_sync)
-            self.start_sync = {}
-            progress.update(1)
-            progress.set_postfix(reward=f"{row['reward_mean']:.3f}", length=f"{row['response_len_mean']:.0f}")
-            if self.step % self.cfg.run.save_every == 0 or self.step == self.cfg.run.max_steps:
-                self.save()
-        progress.close()
+        if self.step >= self.cfg.trainer.max_steps:
+            logger.info("%s has already finished: step %d (of %d). Raise trainer.max_steps to go on.",
+                        self.run_dir, self.step, self.cfg.trainer.max_steps)  # fmt: skip
+            return
+        progress = tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc=f"{self.cfg.stage}", unit="it")
+        try:
+            while self.step < self.cfg.trainer.max_steps:
+                self.step += 1
+                row = self.iteration()
+                metrics.write(row | self.start_sync)
+                self.start_sync = {}
+                reward, length = f"{row['reward_mean']:.3f}", f"{row['response_len_mean']:.0f}"
+                progress.set_postfix(reward=reward, length=length, refresh=False)
+                progress.update(1)
+                if self.step % self.cfg.trainer.save_every == 0 or self.step == self.cfg.trainer.max_steps:
+                    self.save()
+        finally:
+            progress.close()
+        logger.info("finished: step %d (of %d); the last checkpoint is %s", self.step, self.cfg.trainer.max_steps,
+                    self.checkpointer.latest())  # fmt: skip
 
     def iteration(self) -> dict:
         cfg, timings, started = self.cfg, {}, time.perf_counter()
@@ -208,8 +221,8 @@ class Driver:
 
     def log_rollouts(self, responses: list[Response]) -> None:
         """`rollouts.jsonl`: every prompt of the iteration with its rewards, and the text of the first
-        `run.log_responses` responses."""
-        n, shown = self.cfg.rollout.n, self.cfg.run.log_responses
+        `trainer.log_responses` responses."""
+        n, shown = self.cfg.rollout.n, self.cfg.trainer.log_responses
         decode = self.processor.tokenizer.decode
         with (self.run_dir / "rollouts.jsonl").open("a") as handle:
             for start in range(0, len(responses), n):

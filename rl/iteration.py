@@ -116,7 +116,7 @@ def minibatches(
     """Responses shuffled (seeded by the run's seed and `step`), cut into minibatches, each minibatch split
     evenly over the `world` ranks; with the global counts of valid tokens and responses of each."""
     order = list(responses)
-    random.Random(cfg.run.seed * 1_000_003 + step).shuffle(order)
+    random.Random(cfg.trainer.seed * 1_000_003 + step).shuffle(order)
     size = len(order) // cfg.algo.minibatches
     shards: list[list[Response]] = [[] for _ in range(world)]
     counts = []

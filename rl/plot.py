@@ -6,9 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+# Per-task lines in styles of their own, so that one lying on another (or on the mean) stays visible.
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "x")]
+
 
 def plot_rewards(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Mean reward (and each task's) against the iteration, from `RUN_DIR/metrics.jsonl`."""
+    """Mean reward (top) and each task's (bottom) against the iteration, from `RUN_DIR/metrics.jsonl`.
+    A reward is the mean score of an iteration's responses, 0-1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,17 +20,24 @@ def plot_rewards(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    tasks = sorted({key for row in rows for key in row if key.startswith("reward/")})
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True)
     steps = [row["step"] for row in rows]
-    axis.plot(steps, [row["reward_mean"] for row in rows], color="black", linewidth=2, label="mean")
-    for task in sorted({key for row in rows for key in row if key.startswith("reward/")}):
+    top.plot(steps, [row["reward_mean"] for row in rows], color="black", linewidth=2, marker="o", label="mean")
+    top.set_title(f"{run_dir.name}: mean reward of each iteration's responses (0-1)")
+    for index, task in enumerate(tasks):
         points = [(row["step"], row[task]) for row in rows if task in row]
-        axis.plot(*zip(*points, strict=True), linewidth=1, alpha=0.7, label=task.removeprefix("reward/"))
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("reward")
-    axis.set_title(f"{run_dir.name}: reward")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+        line, marker = STYLES[index % len(STYLES)]
+        bottom.plot(*zip(*points, strict=True), linestyle=line, marker=marker, markersize=3, linewidth=1.2,
+                    label=task.removeprefix("reward/"))  # fmt: skip
+    bottom.set_title("by task" if tasks else "by task (none logged)")
+    bottom.set_xlabel("iteration")
+    for axis in (top, bottom):
+        axis.set_ylabel("reward")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8, loc="upper left")
     out = Path(out) if out else run_dir / "reward_curve.png"
     figure.tight_layout()
     figure.savefig(out)

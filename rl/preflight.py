@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 from rl.config import RLConfig
 from step3vl_train.model.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME
 from step3vl_train.train.checkpoint import Checkpointer
+from step3vl_train.usage import UsageError
 
 
-class PreflightError(ValueError):
+class PreflightError(UsageError):
     """The run cannot start as configured."""
 
 
@@ -53,7 +54,7 @@ def gpus_needed(cfg: RLConfig) -> float:
     """GPUs the actors ask Ray for: the training ranks, and the engines where they have GPUs of their own
     (colocated, they take part of the training ranks' bundles)."""
     engines = 0.0 if cfg.rollout.colocate else cfg.rollout.num_engines * cfg.engine_gpus
-    return cfg.run.world_size * cfg.run.num_gpus_per_rank + engines
+    return cfg.trainer.world_size * cfg.trainer.num_gpus_per_rank + engines
 
 
 def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
@@ -63,27 +64,29 @@ def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
     if needed > available:
         engines = "vLLM engines" if cfg.rollout.engine == "vllm" else "transformers engines"
         raise PreflightError(
-            f"this run needs {needed:g} GPUs (run.world_size={cfg.run.world_size} training ranks x "
-            f"run.num_gpus_per_rank={cfg.run.num_gpus_per_rank:g}, and rollout.num_engines="
+            f"this run needs {needed:g} GPUs (trainer.world_size={cfg.trainer.world_size} training ranks x "
+            f"trainer.num_gpus_per_rank={cfg.trainer.num_gpus_per_rank:g}, and rollout.num_engines="
             f"{cfg.rollout.num_engines} {engines}) but the Ray cluster has {available:g}. Without GPUs, run "
-            "rollout=hf run.num_gpus_per_rank=0; with fewer, lower run.world_size or rollout.num_engines, or set "
-            "rollout.colocate=true."
+            "rollout=hf trainer.num_gpus_per_rank=0; with fewer, lower trainer.world_size or rollout.num_engines, "
+            "or set rollout.colocate=true."
         )
 
 
 def check_resume(cfg: RLConfig) -> None:
     """A run resumes its ZeRO-3 shards only on as many training ranks as wrote them."""
-    run_dir = Path(cfg.run.output_dir)
+    run_dir = Path(cfg.trainer.output_dir)
     latest = Checkpointer(run_dir, keep_last=0).latest()
     if latest is None or not (run_dir / "config.yaml").is_file():
         return
-    written_by = OmegaConf.load(run_dir / "config.yaml").run.world_size
-    if written_by != cfg.run.world_size:
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    written_by = saved.get("trainer", saved.get("run")).world_size  # `run` in configs written before the rename
+    if written_by != cfg.trainer.world_size:
         raise PreflightError(
-            f"run.output_dir={cfg.run.output_dir} resumes from {latest.name}, written by run.world_size={written_by} "
-            f"training ranks, and this run has {cfg.run.world_size}. DeepSpeed's shards resume only on as many "
-            f"ranks: re-run with run.world_size={written_by}, or export the policy (python launch/export_hf.py "
-            f"checkpoint={cfg.run.output_dir} out=DIR) and start a new run with policy.init_from=DIR."
+            f"trainer.output_dir={cfg.trainer.output_dir} resumes from {latest.name}, written by "
+            f"trainer.world_size={written_by} training ranks, and this run has {cfg.trainer.world_size}. DeepSpeed's "
+            f"shards resume only on as many ranks: re-run with trainer.world_size={written_by}, or export the "
+            f"policy (python launch/export_hf.py checkpoint={cfg.trainer.output_dir} out=DIR) and start a new run "
+            "with policy.init_from=DIR."
         )
 
 

@@ -12,7 +12,7 @@ from rl.config import PromptsConfig
 from rl.experience import Prompt
 from step3vl_train.data.mixture import TokenMixture
 from step3vl_train.data.schema import Sample
-from step3vl_train.data.skips import SkippedSample
+from step3vl_train.data.skips import SkipLog, SkippedSample
 from step3vl_train.data.sources import SourceCursor, SourceReader, resolve_shards
 from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.processing.placeholders import PlaceholderMismatchError
@@ -38,7 +38,8 @@ class PromptLoader:
         self.exhausted: set[str] = set()
         # The mixture counts prompts: each source's share of the prompts follows its weight.
         self.mixture = TokenMixture([s.name for s in config.sources], [s.weight for s in config.sources])
-        self.skips: Counter[str] = Counter()
+        self.skips: Counter[str] = Counter()  # encounters by reason; skip_log.unique() counts distinct keys
+        self.skip_log = SkipLog()
 
     def next_batch(self, size: int) -> list[Prompt]:
         """`size` prompts, or fewer once every source has been read `max_epochs` times."""
@@ -54,7 +55,7 @@ class PromptLoader:
                     raise item
                 prompts.append(self.prepare(item, name))
             except SkippedSample as skip:
-                skip.log()
+                self.skip_log.record(skip.record(name))
                 self.skips[skip.reason] += 1
                 if sum(self.skips.values()) > 1000 and not prompts:
                     raise RuntimeError(
@@ -101,6 +102,7 @@ class PromptLoader:
             "cursors": {name: asdict(reader.cursor) for name, reader in self.readers.items()},
             "mixture": self.mixture.state_dict(),
             "skips": dict(self.skips),
+            "skipped_keys": dict(self.skip_log.seen),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -112,6 +114,7 @@ class PromptLoader:
             self.readers[name].restore(SourceCursor(**cursor))
         self.mixture.load_state_dict(state["mixture"])
         self.skips = Counter(state["skips"])
+        self.skip_log.seen = dict(state.get("skipped_keys", {}))  # absent from states before unique counts
 
 
 def question_text(messages: list[dict]) -> str:

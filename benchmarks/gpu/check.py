@@ -88,7 +88,7 @@ def rl_run(args) -> dict:
     overrides = [
         "stage=rlvr", "+recipe=rlvr", *model_overrides(args), f"prompts.root={data}", "prompts.prompts_per_step=2",
         "rollout.n=4", f"rollout.max_new_tokens={64 if args.smoke else 512}", "algo.minibatches=2",
-        "run.world_size=1", f"run.output_dir={args.out / 'rl'}", "logging.mode=disabled",
+        "trainer.world_size=1", f"trainer.output_dir={args.out / 'rl'}", "logging.mode=disabled",
     ]  # fmt: skip
     if not args.smoke:  # the critic beside the policy: two decoder layers fewer to fit one GPU
         overrides += ["model.text_config.num_hidden_layers=2", "model.text_config.max_window_layers=2",

@@ -57,7 +57,7 @@ def main(out: Path, overrides: list[str]) -> None:
     sampling, bucket_bytes = sampling_params(config, processor), config.rollout.sync_bucket_mb * 2**20
     timings, tick = {}, time.perf_counter()
     worker = TrainWorker(0, 1, "127.0.0.1", free_port(), raw, pad)
-    dtype = torch.bfloat16 if config.run.use_bf16 else torch.float32
+    dtype = torch.bfloat16 if config.trainer.use_bf16 else torch.float32
     engine = HFEngine(config.model, None, pad, config.rollout.batch_size, dtype)
     timings["time/setup"] = time.perf_counter() - tick
     timings["time/first_sync"] = sync(worker, engine, bucket_bytes, everything=True)

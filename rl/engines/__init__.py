@@ -18,7 +18,7 @@ def engine_options(cfg, pad_token_id: int, load_weights: bool) -> dict:
             "init_from": cfg.policy.init_from if load_weights else None,
             "pad_token_id": pad_token_id,
             "batch_size": rollout.batch_size,
-            "dtype": torch.bfloat16 if cfg.run.use_bf16 else torch.float32,
+            "dtype": torch.bfloat16 if cfg.trainer.use_bf16 else torch.float32,
         }
     return {
         "model": rollout.model or cfg.policy.init_from,

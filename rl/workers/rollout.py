@@ -7,10 +7,12 @@ import time
 
 from rl.engines import SamplingParams, build_rollout_engine
 from rl.experience import Completion, Prompt
+from step3vl_train.cli import quiet_known_warnings
 
 
 class RolloutWorker:
     def __init__(self, engine: str, **kwargs):
+        quiet_known_warnings()  # an actor's process does not inherit the driver's filters
         self.engine = build_rollout_engine(engine, **kwargs)
 
     def pid(self) -> int:

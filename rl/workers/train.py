@@ -21,6 +21,7 @@ from rl.config import ModelRoleConfig, RLConfig
 from rl.experience import Response, SequenceBatch, sequence_batch
 from rl.micro_batches import agreed_micro_batches
 from rl.sync import RaySender, VLLMSender
+from step3vl_train.cli import quiet_known_warnings
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.value import Step3VLForValue
 from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
@@ -37,6 +38,7 @@ class ResponseStats:
 
 class TrainWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, config: dict, pad_token_id: int):
+        quiet_known_warnings()  # an actor's process does not inherit the driver's filters
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -46,7 +48,7 @@ class TrainWorker:
         self.rank = rank
         self.cfg = RLConfig.from_dict(config)
         self.model_config = Step3VLConfig.from_dict(self.cfg.model)
-        self.bf16 = self.cfg.run.use_bf16
+        self.bf16 = self.cfg.trainer.use_bf16
         self.pad_token_id = pad_token_id
         self.minibatch_per_rank = self.cfg.minibatch_per_rank
         self.policy = self._build(self.cfg.policy, self.cfg.policy.init_from)

@@ -3,6 +3,9 @@
 Built on torchdata's `StatefulDataLoader`, which snapshots every worker's stream state with each batch
 and restores workers and their round-robin turn together. Which rank reads what is decided here and
 nowhere else: rank r's worker w is reader r * num_workers + w of world_size * num_workers.
+
+Skipped samples are logged here, in the rank's main process (where the logging config is), once per key
+over all of the rank's workers and passes; the bad keys seen are part of the state.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.packing import PackedBatch, collate_packs
+from step3vl_train.data.skips import SkipLog
 from step3vl_train.data.stats import DataStats
 from step3vl_train.data.stream import PackedStream
 from step3vl_train.processing.processor import Step3VLProcessor
@@ -43,26 +47,37 @@ class PackedLoader:
             collate_fn=partial(collate_packs, pad_token_id=pad if pad is not None else 0),
         )
         self._worker_stats: dict[int, DataStats] = {}
+        self.skip_log = SkipLog()
 
     def __iter__(self) -> Iterator[PackedBatch]:
         """Micro-batches: `.batch` for the model, `.keys` naming the samples in each row."""
         for packed in self.loader:
             self._worker_stats[packed.worker] = packed.stats
+            for skip in packed.skipped:
+                self.skip_log.record(skip)
             if packed.batch is not None:
                 yield packed
+        self.skip_log.flush()
 
     def stats(self) -> DataStats:
-        """This rank's totals over its workers, up to the last batch handed out."""
+        """This rank's totals over its workers, up to the last batch handed out; `skipped_unique` counts
+        the rank's distinct bad keys."""
         total = DataStats()
         for stats in self._worker_stats.values():
             total = total.merge(stats)
+        total.skipped_unique = self.skip_log.unique()
         return total
+
+    def skipped_keys(self) -> dict[str, str]:
+        """This rank's bad keys, key -> reason; the union over ranks counts each bad sample once."""
+        return dict(self.skip_log.seen)
 
     def state_dict(self) -> dict:
         return {
             "topology": self._topology(),
             "loader": self.loader.state_dict(),
             "worker_stats": {worker: stats.state_dict() for worker, stats in self._worker_stats.items()},
+            "skipped_keys": self.skipped_keys(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -75,6 +90,7 @@ class PackedLoader:
             )
         self.loader.load_state_dict(state["loader"])
         self._worker_stats = {int(w): DataStats.from_state_dict(s) for w, s in state["worker_stats"].items()}
+        self.skip_log.seen = dict(state.get("skipped_keys", {}))  # absent from states before unique counts
 
     def _topology(self) -> dict:
         return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.cfg.num_workers}

@@ -9,11 +9,12 @@ so no sample learns to predict its neighbour.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from step3vl_train.data.config import PackingConfig
+from step3vl_train.data.skips import SkipRecord
 from step3vl_train.data.stats import DataStats
 from step3vl_train.processing.pixels import PixelViews
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, ProcessedSample
@@ -27,6 +28,7 @@ class Pack:
     keys: list[str]  # the samples' keys, in the same order
     worker: int  # global reader index of the worker that made it
     stats: DataStats  # that worker's running totals, this pack included
+    skipped: list[SkipRecord] = field(default_factory=list)  # skips the worker met since its previous pack
 
     def __len__(self) -> int:
         return sum(len(sample.input_ids) for sample in self.samples)
@@ -38,6 +40,7 @@ class PackedBatch:
     keys: list[list[str]]  # per row, the keys of the samples packed into it
     worker: int
     stats: DataStats
+    skipped: list[SkipRecord]  # its packs' skips, in order
 
     def pin_memory(self) -> PackedBatch:
         """A copy whose batch is in page-locked memory: `StatefulDataLoader(pin_memory=True)` calls this."""
@@ -73,9 +76,10 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int) -> PackedBatch:
     # A DataLoader batch is made inside one worker, so all its packs share a worker and the last pack's
     # totals cover the others.
     worker, stats = packs[-1].worker, packs[-1].stats
+    skipped = [skip for pack in packs for skip in pack.skipped]
     packs = [pack for pack in packs if pack.samples]
     if not packs:
-        return PackedBatch(None, [], worker, stats)
+        return PackedBatch(None, [], worker, stats, skipped)
     length = max(len(pack) for pack in packs)
     input_ids = torch.full((len(packs), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(packs), length), IGNORE_INDEX, dtype=torch.long)
@@ -103,4 +107,4 @@ def collate_packs(packs: Sequence[Pack], pad_token_id: int) -> PackedBatch:
         num_patches=[n for s in samples for n in s.num_patches],
         position_ids=position_ids,
     )
-    return PackedBatch(batch, [pack.keys for pack in packs], worker, stats)
+    return PackedBatch(batch, [pack.keys for pack in packs], worker, stats, skipped)

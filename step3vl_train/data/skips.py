@@ -1,8 +1,13 @@
-"""Why a sample or shard is left out. Every skip is counted by reason and logged with the sample's key."""
+"""Why a sample or shard is left out. Every skip is counted by reason; each skipped key is logged once,
+with its reason, at a bounded rate."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 logger = logging.getLogger("step3vl_train.data")
 
@@ -18,6 +23,16 @@ SKIP_REASONS = (
 )
 
 
+@dataclass(frozen=True)
+class SkipRecord:
+    """One encounter of a skipped sample, as plain data (it crosses from DataLoader workers to the loader)."""
+
+    source: str
+    key: str
+    reason: str
+    detail: str
+
+
 class SkippedSample(Exception):
     """Raised where a sample (or shard) is found unusable; `reason` is one of SKIP_REASONS."""
 
@@ -29,5 +44,50 @@ class SkippedSample(Exception):
         self.key = key
         self.detail = detail
 
-    def log(self) -> None:
-        logger.warning("skipped %s (%s): %s", self.key, self.reason, self.detail)
+    def record(self, source: str) -> SkipRecord:
+        return SkipRecord(source, self.key, self.reason, self.detail)
+
+
+class SkipLog:
+    """Logs each skipped key the first time it is met, with source and reason; later encounters of the
+    key are not logged. At most `lines_per_minute` keys are logged one by one in a minute; the keys over
+    that are counted by reason and reported in one line when the next minute's first new key arrives, or
+    at `flush()`. `seen` (key -> reason, bad keys only) is the state that keeps this true across a resume.
+    """
+
+    def __init__(self, lines_per_minute: int = 10, clock: Callable[[], float] = time.monotonic):
+        self.lines_per_minute = lines_per_minute
+        self.clock = clock
+        self.seen: dict[str, str] = {}
+        self._minute_start: float | None = None
+        self._logged = 0
+        self._held: Counter[str] = Counter()
+
+    def record(self, skip: SkipRecord) -> None:
+        if skip.key in self.seen:
+            return
+        self.seen[skip.key] = skip.reason
+        now = self.clock()
+        if self._minute_start is None or now - self._minute_start >= 60:
+            self.flush()
+            self._minute_start, self._logged = now, 0
+        if self._logged < self.lines_per_minute:
+            self._logged += 1
+            logger.warning("skipped %s (%s, source %s): %s", skip.key, skip.reason, skip.source, skip.detail)
+        else:
+            self._held[skip.reason] += 1
+
+    def flush(self) -> None:
+        """Reports the keys held back by the rate limit."""
+        if self._held:
+            logger.warning(
+                "... and %d more skipped samples not logged one by one (at most %d a minute): %s",
+                sum(self._held.values()),
+                self.lines_per_minute,
+                dict(sorted(self._held.items())),
+            )
+            self._held.clear()
+
+    def unique(self) -> Counter[str]:
+        """Distinct skipped keys by reason."""
+        return Counter(self.seen.values())

@@ -213,9 +213,10 @@ def _tar_sample(url: str, key: str, members: dict[str, bytes]) -> Sample | Skipp
 def read_jsonl_shard(
     path: str, image_dir: str | None, index: int = 0, offset: int | None = None, stride: int = 1, phase: int = 0
 ) -> Iterator[tuple[Sample | SkippedSample, int, int | None]]:
-    """One sample a non-empty line; its `images` field lists files under `image_dir` (default: the
-    file's folder). Only lines whose sample index % stride == phase are parsed. Resumes by seeking to
-    `offset`."""
+    """One sample a non-empty line, keyed `path:LINE` (1-based, blank lines counted, as an editor shows
+    it) unless it has a `key`; its `images` field lists files under `image_dir` (default: the file's
+    folder). Only lines whose sample index % stride == phase are parsed. Resumes by seeking to `offset`
+    (and counting the line breaks before it, for the line numbers)."""
     folder = image_dir or os.path.dirname(path)
     try:
         handle = open(path, "rb")  # noqa: SIM115
@@ -225,17 +226,32 @@ def read_jsonl_shard(
         return
     with handle:
         position = index if offset is not None else 0
+        line_number = _line_breaks(handle, offset) if offset else 0
         handle.seek(offset or 0)
         for line in iter(handle.readline, b""):
+            line_number += 1
             if not line.strip():
                 continue
             if position >= index and position % stride == phase:
-                yield _jsonl_sample(path, position, line, folder), position, handle.tell()
+                yield _jsonl_sample(path, line_number, line, folder), position, handle.tell()
             position += 1
 
 
+def _line_breaks(handle, end: int) -> int:
+    handle.seek(0)
+    count, left = 0, end
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
 def _jsonl_sample(path: str, line_number: int, line: bytes, folder: str) -> Sample | SkippedSample:
-    label = f"{path}:{line_number}"
+    at_line = f"{path}:{line_number}"
+    label = at_line
     try:
         record = decode_record(label, line)
         label = f"{path}:{record['key']}" if isinstance(record.get("key"), str) else label
@@ -251,7 +267,9 @@ def _jsonl_sample(path: str, line_number: int, line: bytes, folder: str) -> Samp
                 pass  # reported as missing_image, with the others, by build_sample
         return build_sample(label, record, images)
     except SkippedSample as skip:
-        return skip
+        if label == at_line:
+            return skip
+        return SkippedSample(skip.reason, skip.key, f"line {line_number}: {skip.detail}")
 
 
 def load_hf_rows(path: str, split: str):

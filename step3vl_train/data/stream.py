@@ -6,6 +6,10 @@ and emits them one by one, decoding images only for the pack being emitted. Its 
 starting point (source cursors, mixture and skip counts) plus how many of the window's packs are out:
 a restored worker re-reads that window, plans the same packs and carries on with the next one. Nothing
 emitted is emitted again, and nothing is passed over.
+
+A worker counts its skips but does not log them: each pack carries the skips met since the previous
+pack, and the loader, in the rank's main process, logs each key once (a key may reach several workers
+over the epochs, and a restored worker meets its window's skips again).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from step3vl_train.data.config import DataConfig
 from step3vl_train.data.encoding import EncodedSample, SampleEncoder
 from step3vl_train.data.mixture import TokenMixture
 from step3vl_train.data.packing import Pack, plan_packs
-from step3vl_train.data.skips import SkippedSample
+from step3vl_train.data.skips import SkippedSample, SkipRecord
 from step3vl_train.data.sources import SourceCursor, SourceReader, resolve_shards
 from step3vl_train.data.stats import DataStats
 from step3vl_train.processing.processor import ProcessedSample, Step3VLProcessor
@@ -84,6 +88,7 @@ class PackedStream(IterableDataset):
         ]
         mixture = TokenMixture([s.name for s in self.cfg.sources], [s.weight for s in self.cfg.sources])
         progress, emitted, delivered = Progress(), DataStats(), 0
+        skipped: list[SkipRecord] = []  # met since the last pack out
         if self._restored:
             state = self._restored
             if state["reader"] != reader:
@@ -102,9 +107,9 @@ class PackedStream(IterableDataset):
                 progress.filled.state_dict(),
                 list(progress.exhausted),
             )
-            samples = self._fill(readers, mixture, progress)
+            samples = self._fill(readers, mixture, progress, skipped)
             if not samples:  # the sources are done; an empty pack carries the last counts to the loader
-                yield Pack([], [], reader, progress.filled.merge(emitted))
+                yield Pack([], [], reader, progress.filled.merge(emitted), skipped)
                 return
             packs = plan_packs(
                 [len(s) for s in samples],
@@ -116,7 +121,7 @@ class PackedStream(IterableDataset):
             for number, p in enumerate(order):
                 if number < delivered:
                     continue  # emitted before the checkpoint this worker resumed from
-                keys, pack = self._render([samples[i] for i in packs[p]], emitted)
+                keys, pack = self._render([samples[i] for i in packs[p]], emitted, skipped)
                 self._state = {
                     "reader": reader,
                     "window": asdict(start),
@@ -124,13 +129,16 @@ class PackedStream(IterableDataset):
                     "delivered": number + 1,
                 }
                 if pack:
-                    yield Pack(pack, keys, reader, progress.filled.merge(emitted))
+                    yield Pack(pack, keys, reader, progress.filled.merge(emitted), skipped)
+                    skipped = []
             delivered = 0
             progress.index += 1
 
-    def _fill(self, readers: list[SourceReader], mixture: TokenMixture, progress: Progress) -> list[EncodedSample]:
+    def _fill(
+        self, readers: list[SourceReader], mixture: TokenMixture, progress: Progress, skipped: list[SkipRecord]
+    ) -> list[EncodedSample]:
         """Draws samples in mixture order until they hold `packing.window` packs' worth of tokens; skips
-        are counted in progress.filled."""
+        are counted in progress.filled and appended to `skipped`."""
         by_name = {r.source.name: r for r in readers}
         samples: list[EncodedSample] = []
         budget, tokens = self.cfg.packing.window * self.cfg.packing.seq_len, 0
@@ -150,8 +158,8 @@ class PackedStream(IterableDataset):
                     raise item
                 encoded = self.encoder.encode(item, name)
             except SkippedSample as skip:
-                skip.log()
                 progress.filled.skips[skip.reason] += 1
+                skipped.append(skip.record(name))
                 if source_reader.cursor.epoch > epoch and not mixture.tokens[name]:
                     logger.error("source %s gave no usable sample in a whole pass; dropping it", name)
                     progress.exhausted.append(name)
@@ -162,14 +170,16 @@ class PackedStream(IterableDataset):
             tokens += len(encoded)
         return samples
 
-    def _render(self, pack: list[EncodedSample], emitted: DataStats) -> tuple[list[str], list[ProcessedSample]]:
+    def _render(
+        self, pack: list[EncodedSample], emitted: DataStats, skipped: list[SkipRecord]
+    ) -> tuple[list[str], list[ProcessedSample]]:
         keys, rendered = [], []
         for sample in pack:
             try:
                 processed = self.encoder.render(sample)
             except SkippedSample as skip:
-                skip.log()
                 emitted.skips[skip.reason] += 1
+                skipped.append(skip.record(sample.source))
                 continue
             keys.append(sample.key)
             rendered.append(processed)

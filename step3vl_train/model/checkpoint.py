@@ -1,13 +1,14 @@
 """The released checkpoint layout on disk: `config.json`, `model-0000i-of-0000n.safetensors` shards and
 `model.safetensors.index.json`, under the released tensor names (spec section 2.5).
 
-Like the released checkpoint, a directory carries its configuration module, `configuration_step_vl.py`, named
-in `config.json`'s `auto_map`: `AutoConfig` and vLLM (with `trust_remote_code`) open it the way they open
-StepFun's. The module is a copy of `model/config.py`, which imports only transformers for that reason."""
+Like the released checkpoint, a directory carries the code `config.json`'s `auto_map` names (remote_code.py):
+the configuration module, `configuration_step_vl.py`, which `AutoConfig` and vLLM (with `trust_remote_code`)
+open the way they open StepFun's, and a model's directory also its modeling code, `modeling_step_vl.py` and
+the modules it imports, for `AutoModelForImageTextToText` and `AutoModelForCausalLM`. The configuration
+module is `model/config.py` as it is, since that imports nothing but transformers."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -20,11 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from step3vl_train.model import config as config_module
 from step3vl_train.model.config import Step3VLConfig
+from step3vl_train.model.remote_code import write_remote_code
 
 CONFIG_NAME = "config.json"
-CONFIG_MODULE = "configuration_step_vl"  # the released checkpoint's name for it
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 
@@ -64,7 +64,7 @@ def save_released(model: nn.Module, directory: str | os.PathLike, max_shard_size
             save_file({name: state[name] for name in names}, staging / filename, metadata={"format": "pt"})
         index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        save_config(model.config, staging)
+        save_config(model.config, staging, model_class=type(model))
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)
@@ -73,11 +73,15 @@ def save_released(model: nn.Module, directory: str | os.PathLike, max_shard_size
     return directory
 
 
-def save_config(config: Step3VLConfig, directory: Path) -> None:
-    """`config.json` and the configuration module it names."""
-    shutil.copyfile(inspect.getsourcefile(config_module), directory / f"{CONFIG_MODULE}.py")
+def save_config(config: Step3VLConfig, directory: Path, model_class: type | None = None) -> None:
+    """`config.json` and the configuration module it names; with `model_class`, that class's modeling code
+    too, named for the Auto classes that load a model (the released checkpoint names AutoModelForCausalLM)."""
+    auto_map = {"AutoConfig": write_remote_code(type(config), directory)}
+    if model_class is not None:
+        model_reference = write_remote_code(model_class, directory)
+        auto_map |= {"AutoModelForCausalLM": model_reference, "AutoModelForImageTextToText": model_reference}
     released = config.to_released_dict()
-    released["auto_map"] = {"AutoConfig": f"{CONFIG_MODULE}.{type(config).__name__}"}
+    released["auto_map"] = auto_map
     (directory / CONFIG_NAME).write_text(json.dumps(released, indent=2, sort_keys=True) + "\n")
 
 
@@ -98,10 +102,12 @@ def read_released_tensors(directory: str | os.PathLike) -> dict[str, torch.Tenso
     return tensors
 
 
-def load_released(directory: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Builds the model from `config.json` without initialising weights, then assigns the stored tensors."""
+def load_released(directory: str | os.PathLike, dtype: torch.dtype | None = None, config: Step3VLConfig | None = None):
+    """Builds the model from `config` (by default the directory's `config.json`) without initialising weights,
+    then assigns the stored tensors."""
     directory = Path(directory)
-    config = Step3VLConfig.from_json_file(directory / CONFIG_NAME)
+    if config is None:
+        config = Step3VLConfig.from_json_file(directory / CONFIG_NAME)
     return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype)
 
 

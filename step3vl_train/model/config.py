@@ -37,6 +37,8 @@ class Step3VLVisionConfig(PreTrainedConfig):
     """PE-lang vision trunk (Perception Encoder naming) plus the two stride-2 downsamplers."""
 
     model_type = "step_robotics_vision"
+    # `from_pretrained` on a model's directory reads this entry of its `config.json`, which names no model_type.
+    base_config_key = "vision_config"
 
     image_size: int = 728  # side of the learned position table's image; the table is (image_size/patch)^2
     patch_size: int = 14

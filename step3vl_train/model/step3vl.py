@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-import step3vl_train.model.attention  # noqa: F401  (registers the sdpa_packed kernel)
+from step3vl_train.model.attention import sdpa_packed_attention  # noqa: F401  (importing it registers the kernel)
 from step3vl_train.model.compute import ModelRuntime
 from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.model.sequence import IGNORE_INDEX, LocalSequence, local_sequence, shift_targets
@@ -34,8 +34,14 @@ class Step3VLOutput(CausalLMOutputWithPast):
     entropy: torch.Tensor | None = None
 
 
+# What transformers' Auto classes pass to a model class's `from_pretrained` besides the directory and config.
+_AUTO_CLASS_OPTIONS = {"_from_auto", "adapter_kwargs", "revision", "trust_remote_code"}
+
+
 class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     config: Step3VLConfig
+    # Postponed annotations leave transformers only the name "Step3VLConfig" to derive this from.
+    config_class = Step3VLConfig
     base_model_prefix = ""
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
@@ -321,11 +327,27 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         save_released(self, save_directory, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None):
-        """Reads a released-format directory; missing or unexpected tensors are an error listing them."""
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype | str | None = None,
+        config: Step3VLConfig | None = None,
+        **auto_class_options,
+    ):
+        """Reads a released-format directory; missing or unexpected tensors are an error listing them.
+
+        dtype: the parameters' dtype, by name or "auto" as well; None or "auto" keep the stored one.
+        config: instead of the directory's `config.json` (transformers' Auto classes pass the one they read).
+        `auto_class_options` are the options the Auto classes hand every model class; none applies to a
+        local directory, and any other option is an error naming it."""
         from step3vl_train.model.checkpoint import load_released
 
-        return load_released(directory, dtype=dtype)
+        unknown = sorted(set(auto_class_options) - _AUTO_CLASS_OPTIONS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unsupported option(s): {', '.join(unknown)}")
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        return load_released(directory, dtype=dtype, config=config)
 
 
 def _is_prefill(past_key_values) -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from step3vl_train.usage import UsageError
+
 # Qwen's text specials, then the image specials. The tiny tokenizer puts them at ids 0..10, so
 # `<im_patch>` is id 5 there (configs/model/tiny.yaml's image_token_id).
 SPECIAL_TOKENS = (
@@ -66,16 +68,16 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         tokenizer = _read_tokenizer(source)
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
-        raise ValueError(f"tokenizer {source!r} lacks special tokens: {', '.join(missing)}")
+        raise UsageError(f"tokenizer {source!r} lacks special tokens: {', '.join(missing)}")
     return tokenizer
 
 
 def _read_tokenizer(source: str) -> PreTrainedTokenizerBase:
     wanted = "a local model directory with its tokenizer (the released checkpoint, an export), or tiny"
     if not Path(source).is_dir():
-        raise FileNotFoundError(f"tokenizer={source}: no such directory. Give {wanted}.")
+        raise UsageError(f"tokenizer={source}: no such directory. Give {wanted}.")
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"tokenizer={source}: no tokenizer can be read from it ({reason}). Give {wanted}.") from None
+        raise UsageError(f"tokenizer={source}: no tokenizer can be read from it ({reason}). Give {wanted}.") from None

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from step3vl_train.model.compute import ComputeConfig
+from step3vl_train.usage import UsageError
 
 SCHEDULE_SHAPES = ("cosine", "linear", "constant")
 
@@ -32,9 +38,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.shape not in SCHEDULE_SHAPES:
-            raise ValueError(f"optim.schedule.shape must be one of {SCHEDULE_SHAPES}, not {self.shape!r}")
+            raise UsageError(f"optim.schedule.shape must be one of {SCHEDULE_SHAPES}, not {self.shape!r}")
         if self.decay_tokens < 1 or self.warmup_tokens < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(
+            raise UsageError(
                 "optim.schedule needs decay_tokens >= 1, warmup_tokens >= 0 and 0 <= min_lr_ratio <= 1, got "
                 f"{self.decay_tokens}, {self.warmup_tokens}, {self.min_lr_ratio}"
             )
@@ -81,6 +87,21 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
-            raise ValueError("trainer needs max_steps or max_tokens")
+            raise UsageError("trainer needs max_steps or max_tokens")
         if self.sequence_parallel < 1:
-            raise ValueError(f"trainer.sequence_parallel must be at least 1, not {self.sequence_parallel}")
+            raise UsageError(f"trainer.sequence_parallel must be at least 1, not {self.sequence_parallel}")
+
+
+@dataclass
+class TrainJobConfig:
+    """All of `configs/pretrain.yaml` (and `sft.yaml`), key for key: an unknown key anywhere is an error."""
+
+    tokenizer: str = MISSING
+    model: dict[str, Any] = field(default_factory=dict)  # configs/model/*.yaml (Step3VLConfig checks it)
+    processor: dict[str, Any] = field(default_factory=dict)  # configs/processor/*.yaml
+    data: dict[str, Any] = field(default_factory=dict)  # configs/data/ and the recipes (DataConfig checks it)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

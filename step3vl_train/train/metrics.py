@@ -71,4 +71,5 @@ def _start_wandb(run_dir: Path, logging: LoggingConfig, config: dict):
         id=run_id,
         resume="allow",
         mode=mode,
+        settings=wandb.Settings(quiet=True),  # no run-history table on the console at the end
     )

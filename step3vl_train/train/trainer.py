@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +26,16 @@ from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
 from step3vl_train.data.skips import SKIP_REASONS
 from step3vl_train.model import Step3VLConfig
-from step3vl_train.model.compute import ComputeConfig
 from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
-from step3vl_train.train.config import LoggingConfig, OptimConfig, TrainerConfig
+from step3vl_train.train.config import TrainJobConfig
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.metrics import MetricsLog
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
 from step3vl_train.train.schedule import apply_schedule
 from step3vl_train.train.sequence_parallel import DataParallelRank, data_parallel_rank
+from step3vl_train.usage import UsageError, build
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,21 +106,24 @@ def backward_global_batch(engine, micro: list[Batch], data: DataParallelRank) ->
 
 class Trainer:
     def __init__(self, cfg: DictConfig):
-        init_distributed()
+        job = build(TrainJobConfig, cfg)  # every key checked before any rank starts work
         self.cfg = cfg
-        self.trainer = TrainerConfig(**cfg.trainer)
+        self.trainer, self.optim = job.trainer, job.optim
+        try:
+            model_config = Step3VLConfig.from_dict(job.model)
+        except ValueError as error:
+            raise UsageError(f"model: {error}") from error
+        self.model_config = model_config
+        self.logging = job.logging
+        data = build(DataConfig, job.data, "data.")
+        self.processor = load_processor(job.tokenizer, job.processor)
+        init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = agreed_run_dir(self.trainer.output_dir)
         torch.manual_seed(self.trainer.seed)
-        model_config = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-        self.model_config = model_config
-        optim = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))
-        self.optim = optim
-        data = DataConfig.from_dict(cfg.data)
-        compute = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ComputeConfig), cfg.compute))
         self.data_rank = data_parallel_rank(self.trainer.sequence_parallel)
         ds_config = deepspeed_config(
-            OmegaConf.to_container(cfg.deepspeed, resolve=True),
+            job.deepspeed,
             data.micro_batch_size,
             self.trainer.grad_accum,
             self.trainer.grad_clip,
@@ -129,25 +133,28 @@ class Trainer:
         # A run with a checkpoint resumes from it; only a fresh one starts from init_from.
         fresh = self.checkpointer.latest() is None
         if fresh and self.trainer.requires_init_from and not self.trainer.init_from:
-            raise ValueError("this recipe continues an earlier stage: set trainer.init_from to that stage's export")
+            raise UsageError("this recipe continues an earlier stage: set trainer.init_from to that stage's export")
         init_from = self.trainer.init_from if fresh else None
         self.ds = build_engine(
-            model_config, optim, ds_config, init_from, compute=compute, sequence_parallel=self.trainer.sequence_parallel
+            model_config,
+            self.optim,
+            ds_config,
+            init_from,
+            compute=job.compute,
+            sequence_parallel=self.trainer.sequence_parallel,
         )
         self.device = self.ds.engine.device
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
-        processor = load_processor(cfg.tokenizer, OmegaConf.to_container(cfg.processor, resolve=True))
-        self.processor = processor
         # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
-        self.loader = PackedLoader(data, processor, self.data_rank.rank, self.data_rank.world)
+        self.loader = PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world)
         self.progress = Progress()
 
     def resume(self) -> None:
         latest = self.checkpointer.latest()
         saved_world = len(list(latest.glob("trainer_rank*.pt"))) if latest is not None else self.world
         if saved_world != self.world:
-            raise ValueError(
+            raise UsageError(
                 f"{latest} was written by {saved_world} ranks and this run has {self.world}: resume with "
                 f"{saved_world} ranks, or start a new run from its export (python launch/export_hf.py "
                 f"checkpoint={latest} out=DIR, then trainer.init_from=DIR), which keeps the weights but not the "
@@ -157,68 +164,97 @@ class Trainer:
         if state is not None:
             self.progress = Progress(**state["progress"])
             self.loader.load_state_dict(state["loader"])
+            self.say(f"resumed from {self.position()}: {latest}")
 
     def run(self) -> None:
         self.resume()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        if self.finished():
+            self.say(f"{self.run_dir} has already finished: {self.position()}. Raise trainer.max_steps to go on.")
+            return
         metrics = None
         if self.rank == 0:
-            logging = LoggingConfig(**self.cfg.logging)
             metrics = MetricsLog(
-                self.run_dir, self.progress.step, logging, OmegaConf.to_container(self.cfg, resolve=True)
+                self.run_dir, self.progress.step, self.logging, OmegaConf.to_container(self.cfg, resolve=True)
             )
+        try:
+            self.loop(metrics)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        self.report_skips()
+        latest = self.checkpointer.latest()
+        self.say(f"finished: {self.position()}" + (f"; the last checkpoint is {latest}" if latest else ""))
+        dist.barrier()
+
+    def loop(self, metrics: MetricsLog | None) -> None:
         batches = iter(self.loader)
         bar = tqdm(total=self.trainer.max_steps, initial=self.progress.step, disable=self.rank != 0, unit="step")
         self.ds.engine.train()
-        while not self.finished():
-            started = time.perf_counter()
-            micro = [packed.batch for packed in itertools.islice(batches, self.trainer.grad_accum)]
-            # With data.max_epochs set, a rank can run out first; every rank stops together.
-            complete = torch.tensor(int(len(micro) == self.trainer.grad_accum), device=self.device)
-            dist.all_reduce(complete, op=dist.ReduceOp.MIN)
-            if not complete:
-                if self.rank == 0:
-                    print(f"the data ran out after step {self.progress.step}", flush=True)
-                if self.trainer.save_every:
+        try:
+            while not self.finished():
+                started = time.perf_counter()
+                micro = [packed.batch for packed in itertools.islice(batches, self.trainer.grad_accum)]
+                # With data.max_epochs set, a rank can run out first; every rank stops together.
+                complete = torch.tensor(int(len(micro) == self.trainer.grad_accum), device=self.device)
+                dist.all_reduce(complete, op=dist.ReduceOp.MIN)
+                if not complete:
+                    self.say(f"the data ran out after step {self.progress.step}")
+                    if self.trainer.save_every:
+                        self.save()
+                    break
+                row = self.train_step(micro)
+                row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"], refresh=False)
+                bar.update(1)
+                if metrics is not None and self.progress.step % self.trainer.log_every == 0:
+                    metrics.write(row)
+                if self.trainer.predict_every and self.progress.step % self.trainer.predict_every == 0:
+                    prompts = resolve_prompt_paths(self.trainer.predict_prompts, REPO)
+                    rows = answer_prompts(
+                        self.ds.engine.module, self.processor, prompts, self.trainer.predict_max_new_tokens, self.device
+                    )
+                    if metrics is not None:
+                        metrics.predictions(self.progress.step, rows)
+                save_every = self.trainer.save_every
+                if save_every and (self.progress.step % save_every == 0 or self.finished()):
                     self.save()
-                break
-            row = self.train_step(micro)
-            row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"])
-            if metrics is not None and self.progress.step % self.trainer.log_every == 0:
-                metrics.write(row)
-            if self.trainer.predict_every and self.progress.step % self.trainer.predict_every == 0:
-                prompts = resolve_prompt_paths(self.trainer.predict_prompts, REPO)
-                rows = answer_prompts(
-                    self.ds.engine.module, self.processor, prompts, self.trainer.predict_max_new_tokens, self.device
-                )
-                if metrics is not None:
-                    metrics.predictions(self.progress.step, rows)
-            save_every = self.trainer.save_every
-            if save_every and (self.progress.step % save_every == 0 or self.finished()):
-                self.save()
-        bar.close()
-        self.report_skips()
-        if metrics is not None:
-            metrics.close()
-        dist.barrier()
+        finally:
+            bar.close()
+
+    def say(self, line: str) -> None:
+        """One line from rank 0, between progress-bar refreshes."""
+        if self.rank == 0:
+            tqdm.write(line)
+
+    def position(self) -> str:
+        """Where the run stands against its end: `step 20 (of 30)`, with tokens when they end it."""
+        steps, tokens = self.trainer.max_steps, self.trainer.max_tokens
+        line = f"step {self.progress.step}" + (f" (of {steps})" if steps is not None else "")
+        if tokens is not None:
+            line += f", {self.progress.tokens:,} tokens (of {tokens:,})"
+        return line
 
     def close(self) -> None:
         """Tears the process group down before exit: gloo's threads otherwise abort some exits."""
         dist.destroy_process_group()
 
     def report_skips(self) -> None:
-        """The run's skipped samples by reason, summed over ranks, logged by rank 0 (also in data_skips.json)."""
+        """The run's skipped samples by reason, over all ranks: distinct bad samples, and how often they were
+        met (a bad sample in a small source is met once a pass). Logged by rank 0, and in data_skips.json."""
         skips = self.loader.stats().skips if self.data_rank.counts else {}
         counts = torch.tensor([skips.get(r, 0) for r in SKIP_REASONS], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
+        keys = [None] * self.world
+        dist.all_gather_object(keys, self.loader.skipped_keys() if self.data_rank.counts else {})
         if self.rank == 0:
-            skips = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist(), strict=True) if n}
-            (self.run_dir / "data_skips.json").write_text(json.dumps(skips, indent=1))
-            print(f"skipped samples by reason: {skips or 'none'}", flush=True)
+            met = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist(), strict=True) if n}
+            distinct = Counter({key: reason for rank_keys in keys for key, reason in rank_keys.items()}.values())
+            (self.run_dir / "data_skips.json").write_text(json.dumps({"samples": distinct, "met": met}, indent=1))
+            report = ", ".join(f"{reason}: {distinct[reason]} (met {n} times)" for reason, n in met.items())
+            self.say(f"skipped samples by reason: {report or 'none'}")
 
     def finished(self) -> bool:
         steps, tokens = self.trainer.max_steps, self.trainer.max_tokens

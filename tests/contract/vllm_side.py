@@ -71,7 +71,12 @@ def test_a_export_config_loads_as_step3vl(preset, export, tmp_path):
         load_tokenizer("tiny").save_pretrained(directory)
     config = get_config(str(directory), trust_remote_code=True)
     assert type(config).__name__ == "Step3VLConfig" and config.model_type == "step_robotics"
-    assert config.auto_map == {"AutoConfig": "configuration_step_vl.Step3VLConfig"}
+    assert config.auto_map["AutoConfig"] == "configuration_step_vl.Step3VLConfig"
+    # In this process `import step3vl_train` registered our class, which vLLM then prefers to the export's
+    # module (its workers, which never import the package, load the module): the same code either way.
+    assert type(config).__module__ in ("step3vl_train.model.config",) or type(config).__module__.endswith(
+        "configuration_step_vl"
+    )
     assert config.to_released_dict() == {**model_config(preset).to_released_dict(), "auto_map": config.auto_map}
     vllm_config = vllm_model_config(directory)
     assert vllm_config.architectures == ["StepVLForConditionalGeneration"]

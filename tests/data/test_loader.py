@@ -1,9 +1,14 @@
+import json
+import logging
+
 import pytest
 import torch
+from webdataset import TarWriter
 
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
-from tests.data.broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, write_held_out
+from step3vl_train.data.sources import SourceReader
+from tests.data.broken_data import EXPECTED_SKIPS, GOOD, TRUNCATED_GOOD, caption, jpeg, png, write_held_out
 
 
 def pretrain_config(root, **overrides):
@@ -51,9 +56,10 @@ def test_held_out_shards_skip_counts(tmp_path, tiny_processor):
     loader = PackedLoader(cfg, tiny_processor)
     keys = [key for packed in drain(loader) for row in packed.keys for key in row]
     stats = loader.stats()
-    assert dict(stats.skips) == EXPECTED_SKIPS
+    assert dict(stats.skips) == dict(stats.skipped_unique) == EXPECTED_SKIPS  # one pass: each key met once
     assert stats.samples == len(keys) == GOOD + TRUNCATED_GOOD
-    assert stats.summary()["skipped_samples"] == sum(EXPECTED_SKIPS.values()) - EXPECTED_SKIPS["unreadable_shard"]
+    skipped = sum(EXPECTED_SKIPS.values()) - EXPECTED_SKIPS["unreadable_shard"]
+    assert stats.summary()["skipped_samples"] == stats.summary()["skipped_unique_samples"] == skipped
 
 
 def test_token_shares_follow_the_sft_mix(sft_corpus, tiny_processor):
@@ -135,3 +141,64 @@ def test_pixels_leave_a_worker_as_one_shared_buffer(pretrain_corpus, tiny_proces
         # All of a batch's views in one shared-memory segment, the size of the buffer.
         assert pixels.data.is_shared() and pixels.data.untyped_storage().nbytes() == pixels.data.nbytes
         assert torch.equal(pixels.data, alone.data) and pixels.sources == alone.sources
+
+
+PASSES = 6
+BAD_KEYS = ("bad.tar:garbage-image", "bad.tar:cut-image")  # found at fill time and when rendered
+
+
+def small_source_config(folder):
+    """Two shards read by two workers, a whole shard each: every pass reshuffles which worker meets the
+    shard with the two corrupt images."""
+    bad, good = str(folder / "bad.tar"), str(folder / "good.tar")
+    with TarWriter(bad) as writer:
+        writer.write({"__key__": "good-0", "json": json.dumps(caption("A red square.")).encode(), "0.png": png()})
+        writer.write({"__key__": "garbage-image", "json": json.dumps(caption("Noise.")).encode(), "0.jpg": b"junk"})
+        writer.write({"__key__": "cut-image", "json": json.dumps(caption("Cut.")).encode(), "0.jpg": jpeg()[:2000]})
+    with TarWriter(good) as writer:
+        writer.write({"__key__": "good-1", "json": json.dumps({"text": "A document about lakes."}).encode()})
+        writer.write({"__key__": "good-2", "json": json.dumps(caption("Blue.")).encode(), "0.png": png()})
+    cfg = DataConfig.from_dict(
+        {
+            "sources": [{"name": "small", "paths": [bad, good]}],
+            "num_workers": 2,
+            "max_epochs": PASSES,
+            "packing": {"seq_len": 128, "window": 1},
+        }
+    )
+    reader = SourceReader(cfg.sources[0], [bad, good], 0, 2, cfg.seed, PASSES)
+    assert {reader.shard_order(epoch)[0] == [bad] for epoch in range(PASSES)} == {True, False}, "one worker only"
+    return cfg
+
+
+def skip_lines(caplog, key):
+    return [r for r in caplog.records if r.name == "step3vl_train.data" and f"{key} (corrupt_image" in r.getMessage()]
+
+
+def assert_bad_keys_once(stats, caplog):
+    assert stats.skips == {"corrupt_image": 2 * PASSES}
+    assert stats.skipped_unique == {"corrupt_image": 2}
+    assert (stats.summary()["skipped_samples"], stats.summary()["skipped_unique_samples"]) == (2 * PASSES, 2)
+    for key in BAD_KEYS:
+        assert len(skip_lines(caplog, key)) == 1, key
+
+
+def test_a_bad_sample_met_every_pass_is_logged_once_over_workers(tmp_path, tiny_processor, caplog):
+    loader = PackedLoader(small_source_config(tmp_path), tiny_processor)
+    with caplog.at_level(logging.WARNING):
+        drain(loader)
+    assert_bad_keys_once(loader.stats(), caplog)
+    assert sorted(loader.skipped_keys()) == sorted(f"{tmp_path}/{key}" for key in BAD_KEYS)
+
+
+def test_skip_log_and_unique_counts_survive_a_resume(tmp_path, tiny_processor, caplog):
+    cfg = small_source_config(tmp_path)
+    first = PackedLoader(cfg, tiny_processor)
+    with caplog.at_level(logging.WARNING):
+        drain(first, limit=3)
+        state = first.state_dict()
+        assert len(state["skipped_keys"]) == 2 and first.stats().skips["corrupt_image"] < 2 * PASSES  # midway
+        second = PackedLoader(cfg, tiny_processor)
+        second.load_state_dict(state)
+        drain(second)
+    assert_bad_keys_once(second.stats(), caplog)

@@ -80,8 +80,18 @@ def test_jsonl_with_image_folder(tmp_path):
     assert items[0][0].images == [png()]
     assert [item.reason for item, _, _ in items[1:3]] == ["malformed_json", "missing_image"]
     assert isinstance(items[3][0], Sample) and items[3][0].text == "third"
+    # Keys without a `key` field name the line as an editor numbers it: from 1, the blank line counted.
+    assert [item.key.rsplit(":", 1)[1] for item, _, _ in items] == ["one", "3", "4", "5"]
     _, index, offset = items[1]
-    assert [i for _, i, _ in read_jsonl_shard(str(path), str(tmp_path / "img"), index + 1, offset)] == [2, 3]
+    resumed = list(read_jsonl_shard(str(path), str(tmp_path / "img"), index + 1, offset))
+    assert [(i, item.key.rsplit(":", 1)[1]) for item, i, _ in resumed] == [(2, "4"), (3, "5")]
+
+
+def test_a_keyed_jsonl_sample_that_fails_names_its_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n" + json.dumps(caption("gone") | {"images": ["nope.png"], "key": "k"}) + "\n")
+    ((skip, _, _),) = read_jsonl_shard(str(path), str(tmp_path))
+    assert skip.key.endswith(":k") and skip.reason == "missing_image" and skip.detail.startswith("line 2: ")
 
 
 def test_hf_dataset_source(tmp_path):

@@ -21,13 +21,18 @@ def test_save_then_load_is_bit_exact(tiny_model, tmp_path):
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     shards = [f for f in files if f.startswith("model-")]
     assert len(shards) > 1 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
-    assert {"config.json", "configuration_step_vl.py", INDEX_NAME} <= set(files)
+    assert {"config.json", "configuration_step_vl.py", "modeling_step_vl.py", INDEX_NAME} <= set(files)
     index = json.loads((tmp_path / "ckpt" / INDEX_NAME).read_text())
     assert set(index["weight_map"]) == set(tiny_model.state_dict())
 
     loaded = Step3VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
-    # config.json names the configuration module written beside it, as the released checkpoint does
-    auto_map = {"AutoConfig": "configuration_step_vl.Step3VLConfig"}
+    # config.json names the code written beside it, as the released checkpoint does (test_auto_classes.py)
+    model_reference = "modeling_step_vl.Step3VLForConditionalGeneration"
+    auto_map = {
+        "AutoConfig": "configuration_step_vl.Step3VLConfig",
+        "AutoModelForCausalLM": model_reference,
+        "AutoModelForImageTextToText": model_reference,
+    }
     assert loaded.config.to_released_dict() == {**tiny_model.config.to_released_dict(), "auto_map": auto_map}
     for name, tensor in tiny_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name

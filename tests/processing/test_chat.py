@@ -2,6 +2,7 @@ import pytest
 
 from step3vl_train.processing.chat import render_chat
 from step3vl_train.processing.tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer, load_tokenizer
+from step3vl_train.usage import UsageError
 
 USER = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
 ASSISTANT = {"role": "assistant", "reasoning_content": "Whiskers and fur.", "content": "A cat."}
@@ -64,7 +65,7 @@ def test_tokenizer_without_image_tokens_is_rejected(tmp_path):
 @pytest.mark.parametrize("path", ["outputs/no_such_model", "/models/no_such_model", "Qwen/Qwen3-8B"])
 def test_a_tokenizer_path_that_is_no_directory_is_named_at_once(path):
     """Before: a repo-id error for an absolute path, and a 51 s wait on the hub for a relative one."""
-    with pytest.raises(FileNotFoundError, match=f"tokenizer={path}: no such directory. Give a local model"):
+    with pytest.raises(UsageError, match=f"tokenizer={path}: no such directory. Give a local model"):
         load_tokenizer(path)
 
 

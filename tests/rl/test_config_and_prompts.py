@@ -12,14 +12,14 @@ from tests.rl.compose import compose_rl
 
 def test_rlvr_recipe_carries_the_papers_numbers():
     cfg = compose_rl("stage=rlvr", "+recipe=rlvr")
-    assert cfg.stage == "rlvr" and cfg.run.max_steps == 600
+    assert cfg.stage == "rlvr" and cfg.trainer.max_steps == 600
     assert (cfg.prompts.prompts_per_step, cfg.rollout.n) == (512, 16)
     assert cfg.prompts.max_prompt_tokens + cfg.rollout.max_new_tokens == 24 * 1024
     assert (cfg.algo.estimator, cfg.algo.gamma, cfg.algo.lam, cfg.algo.minibatches) == ("gae", 1.0, 1.0, 4)
     assert cfg.algo.tis_cap == 8.0 and cfg.uses_critic
     assert (cfg.policy.optim.lr, cfg.critic.optim.lr) == (2e-6, 5e-6)
     assert cfg.policy.freeze == ["vision_model."]
-    assert [s.name for s in cfg.prompts.sources] == ["math", "geometry", "counting", "grounding", "pointing"]
+    assert [s.name for s in cfg.prompts.sources] == ["math", "geometry", "counting", "grounding", "pointing", "choice"]
 
 
 def test_cpu_overrides_and_options():
@@ -64,7 +64,7 @@ def user(text, image=False):
     return {"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
 
 
-def test_prompt_loader_skips_what_cannot_be_a_prompt_and_resumes(tmp_path, tiny_processor):
+def test_prompt_loader_skips_what_cannot_be_a_prompt_and_resumes(tmp_path, tiny_processor, caplog):
     good = {"messages": [user("What is 1 + 1?")], "answer": "2", "reward": "math"}
     write_prompt_shard(
         tmp_path / "prompts.tar",
@@ -91,3 +91,8 @@ def test_prompt_loader_skips_what_cannot_be_a_prompt_and_resumes(tmp_path, tiny_
     resumed = PromptLoader(config, tiny_processor)
     resumed.load_state_dict(state)
     assert [p.key for p in resumed.next_batch(3)] == following  # g, h, then the next epoch's first
+    assert [p.key.rsplit(":", 1)[1] for p in resumed.next_batch(1)] == ["f"]  # past b..e again
+    assert dict(resumed.skips) == {"bad_schema": 4, "corrupt_image": 2, "too_long": 2}
+    assert resumed.skip_log.unique() == {"bad_schema": 2, "corrupt_image": 1, "too_long": 1}
+    logged = [r.getMessage() for r in caplog.records if r.name == "step3vl_train.data"]
+    assert [m.split(" (")[0].rsplit(":", 1)[1] for m in logged] == ["b", "c", "d", "e"]  # each once, both passes

@@ -44,8 +44,8 @@ def test_model_directories_are_checked(exported_tiny_model, tmp_path):
     [
         ([], 0),  # the CPU default: the transformers engine, gloo ranks
         (["rollout=vllm", "rollout.num_engines=4", "rollout.tensor_parallel_size=2"], 8),  # CPU ranks, GPU engines
-        (["rollout=vllm", "run.world_size=8", "run.num_gpus_per_rank=1", "rollout.num_engines=4"], 12),
-        (["rollout=vllm", "run.world_size=8", "run.num_gpus_per_rank=1", "rollout.colocate=true"], 8),
+        (["rollout=vllm", "trainer.world_size=8", "trainer.num_gpus_per_rank=1", "rollout.num_engines=4"], 12),
+        (["rollout=vllm", "trainer.world_size=8", "trainer.num_gpus_per_rank=1", "rollout.colocate=true"], 8),
     ],
 )
 def test_gpus_needed(overrides, gpus):
@@ -64,16 +64,23 @@ def test_a_cluster_without_the_gpus_is_refused():
 def test_rl_run_says_what_is_wrong_and_stops(exported_tiny_model, tmp_path):
     """rl/run.py on this GPU-less machine: vLLM waited on Ray's autoscaler forever, a wrong path was retried
     as three actor crashes. Now each is its message, at once, without a traceback."""
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints" / "step_4").mkdir(parents=True)
+    (resumed / "checkpoints" / "latest").write_text("step_4")
+    (resumed / "config.yaml").write_text("trainer:\n  world_size: 4\n")
     cases = [
         ([f"policy.init_from={tmp_path / 'nowhere'}"], "policy.init_from=.*nowhere: no such directory"),
         (["rollout=vllm", f"policy.init_from={exported_tiny_model}"], "needs 1 GPUs"),
+        ([f"policy.init_from={exported_tiny_model}", f"trainer.output_dir={resumed}"], "world_size=4 .* has 2"),
+        (["run.max_steps=3"], "run.max_steps is now trainer.max_steps"),
     ]
     for overrides, message in cases:
-        command = [sys.executable, str(REPO / "rl" / "run.py"), *TINY, f"run.output_dir={tmp_path / 'run'}", *overrides]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        out = [] if any(o.startswith("trainer.output_dir=") for o in overrides) else [f"trainer.output_dir={tmp_path}"]
+        done = subprocess.run([sys.executable, str(REPO / "rl" / "run.py"), *TINY, *out, *overrides],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 1
-        last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith("rl/run.py: ") and re.search(message, last), done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and re.search(message, errors[0]), done.stderr[-3000:]
         assert "Traceback" not in done.stderr and "restarting" not in done.stderr
 
 
@@ -85,7 +92,7 @@ def test_resuming_with_another_world_size_is_refused(tmp_path):
     (out / "checkpoints" / "step_4").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step_4")
     OmegaConf.save(OmegaConf.create({"run": {"world_size": 2}}), out / "config.yaml")
-    check_resume(compose_rl(*TINY, f"run.output_dir={out}", "run.world_size=2"))
-    with pytest.raises(PreflightError, match="resumes from step_4, written by run.world_size=2 .* this run has 4"):
-        check_resume(compose_rl(*TINY, f"run.output_dir={out}", "run.world_size=4"))
-    check_resume(compose_rl(*TINY, f"run.output_dir={tmp_path / 'fresh'}", "run.world_size=4"))
+    check_resume(compose_rl(*TINY, f"trainer.output_dir={out}", "trainer.world_size=2"))
+    with pytest.raises(PreflightError, match="resumes from step_4, written by trainer.world_size=2 .* this run has 4"):
+        check_resume(compose_rl(*TINY, f"trainer.output_dir={out}", "trainer.world_size=4"))
+    check_resume(compose_rl(*TINY, f"trainer.output_dir={tmp_path / 'fresh'}", "trainer.world_size=4"))

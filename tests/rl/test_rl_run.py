@@ -26,7 +26,7 @@ SECRET = [
 
 
 def command(out, *overrides):
-    return [sys.executable, str(REPO / "rl" / "run.py"), *TINY, f"run.output_dir={out}", *overrides]
+    return [sys.executable, str(REPO / "rl" / "run.py"), *TINY, f"trainer.output_dir={out}", *overrides]
 
 
 def environment():
@@ -47,8 +47,8 @@ def rows(path):
 def test_reward_rises_on_a_verifiable_task_and_the_policy_exports(secret_task, tmp_path):
     prompts, model = secret_task
     out = tmp_path / "run"
-    metrics = run(out, *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}", "run.max_steps=20",
-                  "run.save_every=10")  # fmt: skip
+    metrics = run(out, *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}", "trainer.max_steps=20",
+                  "trainer.save_every=10")  # fmt: skip
     assert [row["step"] for row in metrics] == list(range(1, 21))
     rewards = [row["reward_mean"] for row in metrics]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -98,7 +98,7 @@ def test_a_killed_driver_and_a_dead_rank_lose_and_repeat_no_prompt(rl_corpus, ti
     the run trained on are exactly the loader's sequence: none lost, none twice."""
     settings = [f"prompts.root={rl_corpus}", "policy.from_scratch=true", "prompts.prompts_per_step=4",
                 "rollout.n=2", "algo.minibatches=2", "policy.micro_batch_tokens=256", "critic.micro_batch_tokens=256",
-                "rollout.max_new_tokens=8", "run.max_steps=8", "run.save_every=2"]  # fmt: skip
+                "rollout.max_new_tokens=8", "trainer.max_steps=8", "trainer.save_every=2"]  # fmt: skip
     loader = PromptLoader(compose_rl(*TINY, *settings).prompts, tiny_processor)
     expected = [(step, prompt.key) for step in range(1, 9) for prompt in loader.next_batch(4)]
     assert len({key for _, key in expected}) == 32
@@ -127,7 +127,7 @@ def test_critic_free_grpo_with_dynamic_sampling(secret_task, tmp_path):
     prompts, model = secret_task
     metrics = run(tmp_path / "run", *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}",
                   "algo.estimator=grpo", "critic.enabled=false", "algo.drop_uniform_groups=true", "rollout.n=4",
-                  "policy.micro_batch_tokens=512", "run.max_steps=3")  # fmt: skip
+                  "policy.micro_batch_tokens=512", "trainer.max_steps=3")  # fmt: skip
     assert [row["step"] for row in metrics] == [1, 2, 3]
     assert all(row["value_loss"] is None and row["explained_variance"] is None for row in metrics)
     # two in three groups of 4 guesses at 1 in 10 all fail: they are dropped and more prompts drawn

@@ -59,6 +59,17 @@ def draw_shapes(
     return image, shapes
 
 
+def draw_one_shape(rng: np.random.Generator, colors: tuple[str, ...], size: int = 224) -> tuple[Image.Image, Shape]:
+    """One large shape (half to nine tenths of the side) of one of `colors` on a light square background:
+    the global view alone shows it (no crops), for questions a small model can answer."""
+    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(225, 256, 3)))
+    side = int(rng.integers(size // 2, size * 9 // 10))
+    x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
+    shape = Shape(str(rng.choice(SHAPES)), str(rng.choice(colors)), (x0, y0, x0 + side, y0 + side))
+    _draw_shape(ImageDraw.Draw(image), shape)
+    return image, shape
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     x0, y0, x1, y1 = shape.box
     fill = COLORS[shape.color]

@@ -1,8 +1,9 @@
 """The synthetic corpus's tasks: pre-training documents, SFT conversations and RL prompts, with ground truth.
 
 Every task type of the recipe has a generator: shapes with boxes and points (captions, grounding,
-counting, pointing), rendered text (OCR), charts, arithmetic and geometry drawn as images, text-only
-documents, SFT conversations with `<think>` reasoning, and RL prompts with verifiable answers.
+counting, pointing), one large shape (multiple choice on its colour), rendered text (OCR), charts,
+arithmetic and geometry drawn as images, text-only documents, SFT conversations with `<think>`
+reasoning, and RL prompts with verifiable answers.
 Coordinates in text are integers normalised to [0, 1000); `boxes` and `points` fields are pixels.
 """
 
@@ -19,6 +20,7 @@ from step3vl_train.data.synthetic.drawing import (
     SHAPES,
     Shape,
     draw_bar_chart,
+    draw_one_shape,
     draw_shapes,
     font,
     normalised_box,
@@ -61,6 +63,18 @@ def arithmetic(rng: np.random.Generator) -> tuple[str, int, str]:
     """A problem, its answer and the worked steps."""
     a, b, c = (int(x) for x in rng.integers(2, 60, 3))
     return f"{a} x {b} + {c}", a * b + c, f"First {a} x {b} = {a * b}. Then {a * b} + {c} = {a * b + c}."
+
+
+# Multiple choice on the colour of one large shape, the options always in this order: a visual question
+# the tiny CPU model can learn in minutes (make demo's RL task), where a uniform guess scores 1/4.
+CHOICE_COLORS = ("red", "green", "blue", "black")
+
+
+def color_choice(rng: np.random.Generator) -> tuple[Image.Image, Shape, str, str]:
+    """An image of one shape, the shape, the question (with its options) and the right option's letter."""
+    image, shape = draw_one_shape(rng, CHOICE_COLORS)
+    options = " ".join(f"({letter}) {color}" for letter, color in zip("ABCD", CHOICE_COLORS, strict=True))
+    return image, shape, f"What colour is the shape? {options}", "ABCD"[CHOICE_COLORS.index(shape.color)]
 
 
 def think(reasoning: str, answer: str) -> dict:
@@ -222,6 +236,11 @@ def sft_math(rng):
     )
 
 
+def sft_choice(rng):
+    image, shape, question, letter = color_choice(rng)
+    return SyntheticSample({"messages": [user(None, question), think(f"The shape is {shape.color}.", letter)]}, [image])
+
+
 # ---- RL prompts ---------------------------------------------------------------------------------------
 
 
@@ -296,6 +315,11 @@ def rl_pointing(rng):
     )
 
 
+def rl_choice(rng):
+    image, _, question, letter = color_choice(rng)
+    return SyntheticSample({"messages": [user(None, question)], "answer": letter, "reward": "choice"}, [image])
+
+
 TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = {
     "pretrain": {
         "text": pretrain_text,
@@ -314,6 +338,7 @@ TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = 
         "grounding": sft_grounding,
         "chart": sft_chart,
         "math": sft_math,
+        "choice": sft_choice,
     },
     "rl": {
         "math": rl_math,
@@ -321,6 +346,7 @@ TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = 
         "counting": rl_counting,
         "grounding": rl_grounding,
         "pointing": rl_pointing,
+        "choice": rl_choice,
     },
 }
 

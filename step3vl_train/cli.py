@@ -1,0 +1,173 @@
+"""What every launch script shares: `--help`, Hydra's config checked against our dataclasses, and one
+clear message per mistake.
+
+A failing run prints one paragraph that names the problem, from rank 0 alone when the mistake is the
+same on every rank (`UsageError`), and writes the traceback to `<trainer.output_dir>/errors/rank{R}.log`
+(`STEP3VL_DEBUG=1` prints it instead). Ctrl-C ends with the line saying which checkpoint a re-run of the
+same command resumes from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from step3vl_train.train.checkpoint import Checkpointer
+from step3vl_train.train.recipes import RECIPES, register_recipes
+from step3vl_train.usage import UsageError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEBUG = "STEP3VL_DEBUG"
+
+# Third-party deprecations we cannot act on, matched by message so that any other warning still shows.
+KNOWN_WARNINGS = (
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    (FutureWarning, r"`torch\.distributed\._(all_gather_base|reduce_scatter_base)` is a private function"),
+)
+
+
+def quiet_known_warnings() -> None:
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def usage(config_name: str, doc: str) -> str:
+    """The script's docstring, then the config groups its config uses with their options, and the recipes
+    that apply to it (those whose every key the config has)."""
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        keys = set(compose(config_name))
+    recipes = [name for name in register_recipes() if set(OmegaConf.load(RECIPES / f"{name}.yaml")) <= keys]
+    cpu = [path.stem for path in sorted((CONFIGS / "cpu").glob("*.yaml")) if keys_set_by(path) <= keys]
+    lines = [doc.strip(), "", "Config groups (group=option):"]
+    for group, default in config_groups(config_name):
+        options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+        lines.append(f"  {group:<10} {', '.join(options)} (default: {default})")
+    lines += [
+        f"  +recipe    {', '.join(recipes)} (recipes/: the paper's numbers)",
+        f"  +cpu       {', '.join(cpu)} (after +recipe: the tiny model, and a schedule that learns on the CPU)",
+        "",
+        "Any key: section.key=value (configs/ holds every key with its default; unknown keys are errors).",
+        "Print the composed config: --cfg job. A failed run's traceback: STEP3VL_DEBUG=1.",
+    ]
+    return "\n".join(lines)
+
+
+def keys_set_by(path: Path) -> set[str]:
+    """The top-level keys a config file sets, with those of the files of its group it includes."""
+    config = OmegaConf.load(path)
+    included = [entry for entry in config.get("defaults", []) if isinstance(entry, str)]
+    return set(config) - {"defaults"} | {key for name in included for key in keys_set_by(path.parent / f"{name}.yaml")}
+
+
+def config_groups(config_name: str) -> list[tuple[str, str]]:
+    """(group, default option) of the config's defaults list, its parents' first; Hydra's own left out."""
+    groups = []
+    for entry in OmegaConf.load(CONFIGS / f"{config_name}.yaml").get("defaults", []):
+        if isinstance(entry, str):
+            if entry != "_self_":
+                groups += config_groups(entry)
+            continue
+        ((group, option),) = entry.items()
+        if not group.startswith("override "):
+            groups.append((group, option))
+    return groups
+
+
+def check_arguments(arguments: list[str], renamed: dict[str, str]) -> None:
+    """Mistakes Hydra would not name: a key's old name (it would only say the key is unknown), and `+cpu`
+    before `+recipe` (the recipe, applied second, would undo the CPU settings)."""
+    keys = [argument.lstrip("+~").split("=", 1)[0] for argument in arguments]
+    for key in keys:
+        for old, new in renamed.items():
+            if key.startswith(old):
+                raise UsageError(f"{key} is now {new}{key.removeprefix(old)} (pre-training and RL share the names)")
+    if "cpu" in keys and "recipe" in keys and keys.index("cpu") < keys.index("recipe"):
+        raise UsageError("give +cpu=... after +recipe=...: the recipe would otherwise override its CPU settings")
+
+
+@contextmanager
+def silenced_stderr(silent: bool):
+    """Ranks other than 0 say nothing while Hydra composes: a bad override would be reported once a rank."""
+    saved = sys.stderr
+    if silent:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (restored by the task before it runs)
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+
+
+def launch(task: Callable[[DictConfig], None], config_name: str, doc: str, renamed: dict | None = None) -> None:
+    """Runs `task` on the composed config, as `@hydra.main` would, with the help, checks and reporting above."""
+    arguments = sys.argv[1:]
+    if {"-h", "--help"} & set(arguments):
+        print(usage(config_name, doc))
+        return
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        check_arguments(arguments, renamed or {})
+    except UsageError as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    register_recipes()
+    stderr = sys.stderr
+
+    @hydra.main(config_path=str(CONFIGS), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        sys.stderr = stderr
+        quiet_known_warnings()
+        run_reported(task, cfg, rank)
+
+    with silenced_stderr(rank > 0):
+        main()
+
+
+def run_reported(task: Callable[[DictConfig], None], cfg: DictConfig, rank: int) -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own detection warns on every rank
+    output_dir = Path(OmegaConf.select(cfg, "trainer.output_dir", default="outputs", throw_on_resolution_failure=False))
+    try:
+        task(cfg)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\ninterrupted. {resume_hint(output_dir)}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as error:
+        log = write_traceback(output_dir / "errors" / f"rank{rank}.log")
+        if os.environ.get(DEBUG):
+            raise
+        if rank == 0 or not isinstance(error, UsageError):
+            who = f"rank {rank}: " if rank else ""
+            what = str(error) if isinstance(error, UsageError) else f"{type(error).__name__}: {error}"
+            print(f"error: {who}{what}\n(traceback in {log}; {DEBUG}=1 prints it here)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def resume_hint(output_dir: Path) -> str:
+    try:
+        latest = Checkpointer(output_dir, keep_last=0).latest()
+    except FileNotFoundError:
+        latest = None
+    if latest is None:
+        return f"{output_dir} has no checkpoint yet: re-running the same command starts the run over."
+    return f"Re-running the same command resumes from {latest} ({latest.name.replace('_', ' ')})."
+
+
+def write_traceback(path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"step3vl-{path.name}"
+    path.write_text(traceback.format_exc())
+    return path

@@ -1,0 +1,95 @@
+"""A new user's first hour, as the docs tell it: every CPU command of README.md and docs/, run as written,
+in order, in a fresh working directory (the repository's files linked in, its own `outputs/`).
+
+`make demo` trains every stage once; the docs' training commands are the demo's own, so re-running them
+resumes the demo's runs, finds them finished, and their metrics show what the docs promise: losses that
+fall and a reward that rises. A command that drifted from the demo's would change the run's config.yaml,
+which is checked."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e.docs import Command, commands, script_and_overrides
+
+WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/data.md", "docs/gpu.md"]
+NOT_RUN = {"make test": "it runs this test"}
+VENV = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv"))
+TRAINING_SCRIPTS = ("launch/pretrain.py", "launch/sft.py", "rl/run.py")
+
+
+def metric(run_dir: Path, key: str) -> list[float]:
+    return [row[key] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def workspace(root: Path) -> Path:
+    for entry in REPO.iterdir():
+        if entry.name not in {"outputs", ".git", ".venv"} and not entry.name.endswith(".egg-info"):
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
+def run(command: Command, cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "VENV": str(VENV),
+                   "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    done = subprocess.run(["bash", "-c", command.text], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def run_dir(command: Command, cwd: Path) -> Path | None:
+    """The run directory of a training command: its trainer.output_dir."""
+    script, arguments = script_and_overrides(command)
+    if script not in TRAINING_SCRIPTS:
+        return None
+    return cwd / next(a.split("=", 1)[1] for a in arguments if a.startswith("trainer.output_dir="))
+
+
+@pytest.mark.slow
+def test_the_documented_cpu_commands_work_as_written(tmp_path):
+    if not (VENV / ".installed").exists():
+        pytest.skip(f"make demo uses the environment make built; {VENV} is not one")
+    cwd = workspace(tmp_path)
+    ran = []
+    for command in (c for c in commands() if not c.gpu):
+        assert command.document in WALKTHROUGH, command
+        if " ".join(command.words) in NOT_RUN:
+            continue
+        directory = run_dir(command, cwd) if command.words[0] != "make" else None
+        config = (directory / "config.yaml").read_text() if directory else None
+        done = run(command, cwd)
+        ran.append(command)
+        if command.text.startswith("make demo"):
+            check_demo(cwd / "outputs" / "demo", done.stdout, {c.text.split("  #")[0].strip() for c in commands()})
+        elif directory:
+            # the demo's run, re-entered: finished, with the same config
+            assert "has already finished" in done.stdout + done.stderr, command
+            assert (directory / "config.yaml").read_text() == config, f"{command} is not the demo's command"
+    assert len(ran) >= 10
+
+
+def check_demo(out: Path, stdout: str, documented: set[str]) -> None:
+    """`make demo`: the photo demo's steps, then every stage of the pipeline doing its job."""
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    steps = {row["step"]: row for row in rows}
+    assert steps["processed"]["num_crops"] == 6 and steps["processed"]["image_tokens"] == 6 * 9 + 16
+    assert steps["save_reload"]["logits_identical"] is True and steps["generate"]["new_tokens"] > 0
+    assert steps["data"]["skipped_samples"] == 0 and steps["data"]["samples"] > 2
+    ran = {line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("== ")}
+    assert ran and ran <= documented, ran - documented  # the pipeline runs the docs' commands, word for word
+    for stage in ("pretrain", "sft", "sft2"):
+        loss = metric(out / stage, "loss")
+        assert loss[-1] < loss[0] - 1.0, (stage, loss)
+    reward = metric(out / "rlvr", "reward_mean")
+    first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
+    assert last >= first + 0.08, reward
+    assert max(metric(out / "rlvr", "logprob_mismatch/max_abs")) < 1e-4  # engine and trainer agree
+    summary = (out / "summary.md").read_text()
+    assert f"| RLVR (reward_mean) | {len(reward)} | {first:.3f} | {last:.3f} |" in summary
+    assert "`reward_mean`: the share of responses" in summary
+    assert (out / "rlvr" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
