@@ -54,21 +54,27 @@ def steps(count: int | None) -> str:
 def commands(out: Path, train_steps: int | None, rl_steps: int | None) -> dict[str, str]:
     """The stages' commands, in order; paths relative to the current directory unless `out` is absolute."""
     corpus = out / "synthetic"
-    train = "torchrun --nproc_per_node 2 launch"
     synthetic = "python data/make_synthetic.py --shard-size 10"
+
+    def train(script: str, recipe: str, corpus_kind: str, stage: str, init_from: str | None = None) -> str:
+        command = f"torchrun --nproc_per_node 2 launch/{script} +recipe={recipe} +cpu={script.removesuffix('.py')}"
+        command += f" data.root={corpus / corpus_kind}"
+        command += f" trainer.init_from={out / init_from}" if init_from else ""
+        return command + f" trainer.output_dir={out / stage}" + steps(train_steps)
+
+    def export(stage: str) -> str:
+        return f"python launch/export_hf.py checkpoint={out / stage} out={out / f'{stage}_hf'}"
+
     return {
         "synthetic_pretrain": f"{synthetic} --kind pretrain --out {corpus / 'pretrain'} --num 400",
         "synthetic_sft": f"{synthetic} --kind sft --out {corpus / 'sft'} --num 420",
         "synthetic_rl": f"{synthetic} --kind rl --out {corpus / 'rl'} --num 240",
-        "pretrain": f"{train}/pretrain.py +recipe=phase1 +cpu=pretrain data.root={corpus / 'pretrain'} "
-        f"trainer.output_dir={out / 'pretrain'}" + steps(train_steps),
-        "export_pretrain": f"python launch/export_hf.py checkpoint={out / 'pretrain'} out={out / 'pretrain_hf'}",
-        "sft": f"{train}/sft.py +recipe=sft_stage1 +cpu=sft data.root={corpus / 'sft'} "
-        f"trainer.init_from={out / 'pretrain_hf'} trainer.output_dir={out / 'sft'}" + steps(train_steps),
-        "export_sft": f"python launch/export_hf.py checkpoint={out / 'sft'} out={out / 'sft_hf'}",
-        "sft2": f"{train}/sft.py +recipe=sft_stage2 +cpu=sft data.root={corpus / 'sft'} "
-        f"trainer.init_from={out / 'sft_hf'} trainer.output_dir={out / 'sft2'}" + steps(train_steps),
-        "export_sft2": f"python launch/export_hf.py checkpoint={out / 'sft2'} out={out / 'sft2_hf'}",
+        "pretrain": train("pretrain.py", "phase1", "pretrain", "pretrain"),
+        "export_pretrain": export("pretrain"),
+        "sft": train("sft.py", "sft_stage1", "sft", "sft", "pretrain_hf"),
+        "export_sft": export("sft"),
+        "sft2": train("sft.py", "sft_stage2", "sft", "sft2", "sft_hf"),
+        "export_sft2": export("sft2"),
         "rlvr": f"python rl/run.py stage=rlvr +cpu=rlvr policy.init_from={out / 'sft2_hf'} "
         f"prompts.root={corpus / 'rl'} trainer.output_dir={out / 'rlvr'}" + steps(rl_steps),
     }
