@@ -88,3 +88,14 @@ def test_a_drifted_command_fails_the_check(tmp_path):
         check("sft", script_and_overrides(found[2])[1])
     with pytest.raises(ValueError, match="tokenizer has no value: give tokenizer=..."):
         check("pretrain", script_and_overrides(found[3])[1])
+
+
+def test_help_lists_only_the_groups_recipes_and_cpu_forms_that_apply():
+    from step3vl_train.cli import usage
+
+    pretrain, rl = usage("pretrain", "Pre-training."), usage("rl", "RL.")
+    assert pretrain.startswith("Pre-training.") and rl.startswith("RL.")
+    assert "  trainer " in pretrain and "  data " in pretrain and "  rollout " not in pretrain
+    assert "  rollout    hf, vllm (default: hf)" in rl and "  data " not in rl
+    assert "+recipe    phase1, phase2, sft_stage1, sft_stage2 " in pretrain and "+recipe    rlvr " in rl
+    assert "+cpu       pretrain, sft " in pretrain and "+cpu       rlvr " in rl

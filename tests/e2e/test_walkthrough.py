@@ -12,7 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from step3vl_train.model import Step3VLForConditionalGeneration
 from tests.conftest import REPO
 from tests.e2e.docs import Command, commands, script_and_overrides
 
@@ -71,6 +73,7 @@ def test_the_documented_cpu_commands_work_as_written(tmp_path):
             assert "has already finished" in done.stdout + done.stderr, command
             assert (directory / "config.yaml").read_text() == config, f"{command} is not the demo's command"
     assert len(ran) >= 10
+    check_rl_run(cwd / "outputs" / "demo")
 
 
 def check_demo(out: Path, stdout: str, documented: set[str]) -> None:
@@ -93,3 +96,25 @@ def check_demo(out: Path, stdout: str, documented: set[str]) -> None:
     assert f"| RLVR (reward_mean) | {len(reward)} | {first:.3f} | {last:.3f} |" in summary
     assert "`reward_mean`: the share of responses" in summary
     assert (out / "rlvr" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def check_rl_run(demo: Path) -> None:
+    """The demo's RLVR run, as docs/rl.md describes it, and its export (docs/rl.md's last CPU command)."""
+    rows = [json.loads(line) for line in (demo / "rlvr" / "metrics.jsonl").read_text().splitlines()]
+    steps = len(rows)
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    for row in rows:
+        assert row["logprob_mismatch/max_abs"] < 1e-4  # engine and trainer score the same tokens, every sync
+        for key in ("pass_rate", "response_len_mean", "clip_fraction", "value_loss", "entropy", "reward/choice",
+                    "time/rollout", "time/reward", "time/score", "time/update", "time/sync", "sync/bytes"):  # fmt: skip
+            assert key in row, key
+    # The frozen encoder crosses once, when the engine starts; each iteration sends the trainable tensors.
+    initial = Step3VLForConditionalGeneration.from_pretrained(demo / "sft2_hf")
+    names = [name for name, _ in initial.named_parameters()]
+    assert rows[0]["sync_start/tensors"] == len(names) and all("sync_start/tensors" not in r for r in rows[1:])
+    assert all(row["sync/tensors"] == len([n for n in names if not n.startswith("vision_model.")]) for row in rows)
+    logged = [json.loads(line) for line in (demo / "rlvr" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(logged) == steps * 8 and all(len(row["rewards"]) == 8 for row in logged)  # 8 prompts x 8
+    policy = Step3VLForConditionalGeneration.from_pretrained(demo / "rlvr_hf")
+    moved = [name for name, p in policy.named_parameters() if not torch.equal(p, initial.state_dict()[name])]
+    assert moved and not any(name.startswith("vision_model.") for name in moved)  # the encoder stays frozen
