@@ -18,6 +18,8 @@ from step3vl_train.train.config import LoggingConfig, OptimConfig
 from step3vl_train.usage import build
 
 ENGINES = ("hf", "vllm")
+# Keys RL had before it shared pre-training's names: an override with the old prefix is refused, naming the new.
+RENAMED_KEYS = {"run.": "trainer."}
 
 
 @dataclass

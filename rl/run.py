@@ -11,7 +11,7 @@ Re-running the same command resumes from the run's last complete checkpoint.
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from rl.config import RLConfig
+from rl.config import RENAMED_KEYS, RLConfig
 from rl.driver import Driver
 from rl.preflight import preflight
 from step3vl_train.cli import launch
@@ -33,4 +33,4 @@ def train(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(train, "rl", __doc__, renamed={"run.": "trainer."})
+    launch(train, "rl", __doc__, renamed=RENAMED_KEYS)

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rl.config import RLConfig
+from rl.config import RENAMED_KEYS, RLConfig
 from step3vl_train.cli import CONFIGS, check_arguments
 from step3vl_train.data.config import DataConfig
 from step3vl_train.model import Step3VLConfig
@@ -36,7 +36,7 @@ def composed(config_name: str, overrides: list[str]):
 
 def check(config_name: str, overrides: list[str]) -> None:
     """As the script would take them, up to the point where it needs the files and GPUs named."""
-    check_arguments(overrides, {"run.": "trainer."} if config_name == "rl" else {})
+    check_arguments(overrides, RENAMED_KEYS if config_name == "rl" else {})
     cfg = composed(config_name, overrides)
     if config_name in ("pretrain", "sft"):
         job = build(TrainJobConfig, cfg)
