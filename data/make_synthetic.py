@@ -1,9 +1,10 @@
 """Writes a synthetic corpus with known ground truth as webdataset shards, one folder a task.
 
-python data/make_synthetic.py --kind {pretrain,sft,rl} --out DIR --num N --seed S
+python data/make_synthetic.py --kind {pretrain,sft,rl,rlhf,preference} --out DIR --num N --seed S
     [--shard-size 200] [--tokenizer tiny] [--processor configs/processor/step3vl.yaml]
 
-Tasks take turns (sample i is task i mod #tasks), so N counts samples over all tasks. Each folder gets
+Tasks take turns (sample i is task i mod #tasks), so N counts samples over all tasks. Sample i is drawn
+from (S, i) alone: a held-out split is the same command with another --seed. Each folder gets
 `shard-NNNNNN.tar` files and a `manifest.json` (samples, tokens, images a shard); tokens are counted
 with the given tokenizer and processor. The last line printed is a JSON summary.
 """

@@ -1,5 +1,6 @@
 """The whole recipe on the tiny model, on the CPU: synthetic corpora -> pre-training (2 ZeRO-3 ranks) ->
-export -> SFT stage 1 -> export -> SFT stage 2 -> export -> RLVR on Ray -> a reward-curve PNG and a
+export -> SFT stage 1 -> export -> SFT stage 2 -> export -> RLVR on Ray -> export -> a reward model
+(Bradley-Terry) -> export -> RLHF with the reward-model service on loopback -> reward-curve PNGs and a
 summary (outputs/demo/summary.md).
 
     python launch/demo_pipeline.py [--out outputs/demo] [--steps N] [--rl-steps N]
@@ -10,6 +11,8 @@ the CPU settings, so the commands stay short.
 `--steps` and `--rl-steps` override the groups' step counts (tests use them to run a few). Re-running
 resumes each stage from its last checkpoint. SFT teaches the tiny model the answer format; RLVR then
 trains on the one synthetic task it can learn in minutes (configs/cpu/rlvr.yaml), so the reward rises.
+The reward model learns the synthetic preference (answers that name a colour), and RLHF raises the
+policy's score under it (docs/rlhf.md).
 """
 
 import argparse
@@ -31,6 +34,9 @@ MEANINGS = {
     "reward_mean": "the share of responses the verifier scored correct, 0-1 (`choice`: the option letter; "
     "a uniform guess among 4 options scores 0.25, a response cut at the length limit or without "
     "`</think>` scores 0)",
+    "eval/accuracy": "the reward model's share of held-out preference pairs it ranks right, 0-1 (chance: 0.5)",
+    "reward/rm": "the reward model's score of the policy's answers, 0-1: sigmoid((raw - mean) / std) with the "
+    "mean and std of its held-out scores, so 0.5 is an average answer of its data",
 }
 
 
@@ -57,7 +63,9 @@ def commands(out: Path, train_steps: int | None, rl_steps: int | None) -> dict[s
     synthetic = "python data/make_synthetic.py --shard-size 10"
 
     def train(script: str, recipe: str, corpus_kind: str, stage: str, init_from: str | None = None) -> str:
-        command = f"torchrun --nproc_per_node 2 launch/{script} +recipe={recipe} +cpu={script.removesuffix('.py')}"
+        """A torchrun command of pre-training's trainer (pre-training, SFT, the reward model)."""
+        cpu = {"train_rm.py": "rm"}.get(script, script.removesuffix(".py"))
+        command = f"torchrun --nproc_per_node 2 launch/{script} +recipe={recipe} +cpu={cpu}"
         command += f" data.root={corpus / corpus_kind}"
         command += f" trainer.init_from={out / init_from}" if init_from else ""
         return command + f" trainer.output_dir={out / stage}" + steps(train_steps)
@@ -77,6 +85,16 @@ def commands(out: Path, train_steps: int | None, rl_steps: int | None) -> dict[s
         "export_sft2": export("sft2"),
         "rlvr": f"python rl/run.py stage=rlvr +cpu=rlvr policy.init_from={out / 'sft2_hf'} "
         f"prompts.root={corpus / 'rl'} trainer.output_dir={out / 'rlvr'}" + steps(rl_steps),
+        "export_rlvr": export("rlvr"),
+        "synthetic_preference": f"{synthetic} --kind preference --out {corpus / 'preference'} --num 400",
+        "synthetic_preference_heldout": f"{synthetic} --kind preference --out {corpus / 'preference' / 'heldout'} "
+        "--num 100 --seed 1",
+        "synthetic_rlhf": f"{synthetic} --kind rlhf --out {corpus / 'rlhf'} --num 240 --seed 2",
+        "rm": train("train_rm.py", "rm", "preference", "rm", "sft2_hf"),
+        "export_rm": export("rm"),
+        "rlhf": f"python rl/run.py stage=rlhf +recipe=rlhf +cpu=rlhf policy.init_from={out / 'rlvr_hf'} "
+        f"prompts.root={corpus / 'rlhf'} reward.service.server.rm.scalar.model={out / 'rm_hf'} "
+        f"trainer.output_dir={out / 'rlhf'}" + steps(rl_steps),
     }
 
 
@@ -100,26 +118,33 @@ def main() -> None:
 
     seconds = {stage: run(stage, command, logs) for stage, command in commands(Path(args.out), args.steps,
                                                                               args.rl_steps).items()}  # fmt: skip
-    png = plot_rewards(root / "rlvr")
-    pretrain, sft, sft2, rlvr = (
-        metrics(root / stage / "metrics.jsonl") for stage in ("pretrain", "sft", "sft2", "rlvr")
+    pngs = [plot_rewards(root / stage).relative_to(root) for stage in ("rlvr", "rlhf")]
+    pretrain, sft, sft2, rlvr, rm, rlhf = (
+        metrics(root / stage / "metrics.jsonl") for stage in ("pretrain", "sft", "sft2", "rlvr", "rm", "rlhf")
     )
 
     def row(name: str, rows: list[dict], key: str, stage: str, window: int = 1) -> str:
-        first, last = mean([r[key] for r in rows[:window]]), mean([r[key] for r in rows[-window:]])
-        return f"| {name} | {len(rows)} | {first:.3f} | {last:.3f} | {seconds[stage]:.0f} | {key} |"
+        """The stage's steps, and the mean of `key` over its first and last `window` rows that have it."""
+        have = [r[key] for r in rows if key in r]
+        first, last = mean(have[:window]), mean(have[-window:])
+        return f"| {name} | {rows[-1]['step']} | {first:.3f} | {last:.3f} | {seconds[stage]:.0f} | {key} |"
 
     window = min(3, len(rlvr))
+    evaluated = [str(r["step"]) for r in rm if "eval/accuracy" in r]
     lines = [
         "# The tiny pipeline on the CPU", "",
         "| stage | steps | first | last | seconds | figure |", "|---|---|---|---|---|---|",
         row("pre-training (loss)", pretrain, "loss", "pretrain"), row("SFT stage 1 (loss)", sft, "loss", "sft"),
         row("SFT stage 2 (loss)", sft2, "loss", "sft2"),
-        row("RLVR (reward_mean)", rlvr, "reward_mean", "rlvr", window), "",
-        f"Pre-training and SFT: the first and the last step's figure. RLVR: the mean of the first {window} "
-        f"and of the last {window} iterations.", "",
+        row("RLVR (reward_mean)", rlvr, "reward_mean", "rlvr", window),
+        row("reward model (held-out accuracy)", rm, "eval/accuracy", "rm"),
+        row("RLHF (RM score)", rlhf, "reward/rm", "rlhf", window), "",
+        "Pre-training, SFT and the reward model: the first and the last step's figure (the reward model's at "
+        f"its evaluations, steps {', '.join(evaluated)}). RLVR and RLHF: the mean of the first {window} and of "
+        f"the last {window} iterations.", "",
         *(f"- `{key}`: {meaning}." for key, meaning in MEANINGS.items()), "",
-        f"Reward curve: `{png.relative_to(root)}`. Exports: `pretrain_hf/`, `sft_hf/`, `sft2_hf/`. Logs: `logs/`. "
+        f"Reward curves: `{pngs[0]}`, `{pngs[1]}`. Exports: `pretrain_hf/`, `sft_hf/`, `sft2_hf/`, `rlvr_hf/`, "
+        "`rm_hf/`. Logs: `logs/`. "
         f"Exports take {sum(v for k, v in seconds.items() if k.startswith('export')):.0f} s in all.",
         f"RL log-prob mismatch, engine vs trainer (max over the run): "
         f"{max(r['logprob_mismatch/max_abs'] for r in rlvr):.2e}.",

@@ -32,7 +32,10 @@ logger = logging.getLogger("rl")
 
 
 class Driver:
-    def __init__(self, config: RLConfig, raw_config: dict):
+    def __init__(
+        self, config: RLConfig, raw_config: dict, service_url: str | None = None, service_token: str | None = None
+    ):
+        """`service_url`, `service_token`: the reward-model service this run started, if it did."""
         self.cfg = config
         self.raw_config = raw_config
         self.run_dir = Path(config.trainer.output_dir).resolve()
@@ -40,7 +43,7 @@ class Driver:
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.loader = PromptLoader(config.prompts, self.processor, config.reward.fn)  # checks the sources now
-        self.scorer = RewardScorer(config.reward)
+        self.scorer = RewardScorer(config.reward, service_url, service_token)
         self.checkpointer = Checkpointer(self.run_dir, config.trainer.keep_last)
         self.sampling = sampling_params(config, self.processor)
         self.stop_token_ids = self.sampling.stop_token_ids
@@ -185,7 +188,7 @@ class Driver:
         target = cfg.prompts.prompts_per_step * n
         kept: list[Response] = []
         spare: list[Response] = []
-        dropped = 0
+        dropped, service = 0, {}
         timings["time/rollout"] = timings["time/reward"] = 0.0
         for round_ in range(cfg.algo.max_sampling_rounds if cfg.algo.drop_uniform_groups else 1):
             prompts = self.loader.next_batch((target - len(kept)) // n)
@@ -193,6 +196,7 @@ class Driver:
             tick = time.perf_counter()
             score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
             timings["time/reward"] += time.perf_counter() - tick
+            service |= self.scorer.service_stats()
             if cfg.algo.drop_uniform_groups:
                 rewards = torch.tensor([r.reward for r in responses])
                 uniform = uniform_groups(rewards, torch.tensor([r.group for r in responses])).tolist()
@@ -205,7 +209,7 @@ class Driver:
         kept += spare[: target - len(kept)]  # whole groups: both lists hold groups of n in order
         for index, response in enumerate(kept):  # groups numbered afresh across rounds
             response.group = index // n
-        return kept, {"dropped_groups": dropped, "prompts_skipped": sum(self.loader.skips.values())}
+        return kept, {"dropped_groups": dropped, "prompts_skipped": sum(self.loader.skips.values()), **service}
 
     def rollout(self, prompts: list[Prompt], seed: int, timings: dict) -> list[Response]:
         tick = time.perf_counter()

@@ -24,6 +24,7 @@ class Prompt:
     points: list[list[float]] = field(default_factory=list)
     image_size: tuple[int, int] | None = None
     question: str = ""  # the prompt's text, for model-based verifiers
+    reference: str | None = None  # RLHF: a stronger model's response, the reward model's anchor
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Response:
     reward: float = 0.0
     status: str = "ok"  # rl.rewards.types.STATUSES
     valid: bool = True  # False where the scorer failed: left out of the update
+    components: dict[str, float] = field(default_factory=dict)  # a combined reward's parts, by name
     old_logprobs: torch.Tensor | None = None  # (R,) the trainer's, before this iteration's update
     values: torch.Tensor | None = None  # (R,) the critic's V(s_t) for each response token
     advantages: torch.Tensor | None = None

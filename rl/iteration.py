@@ -56,11 +56,15 @@ def score_rewards(scorer: RewardScorer, responses: list[Response], decode, stop_
             image_size=r.prompt.image_size,
             truncated=r.completion.finish_reason == "length",
             prompt=r.prompt.question,
+            messages=r.prompt.messages,
+            images=r.prompt.images,
+            reference=r.prompt.reference,
         )
         for r in responses
     ]
     for response, result in zip(responses, scorer.score(requests), strict=True):
         response.reward, response.status, response.valid = result.score, result.status, result.valid
+        response.components = result.components
 
 
 def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> dict:
@@ -106,8 +110,30 @@ def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> 
         if r.valid:
             by_task[r.prompt.task].append(r.reward)
     row |= {f"reward/{task}": float(np.mean(scores)) for task, scores in sorted(by_task.items())}
+    row |= component_means(responses)
     row |= {f"reward_status/{k}": v for k, v in sorted(Counter(r.status for r in responses).items())}
     return row
+
+
+# Components of the reward-model service's rewards that are not 0-1 parts of a reward, and their metric names.
+COMPONENT_METRICS = {
+    "position_disagreement": "genrm/position_disagreement",  # the share of pairs whose two orders disagree
+    "citations": "citations/found",  # per response
+    "fabricated_citations": "citations/fabricated",
+    "rm/raw": "reward_model/raw",  # the scalar RM's unnormalised score
+}
+
+
+def component_means(responses: list[Response]) -> dict[str, float]:
+    """The mean of each reward component (the reward-model service's parts of a reward: `rm`, `genrm`,
+    `language`, ...) over the valid responses that have it, as `reward/<component>`; COMPONENT_METRICS
+    names the rest."""
+    values = defaultdict(list)
+    for r in responses:
+        if r.valid:
+            for name, value in r.components.items():
+                values[name].append(value)
+    return {COMPONENT_METRICS.get(name, f"reward/{name}"): float(np.mean(v)) for name, v in sorted(values.items())}
 
 
 def minibatches(

@@ -11,8 +11,9 @@ STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "
 
 
 def plot_rewards(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Mean reward (top) and each task's (bottom) against the iteration, from `RUN_DIR/metrics.jsonl`.
-    A reward is the mean score of an iteration's responses, 0-1."""
+    """Mean reward (top) and each task's and reward component's (bottom: `reward/*`, e.g. RLHF's reward
+    model score `rm` and its penalties) against the iteration, from `RUN_DIR/metrics.jsonl`. A reward is
+    the mean score of an iteration's responses, 0-1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,7 @@ def plot_rewards(run_dir: str | Path, out: str | Path | None = None) -> Path:
         line, marker = STYLES[index % len(STYLES)]
         bottom.plot(*zip(*points, strict=True), linestyle=line, marker=marker, markersize=3, linewidth=1.2,
                     label=task.removeprefix("reward/"))  # fmt: skip
-    bottom.set_title("by task" if tasks else "by task (none logged)")
+    bottom.set_title("by task and component" if tasks else "by task (none logged)")
     bottom.set_xlabel("iteration")
     for axis in (top, bottom):
         axis.set_ylabel("reward")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import requests
 from omegaconf import OmegaConf
 
 from rl.config import RLConfig
+from rl.rewards.rm_client import read_client_token
+from rl.rm_service.config import ServiceConfig
 from step3vl_train.model.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME
 from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.usage import UsageError
@@ -18,10 +21,12 @@ class PreflightError(UsageError):
     """The run cannot start as configured."""
 
 
-def check_model_directory(path: str, key: str) -> None:
+def check_model_directory(path: str | None, key: str) -> None:
     """`path` holds a model in the released layout: `config.json` and its safetensors."""
-    directory = Path(path)
     layout = "a released-format model directory (launch/export_hf.py writes one; StepFun's release is one)"
+    if not path:
+        raise PreflightError(f"{key} is not set. It must be {layout}.")
+    directory = Path(path)
     if not directory.is_dir():
         raise PreflightError(f"{key}={path}: no such directory. It must be {layout}.")
     if not (directory / CONFIG_NAME).is_file():
@@ -50,11 +55,46 @@ def check_weights(cfg: RLConfig) -> None:
             check_model_directory(path, key)
 
 
+def check_reward_service(cfg: RLConfig) -> None:
+    """RLHF's rewards come from the reward-model service: one this run starts, or one at a URL that answers."""
+    service = cfg.reward.service
+    if service.launch:
+        check_service_model(launched_service(cfg), "reward.service.server.")
+        return
+    if not service.url:
+        if cfg.stage == "rlhf":
+            raise PreflightError(
+                "stage=rlhf scores its responses with the reward-model service: set reward.service.url to a running "
+                "one (python rl/serve_rm.py), or reward.service.launch=true to start one in this run"
+            )
+        return
+    read_client_token(service)
+    try:
+        requests.get(f"{service.url.rstrip('/')}/healthz", timeout=10).raise_for_status()
+    except requests.RequestException as error:
+        raise PreflightError(f"reward.service.url={service.url} does not answer GET /healthz: {error}") from error
+
+
+def launched_service(cfg: RLConfig) -> ServiceConfig:
+    """The service a run starts (`reward.service.launch`), its settings checked."""
+    return ServiceConfig.from_dict(cfg.reward.service.server, "reward.service.server.")
+
+
+def check_service_model(config: ServiceConfig, prefix: str = "") -> None:
+    """A scalar backend's reward model is on disk (a replica would otherwise die at start, and Serve retry it)."""
+    if config.rm.backend == "scalar":
+        check_model_directory(config.rm.scalar.model, f"{prefix}rm.scalar.model")
+
+
 def gpus_needed(cfg: RLConfig) -> float:
-    """GPUs the actors ask Ray for: the training ranks, and the engines where they have GPUs of their own
-    (colocated, they take part of the training ranks' bundles)."""
+    """GPUs the actors ask Ray for: the training ranks, the engines where they have GPUs of their own
+    (colocated, they take part of the training ranks' bundles), and a launched reward service's replicas."""
     engines = 0.0 if cfg.rollout.colocate else cfg.rollout.num_engines * cfg.engine_gpus
-    return cfg.trainer.world_size * cfg.trainer.num_gpus_per_rank + engines
+    service = 0.0
+    if cfg.reward.service.launch:
+        server = launched_service(cfg)
+        service = server.replicas * server.replica_gpus
+    return cfg.trainer.world_size * cfg.trainer.num_gpus_per_rank + engines + service
 
 
 def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
@@ -65,8 +105,9 @@ def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
         engines = "vLLM engines" if cfg.rollout.engine == "vllm" else "transformers engines"
         raise PreflightError(
             f"this run needs {needed:g} GPUs (trainer.world_size={cfg.trainer.world_size} training ranks x "
-            f"trainer.num_gpus_per_rank={cfg.trainer.num_gpus_per_rank:g}, and rollout.num_engines="
-            f"{cfg.rollout.num_engines} {engines}) but the Ray cluster has {available:g}. Without GPUs, run "
+            f"trainer.num_gpus_per_rank={cfg.trainer.num_gpus_per_rank:g}, rollout.num_engines="
+            f"{cfg.rollout.num_engines} {engines}, and a launched reward service's replicas) but the Ray cluster "
+            f"has {available:g}. Without GPUs, run "
             "rollout=hf trainer.num_gpus_per_rank=0; with fewer, lower trainer.world_size or rollout.num_engines, "
             "or set rollout.colocate=true."
         )
@@ -92,5 +133,6 @@ def check_resume(cfg: RLConfig) -> None:
 
 def preflight(cfg: RLConfig, resources: dict[str, float]) -> None:
     check_weights(cfg)
+    check_reward_service(cfg)
     check_resources(cfg, resources)
     check_resume(cfg)

@@ -95,6 +95,7 @@ class PromptLoader:
             points=sample.points,
             image_size=images[0].size if images else None,
             question=question_text(sample.messages),
+            reference=sample.reference,
         )
 
     def state_dict(self) -> dict:

@@ -1,34 +1,50 @@
-r"""RL stages on Ray: python rl/run.py stage=rlvr [+recipe=rlvr] [overrides].
+r"""RL stages on Ray: python rl/run.py stage=rlvr|rlhf [+recipe=rlvr|rlhf] [overrides].
 
 python rl/run.py stage=rlvr +recipe=rlvr tokenizer=/models/sft policy.init_from=/models/sft \
     rollout=vllm trainer.num_gpus_per_rank=1 trainer.world_size=8 ray.address=auto
 python rl/run.py stage=rlvr +cpu=rlvr policy.init_from=outputs/demo/sft2_hf prompts.root=outputs/demo/synthetic/rl \
     trainer.output_dir=outputs/demo/rlvr   # CPU: 2 gloo ranks, the transformers engine
+python rl/run.py stage=rlhf +recipe=rlhf +cpu=rlhf policy.init_from=outputs/demo/rlvr_hf \
+    prompts.root=outputs/demo/synthetic/rlhf reward.service.server.rm.scalar.model=outputs/demo/rm_hf \
+    trainer.output_dir=outputs/demo/rlhf   # CPU: the reward-model service on loopback, in this run
 
 Re-running the same command resumes from the run's last complete checkpoint.
 """
 
+import secrets
+
 import ray
 from omegaconf import DictConfig, OmegaConf
+from ray import serve
 
 from rl.config import RENAMED_KEYS, RLConfig
 from rl.driver import Driver
-from rl.preflight import preflight
+from rl.preflight import launched_service, preflight
+from rl.rm_service.launch import start_service
 from step3vl_train.cli import launch
 
 
 def train(cfg: DictConfig) -> None:
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = RLConfig.from_dict(raw)
+    service = launched_service(config) if config.reward.service.launch else None
     if config.ray.address:
         ray.init(address=config.ray.address)
     else:
         needed = config.trainer.world_size + config.rollout.num_engines + 1
+        if service is not None:
+            needed += int(service.replicas * service.replica_cpus + 0.999)
         ray.init(num_cpus=config.ray.num_cpus or needed, include_dashboard=False)
     try:
         preflight(config, ray.cluster_resources())
-        Driver(config, raw).run()
+        url = token = None
+        if service is not None:
+            token = secrets.token_urlsafe(32)  # this run's alone: it never leaves the process and the cluster
+            url = start_service(service, config.reward.service.server, token)
+        Driver(config, raw, url, token).run()
     finally:
+        if service is not None:
+            serve.shutdown()
         ray.shutdown()
 
 

@@ -43,18 +43,21 @@ def quiet_known_warnings() -> None:
 
 def usage(config_name: str, doc: str) -> str:
     """The script's docstring, then the config groups its config uses with their options, and the recipes
-    that apply to it (those whose every key the config has)."""
+    and CPU forms that apply to it (those whose every key, at every depth, the config has)."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        keys = set(compose(config_name))
-    recipes = [name for name in register_recipes() if set(OmegaConf.load(RECIPES / f"{name}.yaml")) <= keys]
-    cpu = [path.stem for path in sorted((CONFIGS / "cpu").glob("*.yaml")) if keys_set_by(path) <= keys]
+        keys = leaf_keys(OmegaConf.to_container(compose(config_name)))
+    recipes = [name for name in register_recipes() if covered(keys_set_by(RECIPES / f"{name}.yaml"), keys)]
+    cpu = [path.stem for path in sorted((CONFIGS / "cpu").glob("*.yaml")) if covered(keys_set_by(path), keys)]
     lines = [doc.strip(), "", "Config groups (group=option):"]
     for group, default in config_groups(config_name):
         options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
         lines.append(f"  {group:<10} {', '.join(options)} (default: {default})")
+    if recipes:
+        lines.append(f"  +recipe    {', '.join(recipes)} (recipes/: the paper's numbers)")
+    if cpu:
+        after = "after +recipe: the tiny model, and a schedule that learns on the CPU"
+        lines.append(f"  +cpu       {', '.join(cpu)} ({after})")
     lines += [
-        f"  +recipe    {', '.join(recipes)} (recipes/: the paper's numbers)",
-        f"  +cpu       {', '.join(cpu)} (after +recipe: the tiny model, and a schedule that learns on the CPU)",
         "",
         "Any key: section.key=value (configs/ holds every key with its default; unknown keys are errors).",
         "Print the composed config: --cfg job. A failed run's traceback: STEP3VL_DEBUG=1.",
@@ -62,25 +65,52 @@ def usage(config_name: str, doc: str) -> str:
     return "\n".join(lines)
 
 
+def leaf_keys(config: dict, prefix: str = "") -> set[str]:
+    """The dotted keys of a config's values, at every depth (a mapping that is itself a value, such as an
+    empty one, counts as one)."""
+    keys = set()
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            keys |= leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def covered(wanted: set[str], keys: set[str]) -> bool:
+    """Every wanted key is one of `keys` or lies under one (a free-form mapping such as `model` or
+    `reward.service.server` holds any key)."""
+    return all(any(key == k or key.startswith(f"{k}.") for k in keys) for key in wanted)
+
+
 def keys_set_by(path: Path) -> set[str]:
-    """The top-level keys a config file sets, with those of the files of its group it includes."""
-    config = OmegaConf.load(path)
-    included = [entry for entry in config.get("defaults", []) if isinstance(entry, str)]
-    return set(config) - {"defaults"} | {key for name in included for key in keys_set_by(path.parent / f"{name}.yaml")}
+    """The dotted keys a config file sets, with those of the files of its group it includes. A key the
+    composed config holds as a free-form mapping (`model`, `reward.service.server`) covers all below it."""
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    defaults = config.pop("defaults", [])
+    included = [entry for entry in defaults if isinstance(entry, str)]
+    return leaf_keys(config) | {key for name in included for key in keys_set_by(path.parent / f"{name}.yaml")}
 
 
 def config_groups(config_name: str) -> list[tuple[str, str]]:
-    """(group, default option) of the config's defaults list, its parents' first; Hydra's own left out."""
-    groups = []
+    """(group, default option) of the config's defaults list, its parents' first, as its overrides leave
+    them (`override data: null` drops the group); Hydra's own left out."""
+    groups: dict[str, str] = {}
     for entry in OmegaConf.load(CONFIGS / f"{config_name}.yaml").get("defaults", []):
         if isinstance(entry, str):
             if entry != "_self_":
-                groups += config_groups(entry)
+                groups |= dict(config_groups(entry))
             continue
         ((group, option),) = entry.items()
+        name = group.removeprefix("override ").split("@")[0]
         if not group.startswith("override "):
-            groups.append((group, option))
-    return groups
+            groups[name] = option
+        elif name in groups:
+            if option is None:
+                del groups[name]
+            else:
+                groups[name] = option
+    return list(groups.items())
 
 
 def check_arguments(arguments: list[str], renamed: dict[str, str]) -> None:

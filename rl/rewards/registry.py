@@ -25,6 +25,9 @@ REWARDS: dict[str, RewardSpec] = {
 }
 # Scored by a model behind an OpenAI-compatible endpoint (`verifier.py`), not in the process pool.
 VERIFIER = "verifier"
+# Scored by the reward-model service (rl/serve_rm.py, `rm_client.py`): RLHF's open-ended prompts.
+REWARD_MODEL = "reward_model"
+REMOTE = (VERIFIER, REWARD_MODEL)
 
 
 def resolve(name: str) -> RewardSpec:
@@ -32,7 +35,9 @@ def resolve(name: str) -> RewardSpec:
     if name in REWARDS:
         return REWARDS[name]
     if ":" not in name:
-        raise KeyError(f"unknown reward {name!r}: one of {sorted(REWARDS) + [VERIFIER]}, or 'package.module:function'")
+        raise KeyError(
+            f"unknown reward {name!r}: one of {sorted(REWARDS) + list(REMOTE)}, or 'package.module:function'"
+        )
     module, _, attribute = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attribute)

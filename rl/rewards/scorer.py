@@ -1,6 +1,7 @@
 """Scores a batch of responses: guards against obvious reward hacking, then each reward in a worker
-process with a per-call timeout (or the verifier endpoint). A hang, a crash or an exception is counted
-by its status and leaves the response out of the update; it is never a silent 0."""
+process with a per-call timeout, or remotely: the verifier endpoint, or the reward-model service (RLHF).
+A hang, a crash or an exception is counted by its status and leaves the response out of the update; it
+is never a silent 0."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 from pebble import ProcessExpired, ProcessPool
 
 from rl.rewards.answer import boxed_contents, split_reasoning
-from rl.rewards.registry import VERIFIER, resolve
+from rl.rewards.registry import REMOTE, REWARD_MODEL, VERIFIER, resolve
+from rl.rewards.rm_client import RewardModelClient, ServiceClientConfig
 from rl.rewards.types import NoAnswerError, RewardRequest, RewardResult
 from rl.rewards.verifier import Verifier, VerifierConfig
 
@@ -31,6 +33,7 @@ class RewardConfig:
     # for checkable answers rules cannot parse. Off, with a warning, while `verifier.base_url` is unset.
     verifier_fallback: list[str] = field(default_factory=list)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    service: ServiceClientConfig = field(default_factory=ServiceClientConfig)  # samples with reward: reward_model
 
 
 def guard(request: RewardRequest, config: RewardConfig, boxed: bool) -> RewardResult | None:
@@ -57,7 +60,8 @@ def run_reward(name: str, request: RewardRequest, options: dict[str, Any]) -> Re
 
 
 class RewardScorer:
-    def __init__(self, config: RewardConfig):
+    def __init__(self, config: RewardConfig, service_url: str | None = None, service_token: str | None = None):
+        """`service_url` and `service_token`: a reward-model service this run started (`service.launch`)."""
         for name in config.verifier_fallback:
             resolve(name)  # a misspelt name fails now, not at the first unreadable answer
         self.fallback = list(config.verifier_fallback)
@@ -72,16 +76,18 @@ class RewardScorer:
         self.config = config
         self.pool = ProcessPool(max_workers=config.num_workers)
         self.verifier: Verifier | None = None
+        self.service: RewardModelClient | None = None
+        self.service_url, self.service_token = service_url, service_token
 
     def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
         """Rule rewards run in the process pool while the verifier's requests are in flight; answers a rule
         in `verifier_fallback` could not read then go to the verifier too."""
         results: list[RewardResult | None] = [None] * len(requests)
         names = [self.config.fn or request.reward for request in requests]
-        futures, remote = {}, {}
+        futures, remote, to_service = {}, {}, []
         for index, (request, name) in enumerate(zip(requests, names, strict=True)):
             try:
-                boxed = name != VERIFIER and resolve(name).boxed
+                boxed = name not in REMOTE and resolve(name).boxed
             except KeyError as error:
                 results[index] = RewardResult(0.0, "error", str(error))
                 continue
@@ -90,11 +96,17 @@ class RewardScorer:
                 continue
             if name == VERIFIER:
                 remote[index] = self._verifier().submit(request)
+            elif name == REWARD_MODEL:
+                to_service.append(index)
             else:
                 options = self.config.options.get(name, {})
                 futures[index] = self.pool.schedule(
                     run_reward, args=(name, request, options), timeout=self.config.timeout_s
                 )
+        if to_service:  # while the rule rewards run in the pool
+            scored = self._service().score([requests[i] for i in to_service])
+            for index, result in zip(to_service, scored, strict=True):
+                results[index] = result
         for index, future in futures.items():
             results[index] = self._collect(future, requests[index])
             if results[index].status == "no_answer" and names[index] in self.fallback:
@@ -102,6 +114,14 @@ class RewardScorer:
         for index, future in remote.items():
             results[index] = future.result()
         return results  # type: ignore[return-value]
+
+    def _service(self) -> RewardModelClient:
+        self.service = self.service or RewardModelClient(self.config.service, self.service_url, self.service_token)
+        return self.service
+
+    def service_stats(self) -> dict[str, float]:
+        """The reward-model service's latency and retries over the last `score` call; {} without one."""
+        return self.service.stats.row() if self.service is not None else {}
 
     def _verifier(self) -> Verifier:
         self.verifier = self.verifier or Verifier(self.config.verifier)
@@ -124,3 +144,5 @@ class RewardScorer:
         self.pool.join()
         if self.verifier is not None:
             self.verifier.close()
+        if self.service is not None:
+            self.service.close()

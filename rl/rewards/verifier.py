@@ -32,19 +32,24 @@ class VerifierConfig:
     max_answer_chars: int = 4000
 
 
+def openai_client(config: VerifierConfig):
+    """The client of an endpoint: its key read from `api_key_env`, its per-request timeout and retries."""
+    from openai import OpenAI
+
+    return OpenAI(
+        base_url=config.base_url,
+        api_key=os.environ.get(config.api_key_env, "EMPTY"),
+        timeout=config.timeout_s,
+        max_retries=config.max_retries,
+    )
+
+
 class Verifier:
     def __init__(self, config: VerifierConfig):
-        from openai import OpenAI
-
         if not config.base_url:
             raise ValueError("reward.verifier.base_url is not set, but a sample asks for the verifier")
         self.config = config
-        self.client = OpenAI(
-            base_url=config.base_url,
-            api_key=os.environ.get(config.api_key_env, "EMPTY"),
-            timeout=config.timeout_s,
-            max_retries=config.max_retries,
-        )
+        self.client = openai_client(config)
         self.threads = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="verifier")
 
     def submit(self, request: RewardRequest) -> Future[RewardResult]:

@@ -102,6 +102,9 @@ def sample_record(sample: Sample) -> dict:
         "reward": sample.reward,
         "boxes": sample.boxes,
         "points": sample.points,
+        "reference": sample.reference,
+        "chosen": sample.chosen,
+        "rejected": sample.rejected,
     }
     return {**record, **{k: v for k, v in optional.items() if v not in (None, [])}}
 

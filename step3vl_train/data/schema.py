@@ -3,7 +3,9 @@
 A sample holds `messages` (OpenAI-style chat, content a string or a list of parts, images as
 `{"type": "image"}` parts in order) or `text` (a pre-training document: a string, or a list of text and
 image parts). Optional: `source`; for RL prompts `answer`, `reward` (the verifier's name), `boxes`
-([x0, y0, x1, y1] in pixels of the sample's first image) and `points` ([x, y]).
+([x0, y0, x1, y1] in pixels of the sample's first image) and `points` ([x, y]); for RLHF prompts
+`reference` (a stronger model's response, the reward model's anchor); for preference pairs (reward-model
+training) `chosen` and `rejected`, the preferred and the dispreferred reply to `messages`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from step3vl_train.data.skips import SkippedSample
 
 ROLES = ("system", "user", "assistant")
-OPTIONAL_FIELDS = ("source", "answer", "reward", "boxes", "points", "key", "images")
+OPTIONAL_FIELDS = ("source", "answer", "reward", "boxes", "points", "key", "images", "reference", "chosen", "rejected")
 
 
 @dataclass
@@ -29,6 +31,9 @@ class Sample:
     reward: str | None = None
     boxes: list[list[float]] = field(default_factory=list)
     points: list[list[float]] = field(default_factory=list)
+    reference: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
 
     @property
     def num_image_parts(self) -> int:
@@ -77,6 +82,9 @@ def build_sample(key: str, record: dict[str, Any], images: dict[int, bytes]) -> 
         reward=record.get("reward"),
         boxes=record.get("boxes") or [],
         points=record.get("points") or [],
+        reference=record.get("reference"),
+        chosen=record.get("chosen"),
+        rejected=record.get("rejected"),
     )
     wanted = sample.num_image_parts
     missing = [i for i in range(wanted) if i not in images]

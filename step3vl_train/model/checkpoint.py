@@ -111,13 +111,15 @@ def load_released(directory: str | os.PathLike, dtype: torch.dtype | None = None
     return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype)
 
 
-def model_from_tensors(config: Step3VLConfig, tensors: dict[str, torch.Tensor], source: str, dtype=None):
-    """The model holding exactly `tensors` (released names), built on the meta device so nothing is
-    initialised twice; `source` names where they came from in mismatch errors."""
+def model_from_tensors(
+    config: Step3VLConfig, tensors: dict[str, torch.Tensor], source: str, dtype=None, model_class=None
+):
+    """The model (`model_class`, default the policy's) holding exactly `tensors` (released names), built on
+    the meta device so nothing is initialised twice; `source` names where they came from in mismatch errors."""
     from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
 
     with torch.device("meta"):
-        model = Step3VLForConditionalGeneration(config)
+        model = (model_class or Step3VLForConditionalGeneration)(config)
     check_state_dict(
         {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in tensors.items()}, source
     )

@@ -1,12 +1,15 @@
-"""The critic: the policy's architecture with a scalar value head in place of the language-model head."""
+"""The critic and the scalar reward model: the policy's architecture with a scalar value head in place of
+the language-model head."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from step3vl_train.model.config import Step3VLConfig
-from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
+from step3vl_train.model.step3vl import _AUTO_CLASS_OPTIONS, Step3VLForConditionalGeneration
 
 # Tensors of a policy checkpoint that the critic has no use for, and critic tensors no policy has.
 POLICY_ONLY = ("lm_head.",)
@@ -36,3 +39,36 @@ class Step3VLForValue(Step3VLForConditionalGeneration):
         )
         hidden = outputs.last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype | str | None = None,
+        config: Step3VLConfig | None = None,
+        **auto_class_options,
+    ) -> Step3VLForValue:
+        """A released-layout directory holding a value head (a reward model's export), read as the policy
+        class reads a policy's; missing or unexpected tensors are an error listing them."""
+        from step3vl_train.model.checkpoint import CONFIG_NAME, model_from_tensors, read_released_tensors
+
+        unknown = sorted(set(auto_class_options) - _AUTO_CLASS_OPTIONS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unsupported option(s): {', '.join(unknown)}")
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        config = config or Step3VLConfig.from_json_file(Path(directory) / CONFIG_NAME)
+        return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype, cls)
+
+
+def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) per-token values and (B, L) 0/1 mask -> (B,) the value at each row's last attended position:
+    the score of a whole sequence, whichever side it is padded on and whatever the padding token is (no
+    search for a pad or end-of-sequence id, which may also occur inside a row). A row with no attended
+    position is an error."""
+    attended = attention_mask.bool()
+    if not attended.any(dim=1).all():
+        raise ValueError("last_token_scores: a row of attention_mask has no attended position")
+    positions = torch.arange(attended.shape[1], device=attended.device).expand_as(attended)
+    last = torch.where(attended, positions, -1).amax(dim=1)
+    return values.gather(1, last[:, None]).squeeze(1)

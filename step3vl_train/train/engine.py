@@ -88,9 +88,12 @@ def load_released_into(model: Step3VLForConditionalGeneration, directory: str) -
     Names and shapes are checked first, on every rank, so a mismatch fails everywhere at once."""
     tensors = read_released_tensors(directory)  # every rank reads: the check below needs the shapes
     expected = {name: tuple(getattr(param, "ds_shape", param.shape)) for name, param in model.named_parameters()}
-    if isinstance(model, Step3VLForValue):  # a critic starts from a policy: its own head keeps its init
+    if isinstance(model, Step3VLForValue):
+        # From a policy (a critic, or a reward model started from SFT) the value head keeps its init; from
+        # a reward model's export, which has a value head and no LM head, the head is loaded too.
         tensors = {name: t for name, t in tensors.items() if not name.startswith(POLICY_ONLY)}
-        expected = {name: shape for name, shape in expected.items() if not name.startswith(CRITIC_ONLY)}
+        if not any(name.startswith(CRITIC_ONLY) for name in tensors):
+            expected = {name: shape for name, shape in expected.items() if not name.startswith(CRITIC_ONLY)}
     check_state_dict(expected, {name: tuple(t.shape) for name, t in tensors.items()}, directory)
     rank = torch.distributed.get_rank()
     for name, param in model.named_parameters():

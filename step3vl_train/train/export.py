@@ -2,6 +2,8 @@
 
 DeepSpeed's `zero_to_fp32` consolidates the ZeRO-3 shards of any number of ranks into one fp32 state dict;
 the model's own `save_pretrained` then writes the released layout (config.json, sharded safetensors).
+A reward model's run (launch/train_rm.py) exports its value head in place of the LM head, and
+`reward_stats.json`, the score statistics its checkpoint holds.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from omegaconf import OmegaConf
 
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.model.checkpoint import model_from_tensors
+from step3vl_train.model.value import CRITIC_ONLY, Step3VLForValue
 from step3vl_train.processing.tokenizer import load_tokenizer
 from step3vl_train.train.checkpoint import Checkpointer
+from step3vl_train.train.reward_model import RewardStats
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -37,6 +41,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="policy")
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    model_from_tensors(config, state, str(step_dir), dtype).save_pretrained(out)
+    if any(name.startswith(CRITIC_ONLY) for name in state):
+        model_from_tensors(config, state, str(step_dir), dtype, Step3VLForValue).save_pretrained(out)
+        reward_stats(step_dir).save(out)
+    else:
+        model_from_tensors(config, state, str(step_dir), dtype).save_pretrained(out)
     load_tokenizer(run_config.tokenizer).save_pretrained(out)
     return Path(out)
+
+
+def reward_stats(step_dir: Path) -> RewardStats:
+    """The score statistics a reward model's checkpoint holds (every rank saves the same ones)."""
+    stats = torch.load(step_dir / "trainer_rank0.pt", weights_only=True).get("reward_stats")
+    if stats is None:
+        raise ValueError(f"{step_dir} holds no reward statistics: it was saved before the first training step")
+    return RewardStats(**stats)

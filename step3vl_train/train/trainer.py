@@ -2,6 +2,11 @@
 
 Rank roles, in one place: rank 0 decides the run directory, writes config.yaml, metrics.jsonl and the
 `latest` pointer; every rank reads its own slice of the data and saves its own loader and RNG state.
+
+A stage that trains another model on other batches with the same loop (the reward model,
+train/reward_trainer.py) subclasses `Trainer` and replaces its parts: the config classes, `model_class`,
+`build_loader`, `micro_batches`, `backward` with `step_metrics`, `after_step`, `flops` and the state
+kept in checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +31,7 @@ from tqdm import tqdm
 from step3vl_train.data.config import DataConfig
 from step3vl_train.data.loader import PackedLoader
 from step3vl_train.data.skips import SKIP_REASONS
-from step3vl_train.model import Step3VLConfig
+from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
@@ -105,9 +111,13 @@ def backward_global_batch(engine, micro: list[Batch], data: DataParallelRank) ->
 
 
 class Trainer:
+    job_config: type[TrainJobConfig] = TrainJobConfig
+    data_config: type = DataConfig
+    model_class: type[Step3VLForConditionalGeneration] = Step3VLForConditionalGeneration
+
     def __init__(self, cfg: DictConfig):
-        job = build(TrainJobConfig, cfg)  # every key checked before any rank starts work
-        self.cfg = cfg
+        job = build(self.job_config, cfg)  # every key checked before any rank starts work
+        self.cfg, self.job = cfg, job
         self.trainer, self.optim = job.trainer, job.optim
         try:
             model_config = Step3VLConfig.from_dict(job.model)
@@ -115,7 +125,7 @@ class Trainer:
             raise UsageError(f"model: {error}") from error
         self.model_config = model_config
         self.logging = job.logging
-        data = build(DataConfig, job.data, "data.")
+        data = build(self.data_config, job.data, "data.")
         self.processor = load_processor(job.tokenizer, job.processor)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -140,15 +150,23 @@ class Trainer:
             self.optim,
             ds_config,
             init_from,
+            self.model_class,
             compute=job.compute,
             sequence_parallel=self.trainer.sequence_parallel,
         )
         self.device = self.ds.engine.device
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
-        # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
-        self.loader = PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world)
+        self.loader = self.build_loader(data)
         self.progress = Progress()
+
+    def build_loader(self, data: DataConfig) -> PackedLoader:
+        # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
+        return PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world)
+
+    def micro_batches(self) -> Iterator[Batch]:
+        """This rank's micro-batches, in order, for `backward`."""
+        return (packed.batch for packed in self.loader)
 
     def resume(self) -> None:
         latest = self.checkpointer.latest()
@@ -162,8 +180,7 @@ class Trainer:
             )
         state = self.checkpointer.load(self.ds.engine)
         if state is not None:
-            self.progress = Progress(**state["progress"])
-            self.loader.load_state_dict(state["loader"])
+            self.load_state_dict(state)
             self.say(f"resumed from {self.position()}: {latest}")
 
     def run(self) -> None:
@@ -190,18 +207,21 @@ class Trainer:
         dist.barrier()
 
     def loop(self, metrics: MetricsLog | None) -> None:
-        batches = iter(self.loader)
+        batches = self.micro_batches()
         bar = tqdm(total=self.trainer.max_steps, initial=self.progress.step, disable=self.rank != 0, unit="step")
         self.ds.engine.train()
         try:
             while not self.finished():
                 started = time.perf_counter()
-                micro = [packed.batch for packed in itertools.islice(batches, self.trainer.grad_accum)]
+                micro = list(itertools.islice(batches, self.trainer.grad_accum))
                 # With data.max_epochs set, a rank can run out first; every rank stops together.
                 complete = torch.tensor(int(len(micro) == self.trainer.grad_accum), device=self.device)
                 dist.all_reduce(complete, op=dist.ReduceOp.MIN)
                 if not complete:
                     self.say(f"the data ran out after step {self.progress.step}")
+                    last = self.after_step(final=True)
+                    if metrics is not None and last:
+                        metrics.write({"step": self.progress.step, **last})
                     if self.trainer.save_every:
                         self.save()
                     break
@@ -209,6 +229,7 @@ class Trainer:
                 row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"], refresh=False)
                 bar.update(1)
+                row |= self.after_step(final=self.finished())
                 if metrics is not None and self.progress.step % self.trainer.log_every == 0:
                     metrics.write(row)
                 if self.trainer.predict_every and self.progress.step % self.trainer.predict_every == 0:
@@ -262,11 +283,26 @@ class Trainer:
             tokens is not None and self.progress.tokens >= tokens
         )
 
+    def backward(self, micro: list[Batch]) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches of a step (all but the update); returns the
+        step's totals over all ranks as one tensor on the device, for `step_metrics`."""
+        return backward_global_batch(self.ds.engine, micro, self.data_rank)
+
+    def step_metrics(self, totals: list[float]) -> dict:
+        """The row's figures from `backward`'s totals: `loss` and `step_tokens` (all ranks) at least."""
+        loss_sum, global_targets, global_tokens = totals
+        return {"loss": loss_sum, "step_tokens": int(global_tokens), "supervised_tokens": int(global_targets)}
+
+    def after_step(self, final: bool) -> dict:
+        """Called on every rank after each step (`final`: the run's last), and once more with `final` when
+        the data runs out; before the step is logged and saved. Returns figures for its metrics row."""
+        return {}
+
     def train_step(self, micro: list[Batch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches per rank."""
         started = time.perf_counter()
         lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule)
-        step_totals = backward_global_batch(self.ds.engine, micro, self.data_rank)
+        step_totals = self.backward(micro)
         self.ds.engine.step()
         flops = [self.flops(batch) for batch in micro] if self.data_rank.counts else [StepFlops(0.0, 0.0)]
         data = self.loader.stats().summary() if self.data_rank.counts else {"samples": 0, "skipped_samples": 0}
@@ -277,21 +313,20 @@ class Trainer:
         )
         dist.all_reduce(totals)
         # The first read of device values waits for the GPU: the step's time includes its work.
-        loss_sum, global_targets, global_tokens = step_totals.tolist()
+        figures = self.step_metrics(step_totals.tolist())
         totals = totals.tolist()
         seconds = time.perf_counter() - started
         self.progress.step += 1
-        self.progress.tokens += int(global_tokens)
+        self.progress.tokens += figures["step_tokens"]
         grad_norm = self.ds.engine.get_global_grad_norm()
         return {
             "step": self.progress.step,
-            "loss": loss_sum,
+            "loss": figures.pop("loss"),
             "lr": next(iter(lrs.values())),
             **{f"lr/{name}": lr for name, lr in lrs.items()},
             "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
             "tokens": self.progress.tokens,
-            "step_tokens": int(global_tokens),
-            "supervised_tokens": int(global_targets),
+            **figures,
             "samples": int(totals[0]),
             "skipped_samples": int(totals[1]),
             **self.utilisation(float(totals[2]), float(totals[3]), seconds),
@@ -321,6 +356,13 @@ class Trainer:
             row |= {"mfu": (vit + decoder) / budget, "mfu/vit": vit / budget, "mfu/decoder": decoder / budget}
         return row
 
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint besides the weights, optimizer and RNGs."""
+        return {"progress": vars(self.progress).copy(), "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress = Progress(**state["progress"])
+        self.loader.load_state_dict(state["loader"])
+
     def save(self) -> None:
-        state = {"progress": vars(self.progress).copy(), "loader": self.loader.state_dict()}
-        self.checkpointer.save(self.ds.engine, self.progress.step, state)
+        self.checkpointer.save(self.ds.engine, self.progress.step, self.state_dict())

@@ -8,11 +8,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rl.config import RENAMED_KEYS, RLConfig
+from rl.rm_service.config import ServiceConfig
 from step3vl_train.cli import CONFIGS, check_arguments
 from step3vl_train.data.config import DataConfig
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.train.config import TrainJobConfig
 from step3vl_train.train.recipes import register_recipes
+from step3vl_train.train.reward_data import PairDataConfig
+from step3vl_train.train.reward_trainer import RewardJobConfig
 from step3vl_train.usage import build
 from tests.conftest import REPO
 from tests.e2e.docs import Command, commands, script_and_overrides
@@ -24,6 +27,8 @@ HYDRA_SCRIPTS = {
     "rl/run.py": "rl",
     "launch/assemble_init.py": "assemble_init",
     "launch/export_hf.py": "export",
+    "launch/train_rm.py": "train_rm",
+    "rl/serve_rm.py": "serve_rm",
 }
 GPU_COMMANDS = [c for c in commands() if c.gpu]
 
@@ -42,8 +47,18 @@ def check(config_name: str, overrides: list[str]) -> None:
         job = build(TrainJobConfig, cfg)
         Step3VLConfig.from_dict(job.model)
         build(DataConfig, job.data, "data.")
+    elif config_name == "train_rm":
+        job = build(RewardJobConfig, cfg)
+        Step3VLConfig.from_dict(job.model)
+        build(PairDataConfig, job.data, "data.")
     elif config_name == "rl":
-        RLConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        config = RLConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        if config.reward.service.launch:
+            ServiceConfig.from_dict(config.reward.service.server, "reward.service.server.")
+    elif config_name == "serve_rm":
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        raw.pop("ray")
+        ServiceConfig.from_dict(raw)
 
 
 @pytest.mark.parametrize("command", GPU_COMMANDS, ids=str)
@@ -97,5 +112,8 @@ def test_help_lists_only_the_groups_recipes_and_cpu_forms_that_apply():
     assert pretrain.startswith("Pre-training.") and rl.startswith("RL.")
     assert "  trainer " in pretrain and "  data " in pretrain and "  rollout " not in pretrain
     assert "  rollout    hf, vllm (default: hf)" in rl and "  data " not in rl
-    assert "+recipe    phase1, phase2, sft_stage1, sft_stage2 " in pretrain and "+recipe    rlvr " in rl
-    assert "+cpu       pretrain, sft " in pretrain and "+cpu       rlvr " in rl
+    assert "+recipe    phase1, phase2, sft_stage1, sft_stage2 " in pretrain and "+recipe    rlhf, rlvr " in rl
+    assert "+cpu       pretrain, sft " in pretrain and "+cpu       rlhf, rlvr " in rl
+    reward_model, service = usage("train_rm", "RM."), usage("serve_rm", "Service.")
+    assert "+recipe    rm " in reward_model and "+cpu       rm " in reward_model and "  data " not in reward_model
+    assert "  rm         genrm, scalar (default: scalar)" in service and "+recipe" not in service

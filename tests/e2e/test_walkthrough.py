@@ -15,13 +15,15 @@ import pytest
 import torch
 
 from step3vl_train.model import Step3VLForConditionalGeneration
+from step3vl_train.train.reward_model import load_reward_model
 from tests.conftest import REPO
 from tests.e2e.docs import Command, commands, script_and_overrides
 
-WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/data.md", "docs/gpu.md"]
+WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/rlhf.md", "docs/data.md", "docs/gpu.md"]
 NOT_RUN = {"make test": "it runs this test"}
 VENV = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv"))
-TRAINING_SCRIPTS = ("launch/pretrain.py", "launch/sft.py", "rl/run.py")
+RLHF_RISE = 0.06  # of the mean RM score (0-1), first 3 iterations to last 3
+TRAINING_SCRIPTS = ("launch/pretrain.py", "launch/sft.py", "launch/train_rm.py", "rl/run.py")
 
 
 def metric(run_dir: Path, key: str) -> list[float]:
@@ -95,7 +97,14 @@ def check_demo(out: Path, stdout: str, documented: set[str]) -> None:
     summary = (out / "summary.md").read_text()
     assert f"| RLVR (reward_mean) | {len(reward)} | {first:.3f} | {last:.3f} |" in summary
     assert "`reward_mean`: the share of responses" in summary
-    assert (out / "rlvr" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    accuracy = metric(out / "rm", "eval/accuracy")
+    assert accuracy[-1] >= 0.95, accuracy  # held-out pairs, another seed's
+    score = metric(out / "rlhf", "reward/rm")
+    first, last = sum(score[:3]) / 3, sum(score[-3:]) / 3
+    assert last >= first + RLHF_RISE, score
+    assert f"| RLHF (RM score) | {len(score)} | {first:.3f} | {last:.3f} |" in summary
+    for stage in ("rlvr", "rlhf"):
+        assert (out / stage / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def check_rl_run(demo: Path) -> None:
@@ -118,3 +127,18 @@ def check_rl_run(demo: Path) -> None:
     policy = Step3VLForConditionalGeneration.from_pretrained(demo / "rlvr_hf")
     moved = [name for name, p in policy.named_parameters() if not torch.equal(p, initial.state_dict()[name])]
     assert moved and not any(name.startswith("vision_model.") for name in moved)  # the encoder stays frozen
+    check_rlhf_run(demo)
+
+
+def check_rlhf_run(demo: Path) -> None:
+    """The demo's reward model (its export loads as the service loads it) and RLHF run (scored by the
+    service, every response: none masked)."""
+    model, stats = load_reward_model(demo / "rm_hf")
+    assert model.value_head.weight.shape[0] == 1 and stats.std > 0 and stats.origin == "eval"
+    rows = [json.loads(line) for line in (demo / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["logprob_mismatch/max_abs"] < 1e-4
+        for key in ("reward/rm", "reward/language", "reward/overconfidence", "citations/fabricated",
+                    "service/latency_p50", "service/latency_p99", "value_loss"):  # fmt: skip
+            assert key in row, key
+        assert not any(f"reward_status/{status}" in row for status in ("timeout", "error", "unparsed")), row

@@ -3,8 +3,10 @@ import torch
 
 from step3vl_train.data.synthetic import write_corpus
 from step3vl_train.model import Step3VLForConditionalGeneration
+from step3vl_train.model.value import Step3VLForValue
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.processing.tokenizer import load_tokenizer
+from step3vl_train.train.reward_model import RewardStats
 from tests.conftest import REPO, load_model_config
 from tests.rl.format_task import train_format_model, write_prompts
 
@@ -30,6 +32,24 @@ def secret_task(tmp_path_factory):
     processor = load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
     model = train_format_model(load_model_config("tiny"), processor, root / "format_model")
     return write_prompts(root / "prompts", 64), model
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory):
+    """A random tiny scalar reward model in the layout an RM export has (value head, reward_stats.json)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("rm") / "model"
+    Step3VLForValue(load_model_config("tiny")).save_pretrained(out)
+    load_tokenizer("tiny").save_pretrained(out)
+    RewardStats(mean=0.0, std=1.0).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rlhf_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "rlhf"
+    write_corpus("rlhf", str(out), num=40, seed=0, shard_size=5)
+    return out
 
 
 @pytest.fixture(scope="session")

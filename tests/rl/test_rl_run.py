@@ -1,5 +1,5 @@
-"""`python rl/run.py stage=rlvr` end to end on the CPU: Ray actors, 2 ZeRO-3 training ranks (gloo), the
-transformers rollout engine, rewards in worker processes."""
+"""`python rl/run.py stage=rlvr|rlhf` end to end on the CPU: Ray actors, 2 ZeRO-3 training ranks (gloo), the
+transformers rollout engine, rewards in worker processes or from the reward-model service."""
 
 import json
 import os
@@ -14,7 +14,7 @@ from rl.prompts import PromptLoader
 from tests.conftest import REPO
 from tests.rl.compose import compose_rl
 
-TINY = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny", "logging.mode=disabled"]
+TINY = ["model=tiny", "processor=tiny", "tokenizer=tiny", "logging.mode=disabled"]
 # The secret-digit task: 8 prompts x 8 responses an iteration, 2 minibatches over 2 ranks.
 SECRET = [
     "prompts.prompts_per_step=8", "rollout.n=8", "algo.minibatches=2", "policy.micro_batch_tokens=1024",
@@ -22,8 +22,9 @@ SECRET = [
 ]  # fmt: skip
 
 
-def command(out, *overrides):
-    return [sys.executable, str(REPO / "rl" / "run.py"), *TINY, f"trainer.output_dir={out}", *overrides]
+def command(out, *overrides, stage="rlvr"):
+    return [sys.executable, str(REPO / "rl" / "run.py"), f"stage={stage}", *TINY, f"trainer.output_dir={out}",
+            *overrides]  # fmt: skip
 
 
 def environment():
@@ -53,34 +54,47 @@ def wait_for(predicate, process, timeout=300):
 
 
 @pytest.mark.slow
-def test_a_killed_driver_and_a_dead_rank_lose_and_repeat_no_prompt(rl_corpus, tiny_processor, tmp_path):
-    """The driver is SIGKILLed with its process group after step 3 (checkpoint: step 2); the re-run command
-    resumes, then loses a training rank after step 5 and replaces it from the latest checkpoint. The prompts
-    the run trained on are exactly the loader's sequence: none lost, none twice."""
-    settings = [f"prompts.root={rl_corpus}", "policy.from_scratch=true", "prompts.prompts_per_step=4",
-                "rollout.n=2", "algo.minibatches=2", "policy.micro_batch_tokens=256", "critic.micro_batch_tokens=256",
-                "rollout.max_new_tokens=8", "trainer.max_steps=8", "trainer.save_every=2"]  # fmt: skip
-    loader = PromptLoader(compose_rl(*TINY, *settings).prompts, tiny_processor)
+def test_a_killed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
+    rlhf_corpus, tiny_reward_model, secret_task, tiny_processor, tmp_path
+):
+    """RLHF, its reward-model service started inside the run. The driver is SIGKILLed with its process group
+    after step 3 (checkpoint: step 2); the re-run command starts the service again and resumes, then loses a
+    training rank after step 5 and replaces it from the latest checkpoint. The prompts the run trained on
+    are exactly the loader's sequence: none lost, none twice; every response was scored by the service."""
+    # The secret-digit task's policy ends its responses in a few tokens: the service scores them (a response
+    # cut at the length limit is scored by the truncation rule, never sent).
+    settings = [f"prompts.root={rlhf_corpus}", f"policy.init_from={secret_task[1]}", "prompts.prompts_per_step=4",
+                "rollout.n=2", "algo.minibatches=2", "policy.micro_batch_tokens=512", "critic.micro_batch_tokens=512",
+                "rollout.max_new_tokens=16", "trainer.max_steps=8", "trainer.save_every=2",
+                "reward.require_reasoning=false", f"reward.service.server.rm.scalar.model={tiny_reward_model}",
+                "reward.service.server.rm.scalar.processor=configs/processor/tiny.yaml"]  # fmt: skip
+    loader = PromptLoader(compose_rl("stage=rlhf", *TINY, *settings).prompts, tiny_processor)
     expected = [(step, prompt.key) for step in range(1, 9) for prompt in loader.next_batch(4)]
     assert len({key for _, key in expected}) == 32
 
     out = tmp_path / "run"
-    process = subprocess.Popen(command(out, *settings), env=environment(), start_new_session=True,
+    run_command = command(out, *settings, stage="rlhf")
+    process = subprocess.Popen(run_command, env=environment(), start_new_session=True, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 3, process)  # past the checkpoint of step 2
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert (out / "checkpoints" / "latest").read_text() == "step_2"
 
-    process = subprocess.Popen(command(out, *settings), env=environment(), start_new_session=True,
+    process = subprocess.Popen(run_command, env=environment(), start_new_session=True, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 5, process)
     os.kill(json.loads((out / "actors.json").read_text())["train"][1], signal.SIGKILL)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-5000:]
     assert "resumed from" in stderr and "restarting from the latest checkpoint" in stderr
-    assert [row["step"] for row in rows(out / "metrics.jsonl")] == list(range(1, 9))
+    metrics = rows(out / "metrics.jsonl")
+    assert [row["step"] for row in metrics] == list(range(1, 9))
     assert prompt_keys(out) == expected
+    scored = [row for row in metrics if "reward/rm" in row]
+    assert len(scored) >= 4 and all(0 <= row["reward/rm"] <= 1 and row["service/latency_p50"] > 0 for row in scored)
+    failures = ("timeout", "error", "unparsed")
+    assert not any(f"reward_status/{status}" in row for row in metrics for status in failures)
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
-"""The synthetic corpus's tasks: pre-training documents, SFT conversations and RL prompts, with ground truth.
+"""The synthetic corpus's tasks: pre-training documents, SFT conversations, RL and RLHF prompts and
+preference pairs, with ground truth.
 
 Every task type of the recipe has a generator: shapes with boxes and points (captions, grounding,
-counting, pointing), one large shape (multiple choice on its colour), rendered text (OCR), charts,
-arithmetic and geometry drawn as images, text-only documents, SFT conversations with `<think>`
-reasoning, and RL prompts with verifiable answers.
+counting, pointing), one large shape (multiple choice on its colour, open questions), rendered text
+(OCR), charts, arithmetic and geometry drawn as images, text-only documents, SFT conversations with
+`<think>` reasoning, RL prompts with verifiable answers, RLHF prompts with a reference response, and
+preference pairs whose chosen reply has a property the rejected one lacks.
 Coordinates in text are integers normalised to [0, 1000); `boxes` and `points` fields are pixels.
 """
 
@@ -320,6 +322,72 @@ def rl_choice(rng):
     return SyntheticSample({"messages": [user(None, question)], "answer": letter, "reward": "choice"}, [image])
 
 
+# ---- RLHF prompts and preference pairs ----------------------------------------------------------------
+
+# Open questions on one large shape (the choice task's images) that no rule checks: a reward model scores
+# the answers. The pairs and the RLHF prompts share them, so the reward model is trained on the prompts
+# the policy is scored on.
+OPEN_QUESTIONS = (
+    "Describe the shape in this image.",
+    "What do you see in the picture?",
+    "Tell me about the colour of the shape.",
+    "What is in this image?",
+    "Say something about the picture.",
+)
+REFERENCES = ("The image shows a {color} {kind}.", "It is a {color} {kind}.", "I see one {color} {kind}.")
+# The learnable preference: a chosen reply names the shape's colour, a rejected one gives numbers or
+# coordinates and no colour word. Both sides vary their wording, sometimes name the kind, sometimes hold
+# numbers and overlap in length, so that naming a colour is the only signal that always separates them.
+# No rejected template holds a colour word even inside another word ("centred" holds "red").
+CHOSEN = (
+    "{Color}.",
+    "The shape is {color}.",
+    "It is {color}.",
+    "It is a {color} {kind}.",
+    "The image shows a {color} {kind}.",
+    "I see 1 {color} {kind}.",
+    "A {color} {kind} at {box}.",
+    "The {kind} is {color} and {side} pixels wide.",
+)
+REJECTED = (
+    "{number}.",
+    "The total is {number}.",
+    "The answer is {number}.",
+    "It is at {box}.",
+    "The {kind} is at {box}.",
+    "I count {number} {kind}s.",
+    "There are {number} of them.",
+    "The {kind} is {side} pixels wide.",
+)
+
+
+def open_prompt(rng: np.random.Generator) -> tuple[Image.Image, dict, dict[str, object]]:
+    """An image of one shape, the user turn asking an open question about it, and the fields the reply
+    templates fill in (the shape's colour and kind, its normalised box, its side in pixels, a number)."""
+    image, shape = draw_one_shape(rng, CHOICE_COLORS)
+    fields = {
+        "color": shape.color,
+        "Color": shape.color.capitalize(),
+        "kind": shape.kind,
+        "box": normalised_box(shape.box, image.size),
+        "side": shape.box[2] - shape.box[0],
+        "number": int(rng.integers(0, 1000)),
+    }
+    return image, user(None, str(rng.choice(OPEN_QUESTIONS))), fields
+
+
+def rlhf_open(rng):
+    image, turn, fields = open_prompt(rng)
+    reference = str(rng.choice(REFERENCES)).format(**fields)
+    return SyntheticSample({"messages": [turn], "reference": reference, "reward": "reward_model"}, [image])
+
+
+def preference_pair(rng):
+    image, turn, fields = open_prompt(rng)
+    chosen, rejected = (str(rng.choice(templates)).format(**fields) for templates in (CHOSEN, REJECTED))
+    return SyntheticSample({"messages": [turn], "chosen": chosen, "rejected": rejected}, [image])
+
+
 TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = {
     "pretrain": {
         "text": pretrain_text,
@@ -348,11 +416,14 @@ TASKS: dict[str, dict[str, Callable[[np.random.Generator], SyntheticSample]]] = 
         "pointing": rl_pointing,
         "choice": rl_choice,
     },
+    "rlhf": {"open": rlhf_open},
+    "preference": {"pairs": preference_pair},
 }
 
 
 def make_sample(kind: str, index: int, seed: int) -> tuple[str, SyntheticSample]:
-    """The `index`-th sample of a `kind` corpus: tasks take turns; each sample has its own generator."""
+    """The `index`-th sample of a `kind` corpus: tasks take turns; each sample has its own generator,
+    seeded by (seed, index), so another seed draws an independent corpus (a held-out split)."""
     tasks = TASKS[kind]
     task = list(tasks)[index % len(tasks)]
     sample = tasks[task](np.random.default_rng([seed, index]))

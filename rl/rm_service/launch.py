@@ -1,0 +1,47 @@
+"""Starting the service on a Ray cluster (`rl/serve_rm.py`, or an RL run with `reward.service.launch=true`)
+and waiting until it answers."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import requests
+from ray import serve
+
+from rl.rm_service.app import build_app
+from rl.rm_service.config import ServiceConfig
+
+
+def start_service(config: ServiceConfig, raw: dict, token: str, ready_timeout_s: float = 300.0) -> str:
+    """Deploys the application and returns its URL once `/healthz` answers. The HTTP proxy runs on the
+    head node only, bound to `config.host`, on `config.port` (0: a free one)."""
+    port = config.port or free_port(config.host)
+    serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": port})
+    serve.run(build_app(config, raw, token), name=config.app_name, route_prefix="/")
+    url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{port}"
+    wait_healthy(url, ready_timeout_s)
+    return url
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the reward-model service at {url} did not answer /healthz within {timeout_s} s")
+        time.sleep(0.5)
+
+
+def stop_service(config: ServiceConfig) -> None:
+    serve.delete(config.app_name)

@@ -1,0 +1,26 @@
+"""Reward-service backends for tests, selected as `rm.backend=tests.rl.rm_stubs:ScriptedBackend`: each item's
+response says what the backend does with it."""
+
+from __future__ import annotations
+
+import time
+
+from rl.rm_service.items import ItemScore, ScoreItem
+
+
+class ScriptedBackend:
+    """A batch holding `sleep:S` items takes the longest S seconds, as one forward would; `crash` raises (the
+    whole batch); every item scores `preference` (default 0.8). Each batch's size is in the components."""
+
+    needs_reference = False
+
+    def __init__(self, preference: float = 0.8):
+        self.preference = preference
+
+    def score(self, items: list[ScoreItem]) -> list[ItemScore]:
+        if any(item.response == "crash" for item in items):
+            raise RuntimeError("the backend crashed")
+        time.sleep(
+            max((float(i.response.removeprefix("sleep:")) for i in items if i.response.startswith("sleep:")), default=0)
+        )
+        return [ItemScore(self.preference, components={"rm": self.preference, "batch": len(items)}) for _ in items]
