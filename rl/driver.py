@@ -31,6 +31,21 @@ from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
 logger = logging.getLogger("rl")
 
 
+def save_config(run_dir: Path, raw_config: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(raw_config), run_dir / "config.yaml")
+
+
+def finished_step(config: RLConfig) -> int | None:
+    """The step of the run's latest checkpoint when it is at `trainer.max_steps` or beyond (the run has
+    nothing left to do), else None. Read before Ray, the actors and a reward service start."""
+    latest = Checkpointer(Path(config.trainer.output_dir), keep_last=0).latest()
+    if latest is None or not (latest / "driver.pt").is_file():  # the latter: resume() will say what is wrong
+        return None
+    step = torch.load(latest / "driver.pt", weights_only=True)["step"]
+    return step if step >= config.trainer.max_steps else None
+
+
 class Driver:
     def __init__(
         self, config: RLConfig, raw_config: dict, service_url: str | None = None, service_token: str | None = None
@@ -84,8 +99,7 @@ class Driver:
     # ---- the run --------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(self.raw_config), self.run_dir / "config.yaml")
+        save_config(self.run_dir, self.raw_config)
         restarts = 0
         try:
             while True:

@@ -68,11 +68,15 @@ def check_reward_service(cfg: RLConfig) -> None:
                 "one (python rl/serve_rm.py), or reward.service.launch=true to start one in this run"
             )
         return
-    read_client_token(service)
+    token, url = read_client_token(service), service.url.rstrip("/")
     try:
-        requests.get(f"{service.url.rstrip('/')}/healthz", timeout=10).raise_for_status()
+        reply = requests.get(f"{url}/v1/stats", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     except requests.RequestException as error:
-        raise PreflightError(f"reward.service.url={service.url} does not answer GET /healthz: {error}") from error
+        raise PreflightError(f"reward.service.url={service.url} does not answer: {error}") from error
+    if reply.status_code == 401:
+        raise PreflightError(f"the reward service at {service.url} refuses the token in {service.token_env}")
+    if reply.status_code != 200:
+        raise PreflightError(f"reward.service.url={service.url}: GET /v1/stats answered {reply.status_code}")
 
 
 def launched_service(cfg: RLConfig) -> ServiceConfig:

@@ -6,14 +6,12 @@ nor skips a prompt."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
 
 from rl.config import PromptsConfig
 from rl.experience import Prompt
-from step3vl_train.data.mixture import TokenMixture
+from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
-from step3vl_train.data.skips import SkipLog, SkippedSample
-from step3vl_train.data.sources import SourceCursor, SourceReader, resolve_shards
+from step3vl_train.data.skips import SkippedSample
 from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.processing.placeholders import PlaceholderMismatchError
 from step3vl_train.processing.processor import Step3VLProcessor
@@ -31,39 +29,16 @@ class PromptLoader:
         self.config = config
         self.processor = processor
         self.default_reward = default_reward
-        self.readers = {
-            source.name: SourceReader(source, resolve_shards(source, config.root), 0, 1, config.seed, max_epochs)
-            for source in config.sources
-        }
-        self.exhausted: set[str] = set()
-        # The mixture counts prompts: each source's share of the prompts follows its weight.
-        self.mixture = TokenMixture([s.name for s in config.sources], [s.weight for s in config.sources])
-        self.skips: Counter[str] = Counter()  # encounters by reason; skip_log.unique() counts distinct keys
-        self.skip_log = SkipLog()
+        self.samples = MixedSamples(config.sources, config.root, seed=config.seed, max_epochs=max_epochs)
+
+    @property
+    def skips(self) -> Counter[str]:
+        """Skipped prompts by reason (encounters)."""
+        return self.samples.skips
 
     def next_batch(self, size: int) -> list[Prompt]:
         """`size` prompts, or fewer once every source has been read `max_epochs` times."""
-        prompts = []
-        while len(prompts) < size and len(self.exhausted) < len(self.readers):
-            name = self.mixture.pick(set(self.readers) - self.exhausted)
-            item = self.readers[name].next()
-            if item is None:
-                self.exhausted.add(name)
-                continue
-            try:
-                if isinstance(item, SkippedSample):
-                    raise item
-                prompts.append(self.prepare(item, name))
-            except SkippedSample as skip:
-                self.skip_log.record(skip.record(name))
-                self.skips[skip.reason] += 1
-                if sum(self.skips.values()) > 1000 and not prompts:
-                    raise RuntimeError(
-                        f"prompt sources yield nothing usable; skips so far: {dict(self.skips)}"
-                    ) from skip
-                continue
-            self.mixture.add(name, 1)
-        return prompts
+        return self.samples.take(size, self.prepare, "prompt")
 
     def prepare(self, sample: Sample, source: str) -> Prompt:
         if sample.messages is None or sample.messages[-1]["role"] != "user":
@@ -99,23 +74,10 @@ class PromptLoader:
         )
 
     def state_dict(self) -> dict:
-        return {
-            "cursors": {name: asdict(reader.cursor) for name, reader in self.readers.items()},
-            "mixture": self.mixture.state_dict(),
-            "skips": dict(self.skips),
-            "skipped_keys": dict(self.skip_log.seen),
-        }
+        return self.samples.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state["cursors"]) != set(self.readers):
-            raise ValueError(
-                f"checkpoint has prompt sources {sorted(state['cursors'])}, the config {sorted(self.readers)}"
-            )
-        for name, cursor in state["cursors"].items():
-            self.readers[name].restore(SourceCursor(**cursor))
-        self.mixture.load_state_dict(state["mixture"])
-        self.skips = Counter(state["skips"])
-        self.skip_log.seen = dict(state.get("skipped_keys", {}))  # absent from states before unique counts
+        self.samples.load_state_dict(state, "prompt")
 
 
 def question_text(messages: list[dict]) -> str:

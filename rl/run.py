@@ -11,22 +11,32 @@ python rl/run.py stage=rlhf +recipe=rlhf +cpu=rlhf policy.init_from=outputs/demo
 Re-running the same command resumes from the run's last complete checkpoint.
 """
 
+import logging
 import secrets
+from pathlib import Path
 
 import ray
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
 from rl.config import RENAMED_KEYS, RLConfig
-from rl.driver import Driver
+from rl.driver import Driver, finished_step, save_config
 from rl.preflight import launched_service, preflight
 from rl.rm_service.launch import start_service
 from step3vl_train.cli import launch
+
+logger = logging.getLogger("rl")
 
 
 def train(cfg: DictConfig) -> None:
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = RLConfig.from_dict(raw)
+    step = finished_step(config)
+    if step is not None:
+        save_config(Path(config.trainer.output_dir).resolve(), raw)
+        logger.info("%s has already finished: step %d (of %d). Raise trainer.max_steps to go on.",
+                    Path(config.trainer.output_dir).resolve(), step, config.trainer.max_steps)  # fmt: skip
+        return
     service = launched_service(config) if config.reward.service.launch else None
     if config.ray.address:
         ray.init(address=config.ray.address)

@@ -166,15 +166,17 @@ def launch(task: Callable[[DictConfig], None], config_name: str, doc: str, renam
 def run_reported(task: Callable[[DictConfig], None], cfg: DictConfig, rank: int) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own detection warns on every rank
-    output_dir = Path(OmegaConf.select(cfg, "trainer.output_dir", default="outputs", throw_on_resolution_failure=False))
+    # A training run's directory; a script without one (the reward-model service) writes under outputs/.
+    run_dir = OmegaConf.select(cfg, "trainer.output_dir", default=None, throw_on_resolution_failure=False)
     try:
         task(cfg)
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"\ninterrupted. {resume_hint(output_dir)}", file=sys.stderr, flush=True)
+            hint = f" {resume_hint(Path(run_dir))}" if run_dir else ""
+            print(f"\ninterrupted.{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as error:
-        log = write_traceback(output_dir / "errors" / f"rank{rank}.log")
+        log = write_traceback(Path(run_dir or "outputs") / "errors" / f"rank{rank}.log")
         if os.environ.get(DEBUG):
             raise
         if rank == 0 or not isinstance(error, UsageError):

@@ -4,6 +4,7 @@ check that turns a config section into its dataclass."""
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -33,3 +34,18 @@ def build(cls: type, values: Any, prefix: str = "") -> Any:
         raise UsageError(f"{prefix}{error.full_key}: {str(error).splitlines()[0]}") from error
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from error
+
+
+def import_callable(path: str, key: str) -> Any:
+    """The callable a config names as `package.module:name` (a user's reward, parser or backend class); a
+    path that is malformed, does not import or names something not callable is a UsageError naming `key`."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise UsageError(f"{key} must be 'package.module:name', not {path!r}")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"{key}={path} cannot be imported: {error}") from error
+    if not callable(found):
+        raise UsageError(f"{key}={path} is not callable")
+    return found

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import re
 
-THINK_END = "</think>"
+from step3vl_train.processing.chat import THINK_END, split_reasoning
+
+__all__ = ["BOXED", "THINK_END", "boxed_contents", "final_answer", "split_reasoning"]
+
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def split_reasoning(response: str) -> tuple[str | None, str]:
-    """(reasoning, final answer): the text before and after the last `</think>`; (None, response) without one."""
-    if THINK_END not in response:
-        return None, response
-    reasoning, _, final = response.rpartition(THINK_END)
-    return reasoning, final
 
 
 def boxed_contents(text: str) -> list[str]:

@@ -29,7 +29,6 @@ a judge's timeout or error is the item's status. Such items are masked, never sc
 
 from __future__ import annotations
 
-import importlib
 import re
 import secrets
 import string
@@ -41,6 +40,7 @@ from pathlib import Path
 from rl.rewards.answer import split_reasoning
 from rl.rewards.judges import Judge, JudgeReply, JudgeRequest
 from rl.rewards.verifier_protocol import elide
+from step3vl_train.usage import import_callable
 
 PLACEHOLDERS = ("question", "response_a", "response_b", "max_score")
 OPTIONAL_PLACEHOLDERS = ("nonce",)
@@ -111,16 +111,7 @@ def load_template(path: str | None) -> str:
 
 def resolve_parser(path: str) -> Callable[[str], tuple[float, float]]:
     """The parser function named `pkg.module:function`."""
-    module, _, attribute = path.partition(":")
-    if not module or not attribute:
-        raise ValueError(f"genrm.parser must be 'package.module:function', not {path!r}")
-    try:
-        parser = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"genrm.parser {path!r} cannot be imported: {error}") from error
-    if not callable(parser):
-        raise ValueError(f"genrm.parser {path!r} is not callable")
-    return parser
+    return import_callable(path, "genrm.parser")
 
 
 def conversation_text(messages: list[dict]) -> tuple[str, int]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from rl.rewards import grounding, verifiable
+from step3vl_train.usage import UsageError, import_callable
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,8 @@ def resolve(name: str) -> RewardSpec:
         raise KeyError(
             f"unknown reward {name!r}: one of {sorted(REWARDS) + list(REMOTE)}, or 'package.module:function'"
         )
-    module, _, attribute = name.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as error:
-        raise KeyError(f"reward {name!r} cannot be imported: {error}") from error
-    if not callable(fn):
-        raise KeyError(f"reward {name!r} is not callable")
+        fn = import_callable(name, "reward")
+    except UsageError as error:
+        raise KeyError(str(error)) from error
     return RewardSpec(fn, boxed=False)

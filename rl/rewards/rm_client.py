@@ -1,10 +1,11 @@
 """The RL run's side of the reward-model service (rl/serve_rm.py): sends an iteration's responses in
 batches, several requests at a time, and turns the replies into RewardResults.
 
-Every wait has a bound. A 503 (the service's queue is full), a 5xx or a connection error is retried with
-exponential backoff (honouring Retry-After) until the iteration's deadline; the items still unscored then
-come back "timeout", which leaves them out of the update. A 413 halves the batch. A 401 is a mistake in
-the setup, not a passing failure: it stops the run with a message.
+Every wait has a bound. A 503 (the service's queue is full), a 502 or 504 (a proxy between) or a
+connection error is retried with exponential backoff (honouring Retry-After) until the iteration's
+deadline; the items still unscored then come back "timeout", which leaves them out of the update. A 413
+halves the batch. Any other error masks the request's items ("error"), without retrying what would fail
+again. A 401 is a mistake in the setup, not a passing failure: it stops the run with a message.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class ServiceClientConfig:
     backoff_s: float = 0.5  # the first retry's wait, doubled each time up to max_backoff_s
     max_backoff_s: float = 30.0
     server: dict[str, Any] = field(default_factory=dict)  # launch=true: configs/service/ + configs/rm/
+
+
+TRANSIENT = (502, 503, 504)  # HTTP statuses worth retrying
 
 
 class ServiceRefused(UsageError):
@@ -114,7 +118,7 @@ class RewardModelClient:
             if status == 413 and len(chunk) > 1:
                 half = len(chunk) // 2
                 return self._post(requests_, chunk[:half], deadline) | self._post(requests_, chunk[half:], deadline)
-            if status is not None and status < 500:
+            if status is not None and status not in TRANSIENT:
                 return {i: RewardResult(0.0, "error", f"reward service: {status}: {detail}") for i in chunk}
             with self.lock:
                 self.stats.retries += 1

@@ -26,10 +26,11 @@ from starlette.responses import JSONResponse
 
 from rl.prompts import question_text
 from rl.rewards.penalties import Penalties
-from rl.rm_service.backends import build_backend, final_answer_text
+from rl.rm_service.backends import build_backend
 from rl.rm_service.config import RMConfig, ServiceConfig
 from rl.rm_service.items import BadRequest, ItemScore, ScoreItem, parse_request, result_json
 from step3vl_train.cli import quiet_known_warnings
+from step3vl_train.processing.chat import answer_text
 from step3vl_train.usage import build
 
 logger = logging.getLogger("rl.rm_service")
@@ -163,8 +164,14 @@ class Ingress:
             if verdict.status != "ok":
                 results.append(result_json(item.id, None, verdict))
                 continue
-            report = self.penalties.assess(question_text(item.messages), final_answer_text(item.response))
-            score = self.penalties.combine(verdict.preference, report)
+            try:
+                report = self.penalties.assess(question_text(item.messages), answer_text(item.response))
+                score = self.penalties.combine(verdict.preference, report)
+            except Exception as error:  # noqa: BLE001 - the item is masked, said why; its batch goes on
+                logger.exception("penalties failed on item %s", item.id)
+                failed = ItemScore(None, "error", verdict.components, f"penalties: {type(error).__name__}: {error}")
+                results.append(result_json(item.id, None, failed))
+                continue
             verdict.components = {**verdict.components, **report.components}
             if report.fabricated:
                 verdict.detail = f"fabricated citation(s): {report.fabricated}"

@@ -4,16 +4,15 @@ service runs it in a thread of its replica and batches the items of concurrent r
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol
 
 import torch
 
-from rl.rewards.answer import split_reasoning
 from rl.rm_service.config import RMConfig, ScalarRMConfig
 from rl.rm_service.items import ItemScore, ScoreItem
 from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.processing.placeholders import PlaceholderMismatchError
+from step3vl_train.usage import import_callable
 
 
 class Backend(Protocol):
@@ -92,10 +91,4 @@ def build_backend(config: RMConfig) -> Backend:
         return ScalarBackend(config.scalar)
     if config.backend == "genrm":
         return GenRMBackend(config)
-    module, _, name = config.backend.partition(":")
-    return getattr(importlib.import_module(module), name)(**config.options)
-
-
-def final_answer_text(response: str) -> str:
-    """What is judged of a response: the text after its last `</think>`."""
-    return split_reasoning(response)[1].strip()
+    return import_callable(config.backend, "rm.backend")(**config.options)

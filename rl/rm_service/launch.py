@@ -39,7 +39,11 @@ def wait_healthy(url: str, timeout_s: float) -> None:
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the reward-model service at {url} did not answer /healthz within {timeout_s} s")
+            raise TimeoutError(
+                f"the reward-model service at {url} did not answer /healthz within {timeout_s} s. A Serve instance "
+                "already running on this Ray cluster keeps its own HTTP port: start one service (rl/serve_rm.py) "
+                "and give the runs reward.service.url"
+            )
         time.sleep(0.5)
 
 

@@ -102,13 +102,18 @@ def read_released_tensors(directory: str | os.PathLike) -> dict[str, torch.Tenso
     return tensors
 
 
-def load_released(directory: str | os.PathLike, dtype: torch.dtype | None = None, config: Step3VLConfig | None = None):
-    """Builds the model from `config` (by default the directory's `config.json`) without initialising weights,
-    then assigns the stored tensors."""
+def load_released(
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    config: Step3VLConfig | None = None,
+    model_class=None,
+):
+    """Builds the model (`model_class`, default the policy's) from `config` (by default the directory's
+    `config.json`) without initialising weights, then assigns the stored tensors."""
     directory = Path(directory)
     if config is None:
         config = Step3VLConfig.from_json_file(directory / CONFIG_NAME)
-    return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype)
+    return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype, model_class)
 
 
 def model_from_tensors(

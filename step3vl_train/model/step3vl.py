@@ -347,7 +347,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise TypeError(f"{cls.__name__}.from_pretrained got unsupported option(s): {', '.join(unknown)}")
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else getattr(torch, dtype)
-        return load_released(directory, dtype=dtype, config=config)
+        return load_released(directory, dtype=dtype, config=config, model_class=cls)
 
 
 def _is_prefill(past_key_values) -> bool:

@@ -3,13 +3,11 @@ the language-model head."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from step3vl_train.model.config import Step3VLConfig
-from step3vl_train.model.step3vl import _AUTO_CLASS_OPTIONS, Step3VLForConditionalGeneration
+from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
 
 # Tensors of a policy checkpoint that the critic has no use for, and critic tensors no policy has.
 POLICY_ONLY = ("lm_head.",)
@@ -39,26 +37,6 @@ class Step3VLForValue(Step3VLForConditionalGeneration):
         )
         hidden = outputs.last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        dtype: torch.dtype | str | None = None,
-        config: Step3VLConfig | None = None,
-        **auto_class_options,
-    ) -> Step3VLForValue:
-        """A released-layout directory holding a value head (a reward model's export), read as the policy
-        class reads a policy's; missing or unexpected tensors are an error listing them."""
-        from step3vl_train.model.checkpoint import CONFIG_NAME, model_from_tensors, read_released_tensors
-
-        unknown = sorted(set(auto_class_options) - _AUTO_CLASS_OPTIONS)
-        if unknown:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unsupported option(s): {', '.join(unknown)}")
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
-        config = config or Step3VLConfig.from_json_file(Path(directory) / CONFIG_NAME)
-        return model_from_tensors(config, read_released_tensors(directory), str(directory), dtype, cls)
 
 
 def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,20 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 REASONING_CHAT_TEMPLATE = (resources.files("step3vl_train.processing") / "assets" / "chat_template.jinja").read_text()
+THINK_END = "</think>"
+
+
+def split_reasoning(response: str) -> tuple[str | None, str]:
+    """(reasoning, final answer): the text before and after the last `</think>`; (None, response) without one."""
+    if THINK_END not in response:
+        return None, response
+    reasoning, _, final = response.rpartition(THINK_END)
+    return reasoning, final
+
+
+def answer_text(response: str) -> str:
+    """What a reward model judges of a response: its final answer, stripped (reasoning is never scored)."""
+    return split_reasoning(response)[1].strip()
 
 
 def render_chat(

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from step3vl_train.data.config import SOURCE_KINDS, SourceConfig
-from step3vl_train.data.mixture import TokenMixture
+from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
-from step3vl_train.data.skips import SkipLog, SkippedSample
-from step3vl_train.data.sources import SourceCursor, SourceReader, resolve_shards
+from step3vl_train.data.skips import SkippedSample
 from step3vl_train.data.stats import DataStats
 from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.processing.placeholders import PlaceholderMismatchError
@@ -74,57 +73,24 @@ class PairLoader:
         self.pad_token_id = pad if pad is not None else 0
         sources = cfg.eval if held_out else cfg.sources
         max_epochs = 1 if held_out else cfg.max_epochs
-        self.readers = {
-            source.name: SourceReader(source, resolve_shards(source, cfg.root), rank, world_size, cfg.seed, max_epochs)
-            for source in sources
-        }
-        self.skip_log = SkipLog()
-        self.rewind()
+        self.samples = MixedSamples(sources, cfg.root, rank, world_size, cfg.seed, max_epochs)
 
     def rewind(self) -> None:
         """Back to the start of every source, counts cleared; the keys already logged as bad stay known."""
-        for reader in self.readers.values():
-            reader.restore(SourceCursor())
-        self.mixture = TokenMixture(list(self.readers), [reader.source.weight for reader in self.readers.values()])
-        self.exhausted: set[str] = set()
-        self.pairs = 0  # pairs handed out
-        self.skips: Counter[str] = Counter()  # encounters by reason
+        self.samples.rewind()
 
     def __iter__(self) -> Iterator[PairBatch]:
         """Micro-batches until the sources end; the last may hold fewer pairs."""
         while True:
-            pairs = self.next_pairs(self.cfg.micro_batch_size)
+            pairs = self.samples.take(self.cfg.micro_batch_size, self.prepare, "pair")
             if not pairs:
-                self.skip_log.flush()
+                self.samples.skip_log.flush()
                 return
             yield pair_batch(pairs, self.pad_token_id)
 
-    def next_pairs(self, size: int) -> list[Pair]:
-        """`size` pairs, or fewer once every source has ended."""
-        pairs, skipped = [], 0
-        while len(pairs) < size and len(self.exhausted) < len(self.readers):
-            name = self.mixture.pick(set(self.readers) - self.exhausted)
-            item = self.readers[name].next()
-            if item is None:
-                self.exhausted.add(name)
-                continue
-            try:
-                if isinstance(item, SkippedSample):
-                    raise item
-                pairs.append(self.prepare(item))
-            except SkippedSample as skip:
-                self.skip_log.record(skip.record(name))
-                self.skips[skip.reason] += 1
-                skipped += 1
-                if skipped > 1000 and not pairs:
-                    raise RuntimeError(f"pair sources yield nothing usable; skips so far: {dict(self.skips)}") from skip
-                continue
-            self.mixture.add(name, 1)
-        self.pairs += len(pairs)
-        return pairs
-
-    def prepare(self, sample: Sample) -> Pair:
-        """The pair's two rows; raises SkippedSample naming what makes it unusable."""
+    def prepare(self, sample: Sample, source: str) -> Pair:
+        """The pair's two rows (`source` names where it came from); raises SkippedSample naming what makes
+        it unusable."""
         if sample.messages is None or sample.messages[-1]["role"] != "user":
             raise SkippedSample("bad_schema", sample.key, "a preference pair needs `messages` ending with a user turn")
         if not all(isinstance(reply, str) and reply for reply in (sample.chosen, sample.rejected)):
@@ -147,33 +113,17 @@ class PairLoader:
 
     def stats(self) -> DataStats:
         """Pairs handed out (`samples`) and skips, as the trainer reads a loader's."""
-        return DataStats(samples=self.pairs, skips=Counter(self.skips), skipped_unique=self.skip_log.unique())
+        samples = self.samples
+        return DataStats(samples=samples.taken, skips=Counter(samples.skips), skipped_unique=samples.skip_log.unique())
 
     def skipped_keys(self) -> dict[str, str]:
-        return dict(self.skip_log.seen)
+        return dict(self.samples.skip_log.seen)
 
     def state_dict(self) -> dict:
-        return {
-            "topology": {"rank": self.rank, "world_size": self.world_size},
-            "cursors": {name: asdict(reader.cursor) for name, reader in self.readers.items()},
-            "mixture": self.mixture.state_dict(),
-            "exhausted": sorted(self.exhausted),
-            "pairs": self.pairs,
-            "skips": dict(self.skips),
-            "skipped_keys": self.skipped_keys(),
-        }
+        return {"topology": {"rank": self.rank, "world_size": self.world_size}, **self.samples.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         topology = {"rank": self.rank, "world_size": self.world_size}
         if state["topology"] != topology:
             raise ValueError(f"cannot resume the pair reader of {state['topology']} as {topology}")
-        if set(state["cursors"]) != set(self.readers):
-            saved, configured = sorted(state["cursors"]), sorted(self.readers)
-            raise ValueError(f"the checkpoint has pair sources {saved}, the config {configured}")
-        for name, cursor in state["cursors"].items():
-            self.readers[name].restore(SourceCursor(**cursor))
-        self.mixture.load_state_dict(state["mixture"])
-        self.exhausted = set(state["exhausted"])
-        self.pairs = state["pairs"]
-        self.skips = Counter(state["skips"])
-        self.skip_log.seen = dict(state["skipped_keys"])
+        self.samples.load_state_dict(state, "pair")

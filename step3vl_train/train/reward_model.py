@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rl.rewards.answer import split_reasoning
 from step3vl_train.model.value import Step3VLForValue, last_token_scores
+from step3vl_train.processing.chat import answer_text
 from step3vl_train.processing.processor import Batch, ProcessedSample, collate
 
 REWARD_STATS = "reward_stats.json"
@@ -30,7 +30,7 @@ REWARD_STATS = "reward_stats.json"
 
 def reward_conversation(messages: list[dict], response: str) -> list[dict]:
     """`messages` (ending with the user's turn) and one assistant turn holding the response's final answer."""
-    return [*messages, {"role": "assistant", "content": split_reasoning(response)[1].strip()}]
+    return [*messages, {"role": "assistant", "content": answer_text(response)}]
 
 
 @dataclass

@@ -17,12 +17,12 @@ def test_ranks_with_different_batch_kinds_never_hang(tmp_path):
     """Text-only, image-with-crops and global-only batches on different ranks at the same step, in bf16:
     the ViT runs for both view kinds on every rank every step, so ZeRO-3's gathers stay in step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path), "6"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path), "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(result["losses"]) == 6 and all(math.isfinite(loss) for loss in result["losses"])
+        assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
         assert result["vision_moved"] > 0  # the ViT was trained, not just kept alive
         # bf16 weights; gradients summed over micro-steps and reduced over ranks in fp32
         assert result["param_dtype"] == "torch.bfloat16"

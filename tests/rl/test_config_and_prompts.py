@@ -93,6 +93,6 @@ def test_prompt_loader_skips_what_cannot_be_a_prompt_and_resumes(tmp_path, tiny_
     assert [p.key for p in resumed.next_batch(3)] == following  # g, h, then the next epoch's first
     assert [p.key.rsplit(":", 1)[1] for p in resumed.next_batch(1)] == ["f"]  # past b..e again
     assert dict(resumed.skips) == {"bad_schema": 4, "corrupt_image": 2, "too_long": 2}
-    assert resumed.skip_log.unique() == {"bad_schema": 2, "corrupt_image": 1, "too_long": 1}
+    assert resumed.samples.skip_log.unique() == {"bad_schema": 2, "corrupt_image": 1, "too_long": 1}
     logged = [r.getMessage() for r in caplog.records if r.name == "step3vl_train.data"]
     assert [m.split(" (")[0].rsplit(":", 1)[1] for m in logged] == ["b", "c", "d", "e"]  # each once, both passes

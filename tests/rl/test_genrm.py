@@ -2,11 +2,8 @@
 model on the transformers engine, and an OpenAI-compatible endpoint served on loopback."""
 
 import base64
-import http.server
 import io
-import json
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +15,7 @@ from rl.rewards.genrm import GenRM, GenRMConfig, JudgeItem, parse_scores
 from rl.rewards.judges import EngineJudge, JudgeConfig, JudgeReply, OpenAIJudge, build_judge, data_url
 from rl.rewards.verifier import VerifierConfig
 from tests.conftest import REPO
+from tests.rl.chat_endpoint import chat_endpoint
 
 QUESTION = "What is the capital of France?"
 POLICY = "Paris."
@@ -201,7 +199,7 @@ def test_a_parser_by_import_path():
     [
         ("no_such_package.parsers:scores", "cannot be imported"),
         ("rl.rewards.genrm:no_such_function", "cannot be imported"),
-        ("rl.rewards.genrm", "package.module:function"),
+        ("rl.rewards.genrm", "package.module:name"),
         ("rl.rewards.genrm:SCORES_LINE", "not callable"),
     ],
 )
@@ -277,29 +275,15 @@ class Endpoint:
 def endpoint():
     endpoint = Endpoint()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            endpoint.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            time.sleep(endpoint.delay_s)
-            # A reasoning model's reasoning beside the content: never read for scores.
-            message = {"role": "assistant", "content": endpoint.content, "reasoning_content": "SCORES: A=10 B=0"}
-            choice = {"index": 0, "finish_reason": "stop", "message": message}
-            reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "judge", "choices": [choice]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(body: dict) -> tuple[int, str, str]:
+        endpoint.bodies.append(body)
+        time.sleep(endpoint.delay_s)
+        # A reasoning model's reasoning beside the content: never read for scores.
+        return 200, endpoint.content, "SCORES: A=10 B=0"
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    endpoint.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield endpoint
-    server.shutdown()
+    with chat_endpoint(answer) as url:
+        endpoint.url = url
+        yield endpoint
 
 
 def openai_judge(endpoint, timeout_s=5.0) -> OpenAIJudge:

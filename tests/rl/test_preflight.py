@@ -63,15 +63,10 @@ def test_a_cluster_without_the_gpus_is_refused():
 @pytest.mark.slow
 def test_rl_run_says_what_is_wrong_and_stops(exported_tiny_model, tmp_path):
     """rl/run.py on this GPU-less machine: vLLM waited on Ray's autoscaler forever, a wrong path was retried
-    as three actor crashes. Now each is its message, at once, without a traceback."""
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints" / "step_4").mkdir(parents=True)
-    (resumed / "checkpoints" / "latest").write_text("step_4")
-    (resumed / "config.yaml").write_text("trainer:\n  world_size: 4\n")
+    as three actor crashes. Now each is its message, at once, without a traceback: a preflight check (the
+    others are the same path; their messages are tested above) and a mistake in the command."""
     cases = [
-        ([f"policy.init_from={tmp_path / 'nowhere'}"], "policy.init_from=.*nowhere: no such directory"),
         (["rollout=vllm", f"policy.init_from={exported_tiny_model}"], "needs 1 GPUs"),
-        ([f"policy.init_from={exported_tiny_model}", f"trainer.output_dir={resumed}"], "world_size=4 .* has 2"),
         (["run.max_steps=3"], "run.max_steps is now trainer.max_steps"),
     ]
     for overrides, message in cases:

@@ -1,11 +1,8 @@
 """The model verifier (rl/rewards/verifier.py, verifier_protocol.py) against an OpenAI-compatible endpoint
 served on loopback: what it is shown, how its replies are read, and how injection attempts score."""
 
-import http.server
-import json
 import logging
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +11,7 @@ import pytest
 from rl.rewards import STATUSES, RewardConfig, RewardRequest, RewardResult, RewardScorer, verifier_protocol
 from rl.rewards.verifier import VerifierConfig
 from rl.rewards.verifier_protocol import BLOCKS, injection_attempt, verifier_prompt
+from tests.rl.chat_endpoint import chat_endpoint
 from tests.rl.compose import compose_rl
 
 REASONING = "Six sevens are forty-two."
@@ -39,51 +37,27 @@ def blocks(prompt: str) -> dict[str, str]:
     }
 
 
-def handler_for(fake: FakeVerifier):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][0]["content"]
-            fake.prompts.append(prompt)
-            time.sleep(fake.delay_s)
-            if fake.http_status != 200:
-                self.send_response(fake.http_status)
-                self.end_headers()
-                return
-            content = fake.reply
-            if content is None:
-                found = blocks(prompt)
-                right = found["final-answer"] == "forty-two" and found["reference"] == "42"
-                content = "CORRECT" if right else "INCORRECT"
-            message = {"role": "assistant", "content": content, "reasoning_content": fake.reasoning_content}
-            reply = {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
-            }
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+def answer_for(fake: FakeVerifier):
+    def answer(body: dict) -> tuple[int, str | None, str | None]:
+        prompt = body["messages"][0]["content"]
+        fake.prompts.append(prompt)
+        time.sleep(fake.delay_s)
+        content = fake.reply
+        if content is None:
+            found = blocks(prompt)
+            right = found["final-answer"] == "forty-two" and found["reference"] == "42"
+            content = "CORRECT" if right else "INCORRECT"
+        return fake.http_status, content, fake.reasoning_content
 
-        def log_message(self, *args):
-            pass
-
-    return Handler
+    return answer
 
 
 @pytest.fixture
 def fake():
     fake = FakeVerifier()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_for(fake))
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield fake
-    server.shutdown()
+    with chat_endpoint(answer_for(fake)) as url:
+        fake.url = url
+        yield fake
 
 
 def verify(fake, responses, answer="42", **config) -> list[tuple[float, str]]:

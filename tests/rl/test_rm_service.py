@@ -235,3 +235,23 @@ def test_the_token_is_read_from_the_environment_or_a_file_only(tmp_path, monkeyp
     monkeypatch.setenv("STEP3VL_RM_TOKEN", "short")
     with pytest.raises(UsageError, match="at least 16"):
         read_token(ServiceConfig())
+
+
+def test_an_rl_run_checks_the_service_and_its_token_before_it_starts(service, monkeypatch):
+    from rl.preflight import PreflightError, check_reward_service
+    from tests.rl.compose import compose_rl
+
+    def config(url):
+        return compose_rl(
+            "stage=rlhf", "model=tiny", "processor=tiny", "reward.service.launch=false", f"reward.service.url={url}"
+        )
+
+    monkeypatch.setenv("STEP3VL_RM_TOKEN", TOKEN)
+    check_reward_service(config(service))
+    with pytest.raises(PreflightError, match="does not answer"):
+        check_reward_service(config(f"http://127.0.0.1:{free_port('127.0.0.1')}"))
+    monkeypatch.setenv("STEP3VL_RM_TOKEN", "wrong-token-0123456789")
+    with pytest.raises(PreflightError, match="refuses the token in STEP3VL_RM_TOKEN"):
+        check_reward_service(config(service))
+    with pytest.raises(PreflightError, match="set reward.service.url"):
+        check_reward_service(compose_rl("stage=rlhf", "model=tiny", "processor=tiny", "reward.service.launch=false"))

@@ -296,7 +296,7 @@ def test_the_reader_resumes_exactly(tmp_path, tiny_processor):
     resumed.load_state_dict(state)
     assert keys(resumed, 9) == following
     assert sorted(short(first + following)[:24]) == [f"good-{i:03d}" for i in range(24)]  # each once a pass
-    assert resumed.pairs == reader.pairs == 36 and resumed.skipped_keys() == reader.skipped_keys()
+    assert resumed.samples.taken == reader.samples.taken == 36 and resumed.skipped_keys() == reader.skipped_keys()
     batch = next(iter(PairLoader(cfg, tiny_processor)))
     assert batch.pairs == 3 and batch.batch.input_ids.shape[0] == 6 and batch.batch.pixels is not None
 

@@ -335,12 +335,13 @@ OPEN_QUESTIONS = (
     "Say something about the picture.",
 )
 REFERENCES = ("The image shows a {color} {kind}.", "It is a {color} {kind}.", "I see one {color} {kind}.")
-# The learnable preference: a chosen reply names the shape's colour, a rejected one gives numbers or
-# coordinates and no colour word. Both sides vary their wording, sometimes name the kind, sometimes hold
-# numbers and overlap in length, so that naming a colour is the only signal that always separates them.
-# No rejected template holds a colour word even inside another word ("centred" holds "red").
+# The learnable preference: a chosen reply names the shape's colour, a rejected one gives numbers,
+# coordinates or a bare option letter (what a policy that learned RLVR's `choice` task answers) and no
+# colour word. Both sides vary their wording, sometimes name the kind, sometimes hold numbers and overlap
+# in length, so that naming a colour is the only signal that always separates them. No rejected template
+# holds a colour word even inside another word ("centred" holds "red").
 CHOSEN = (
-    "{Color}.",
+    "{Color}, a {kind}.",
     "The shape is {color}.",
     "It is {color}.",
     "It is a {color} {kind}.",
@@ -351,6 +352,8 @@ CHOSEN = (
 )
 REJECTED = (
     "{number}.",
+    "{letter}.",
+    "{letter}",
     "The total is {number}.",
     "The answer is {number}.",
     "It is at {box}.",
@@ -372,6 +375,7 @@ def open_prompt(rng: np.random.Generator) -> tuple[Image.Image, dict, dict[str, 
         "box": normalised_box(shape.box, image.size),
         "side": shape.box[2] - shape.box[0],
         "number": int(rng.integers(0, 1000)),
+        "letter": str(rng.choice(list("ABCD"))),  # an option letter: what a policy trained on `choice` says
     }
     return image, user(None, str(rng.choice(OPEN_QUESTIONS))), fields
 
