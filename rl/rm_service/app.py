@@ -203,15 +203,18 @@ async def read_body(request: Request, limit: int) -> bytes:
 def build_app(config: ServiceConfig, raw: dict, token: str):
     """The application `serve.run` starts: the ingress bound to `config.replicas` backend replicas."""
     batch = config.batch
+    quiet = {"enable_access_log": False}  # a line per item and per request otherwise
     replica = serve.deployment(
         BackendReplica,
         name="backend",
         num_replicas=config.replicas,
-        # Enough calls per replica to fill two batches; the ingress bounds what is in flight overall.
-        max_ongoing_requests=max(2 * batch.max_size, 2),
+        # Items wait in the replica's batch queue, not in Serve's router: a router holding them retries with
+        # backoff, and a replica whose slots free up sits idle until a retry comes round.
+        max_ongoing_requests=max(config.replica_max_items, batch.max_size),
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,  # items still in a replica told to stop are sent to another
+        logging_config=quiet,
     )
     ingress = serve.deployment(
         Ingress,
@@ -220,6 +223,7 @@ def build_app(config: ServiceConfig, raw: dict, token: str):
         # The ingress itself refuses beyond max_queue: Serve must let those requests reach it.
         max_ongoing_requests=config.max_queue * 4 + 16,
         ray_actor_options={"num_cpus": 0},
+        logging_config=quiet,
     )
     # A batch that outlives two request timeouts is stuck: no request is waiting for it any more.
     backend = replica.bind(raw["rm"], batch.max_size, batch.wait_s, 2 * config.request_timeout_s)

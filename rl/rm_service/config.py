@@ -60,6 +60,7 @@ class ServiceConfig:
     request_timeout_s: float = 120.0  # items not scored by then come back "timeout"
     backend_retries: int = 2  # times an item is sent again when its replica dies
     replicas: int = 1  # backend replicas
+    replica_max_items: int = 256  # items a replica holds at once, queued for its batches
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0  # 1 for a model on a GPU
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -17,7 +17,11 @@ def start_service(config: ServiceConfig, raw: dict, token: str, ready_timeout_s:
     """Deploys the application and returns its URL once `/healthz` answers. The HTTP proxy runs on the
     head node only, bound to `config.host`, on `config.port` (0: a free one)."""
     port = config.port or free_port(config.host)
-    serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": port})
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": config.host, "port": port},
+        logging_config={"enable_access_log": False},  # the proxy's line per request
+    )
     serve.run(build_app(config, raw, token), name=config.app_name, route_prefix="/")
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{port}"
     wait_healthy(url, ready_timeout_s)

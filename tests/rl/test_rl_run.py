@@ -65,12 +65,12 @@ def test_a_killed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
     # cut at the length limit is scored by the truncation rule, never sent).
     settings = [f"prompts.root={rlhf_corpus}", f"policy.init_from={secret_task[1]}", "prompts.prompts_per_step=4",
                 "rollout.n=2", "algo.minibatches=2", "policy.micro_batch_tokens=512", "critic.micro_batch_tokens=512",
-                "rollout.max_new_tokens=16", "trainer.max_steps=8", "trainer.save_every=2",
+                "rollout.max_new_tokens=16", "trainer.max_steps=6", "trainer.save_every=2",
                 "reward.require_reasoning=false", f"reward.service.server.rm.scalar.model={tiny_reward_model}",
                 "reward.service.server.rm.scalar.processor=configs/processor/tiny.yaml"]  # fmt: skip
     loader = PromptLoader(compose_rl("stage=rlhf", *TINY, *settings).prompts, tiny_processor)
-    expected = [(step, prompt.key) for step in range(1, 9) for prompt in loader.next_batch(4)]
-    assert len({key for _, key in expected}) == 32
+    expected = [(step, prompt.key) for step in range(1, 7) for prompt in loader.next_batch(4)]
+    assert len({key for _, key in expected}) == 24
 
     out = tmp_path / "run"
     run_command = command(out, *settings, stage="rlhf")
@@ -83,16 +83,16 @@ def test_a_killed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
 
     process = subprocess.Popen(run_command, env=environment(), start_new_session=True, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 5, process)
+    wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 4, process)
     os.kill(json.loads((out / "actors.json").read_text())["train"][1], signal.SIGKILL)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-5000:]
     assert "resumed from" in stderr and "restarting from the latest checkpoint" in stderr
     metrics = rows(out / "metrics.jsonl")
-    assert [row["step"] for row in metrics] == list(range(1, 9))
+    assert [row["step"] for row in metrics] == list(range(1, 7))
     assert prompt_keys(out) == expected
     scored = [row for row in metrics if "reward/rm" in row]
-    assert len(scored) >= 4 and all(0 <= row["reward/rm"] <= 1 and row["service/latency_p50"] > 0 for row in scored)
+    assert len(scored) >= 3 and all(0 <= row["reward/rm"] <= 1 and row["service/latency_p50"] > 0 for row in scored)
     failures = ("timeout", "error", "unparsed")
     assert not any(f"reward_status/{status}" in row for row in metrics for status in failures)
 
