@@ -39,12 +39,12 @@ def train(cfg: DictConfig) -> None:
         return
     service = launched_service(config) if config.reward.service.launch else None
     if config.ray.address:
-        ray.init(address=config.ray.address)
+        ray.init(address=config.ray.address)  # else a Ray instance of its own, never another one found running
     else:
         needed = config.trainer.world_size + config.rollout.num_engines + 1
         if service is not None:
             needed += int(service.replicas * service.replica_cpus + 0.999)
-        ray.init(num_cpus=config.ray.num_cpus or needed, include_dashboard=False)
+        ray.init(address="local", num_cpus=config.ray.num_cpus or needed, include_dashboard=False)
     try:
         preflight(config, ray.cluster_resources())
         url = token = None

@@ -29,7 +29,8 @@ def serve_forever(cfg: DictConfig) -> None:
     config = ServiceConfig.from_dict(raw)
     token = read_token(config)
     check_service_model(config)
-    ray.init(address=ray_config.address, num_cpus=ray_config.num_cpus, include_dashboard=False)
+    # Without ray.address, a Ray instance of its own: never one that happens to run on the machine.
+    ray.init(address=ray_config.address or "local", num_cpus=ray_config.num_cpus, include_dashboard=False)
     try:
         url = start_service(config, raw, token)
         print(f"reward-model service ({config.rm.backend}) at {url}: POST /v1/score, GET /v1/stats, GET /healthz")

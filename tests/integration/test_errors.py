@@ -49,7 +49,9 @@ def test_ctrl_c_says_which_checkpoint_a_rerun_resumes_from(pretrain_corpus, tmp_
     out = tmp_path / "run"
     plain = [sys.executable, str(REPO / "launch" / "pretrain.py"), *CPU, f"data.root={pretrain_corpus}",
              f"trainer.output_dir={out}", "trainer.max_steps=500", "trainer.save_every=2"]  # fmt: skip
-    process = subprocess.Popen(plain, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    # SIGINT as a terminal's Ctrl-C delivers it, even where pytest was started with it ignored (a background job)
+    process = subprocess.Popen(plain, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
         time.sleep(0.5)

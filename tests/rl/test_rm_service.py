@@ -40,7 +40,7 @@ def service():
     }
     config = ServiceConfig.from_dict(raw)
     # Replicas import the scripted backend from the repository; include_dashboard off keeps start-up short.
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         yield start_service(config, raw, TOKEN, ready_timeout_s=120)
     finally:

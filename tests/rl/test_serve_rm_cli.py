@@ -20,8 +20,10 @@ def serve_rm(*overrides, token=None):
     if token:
         environment["STEP3VL_RM_TOKEN"] = token
     command = [sys.executable, str(REPO / "rl" / "serve_rm.py"), *overrides]
+    # Ctrl-C works even where pytest was started with SIGINT ignored (a background job)
     return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def test_it_serves_until_ctrl_c(tiny_reward_model):
