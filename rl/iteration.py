@@ -22,14 +22,25 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def sampling_params(cfg: RLConfig, processor: Step3VLProcessor) -> SamplingParams:
-    """The rollout settings: generation stops at the end of a turn, and never writes an image token."""
+    """The rollout settings (`rollout.*`)."""
+    rollout = cfg.rollout
+    return chat_sampling(
+        processor, rollout.n, rollout.temperature, rollout.max_new_tokens, rollout.top_p, rollout.top_k
+    )
+
+
+def chat_sampling(
+    processor: Step3VLProcessor, n: int, temperature: float, max_new_tokens: int, top_p: float = 1.0, top_k: int = 0
+) -> SamplingParams:
+    """Sampling for an assistant turn (a rollout, or a GenRM judge's reply): generation stops at the end of
+    the turn, and never writes an image token."""
     vocab = processor.tokenizer.get_vocab()
     return SamplingParams(
-        n=cfg.rollout.n,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
         stop_token_ids=[vocab[token] for token in STOP_TOKENS if token in vocab],
         suppressed_token_ids=sorted(set(vars(processor.image_token_ids).values())),
     )

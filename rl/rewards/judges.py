@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from rl.engines import SamplingParams, build_rollout_engine
+from rl.engines import build_rollout_engine
 from rl.experience import Prompt
 from rl.rewards.verifier import VerifierConfig, openai_client
 from step3vl_train.processing.images import load_image
@@ -141,7 +141,7 @@ class EngineJudge:
     at `max_new_tokens` is returned as it is; the GenRM's parser decides whether it holds scores."""
 
     def __init__(self, config: JudgeConfig):
-        from rl.iteration import STOP_TOKENS  # here: rl.iteration imports rl.rewards
+        from rl.iteration import chat_sampling  # here: rl.iteration imports rl.rewards
 
         if config.backend == "vllm" and not config.model:
             raise ValueError("judge.backend=vllm loads judge.model: set it to a released-format directory")
@@ -150,19 +150,11 @@ class EngineJudge:
         self.processor = load_processor(config.tokenizer, config.processor or None)
         tokenizer = self.processor.tokenizer
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        vocab = tokenizer.get_vocab()
-        self.stop_token_ids = [vocab[token] for token in STOP_TOKENS if token in vocab]
         # Greedy as the top-1 sample at temperature 1: the transformers engine always samples, dividing by
         # the temperature.
-        greedy = config.temperature == 0
-        self.sampling = SamplingParams(
-            n=1,
-            temperature=1.0 if greedy else config.temperature,
-            top_k=1 if greedy else 0,
-            max_new_tokens=config.max_new_tokens,
-            stop_token_ids=self.stop_token_ids,
-            suppressed_token_ids=sorted(set(vars(self.processor.image_token_ids).values())),
-        )
+        temperature, top_k = (1.0, 1) if config.temperature == 0 else (config.temperature, 0)
+        self.sampling = chat_sampling(self.processor, 1, temperature, config.max_new_tokens, top_k=top_k)
+        self.stop_token_ids = self.sampling.stop_token_ids
         if config.backend == "hf":
             options = {
                 "model_config": config.model_config,

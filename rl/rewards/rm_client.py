@@ -10,13 +10,11 @@ again. A 401 is a mistake in the setup, not a passing failure: it stops the run 
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ import requests
 
 from rl.rewards.types import RewardRequest, RewardResult
 from rl.rm_service.items import encode_item
+from rl.rm_service.token import read_bearer_token
 from step3vl_train.usage import UsageError
 
 
@@ -143,9 +142,7 @@ def result(reply: dict) -> RewardResult:
 
 
 def read_client_token(config: ServiceClientConfig) -> str:
-    token = os.environ.get(config.token_env, "").strip()
-    if not token and config.token_file:
-        token = Path(config.token_file).read_text().strip()
+    token = read_bearer_token(config.token_env, config.token_file, "reward.service.token_file")
     if not token:
         raise UsageError(
             f"the reward service needs its bearer token: set {config.token_env} or reward.service.token_file"

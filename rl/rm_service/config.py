@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rl.rewards.genrm import GenRMConfig
 from rl.rewards.judges import JudgeConfig
 from rl.rewards.penalties import PenaltyConfig
+from rl.rm_service.token import read_bearer_token
 from step3vl_train.usage import UsageError, build
 
 BACKENDS = ("scalar", "genrm")
@@ -86,14 +85,8 @@ def is_loopback(host: str) -> bool:
 
 
 def read_token(config: ServiceConfig) -> str:
-    """The bearer token, from `token_env` or `token_file`. There is no default and no command-line form:
-    a token typed on a command line ends up in shell histories and process lists."""
-    token = os.environ.get(config.token_env, "").strip()
-    if not token and config.token_file:
-        path = Path(config.token_file)
-        if not path.is_file():
-            raise UsageError(f"token_file={config.token_file} does not exist")
-        token = path.read_text().strip()
+    """The service's bearer token, from `token_env` or `token_file`; there is no default."""
+    token = read_bearer_token(config.token_env, config.token_file, "token_file")
     if not token:
         where = "on loopback" if is_loopback(config.host) else f"on {config.host}, beyond loopback"
         raise UsageError(

@@ -41,11 +41,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="policy")
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    if any(name.startswith(CRITIC_ONLY) for name in state):
-        model_from_tensors(config, state, str(step_dir), dtype, Step3VLForValue).save_pretrained(out)
+    value_head = any(name.startswith(CRITIC_ONLY) for name in state)
+    model_class = Step3VLForValue if value_head else None
+    model_from_tensors(config, state, str(step_dir), dtype, model_class).save_pretrained(out)
+    if value_head:
         reward_stats(step_dir).save(out)
-    else:
-        model_from_tensors(config, state, str(step_dir), dtype).save_pretrained(out)
     load_tokenizer(run_config.tokenizer).save_pretrained(out)
     return Path(out)
 
