@@ -1,7 +1,8 @@
 """The whole recipe on the tiny model, on the CPU: synthetic corpora -> pre-training (2 ZeRO-3 ranks) ->
 export -> SFT stage 1 -> export -> SFT stage 2 -> export -> RLVR on Ray -> export -> a reward model
-(Bradley-Terry) -> export -> RLHF with the reward-model service on loopback -> reward-curve PNGs and a
-summary (outputs/demo/summary.md).
+(Bradley-Terry) -> export -> RLHF with the reward-model service on loopback -> the RLVR policy's message
+pools -> PaCoRe training -> export -> PaCoRe inference against SeRe on held-out prompts -> reward-curve
+PNGs and a summary (outputs/demo/summary.md).
 
     python launch/demo_pipeline.py [--out outputs/demo] [--steps N] [--rl-steps N]
 
@@ -12,7 +13,8 @@ the CPU settings, so the commands stay short.
 resumes each stage from its last checkpoint. SFT teaches the tiny model the answer format; RLVR then
 trains on the one synthetic task it can learn in minutes (configs/cpu/rlvr.yaml), so the reward rises.
 The reward model learns the synthetic preference (answers that name a colour), and RLHF raises the
-policy's score under it (docs/rlhf.md).
+policy's score under it (docs/rlhf.md). PaCoRe trains the RLVR policy on synthesis rounds whose messages
+are its own difficulty-filter rollouts, then answers held-out prompts both ways (docs/pacore.md).
 """
 
 import argparse
@@ -35,6 +37,8 @@ MEANINGS = {
     "a uniform guess among 4 options scores 0.25, a response cut at the length limit or without "
     "`</think>` scores 0)",
     "eval/accuracy": "the reward model's share of held-out preference pairs it ranks right, 0-1 (chance: 0.5)",
+    "pacore/synthesis_reward": "the verifier's score of the synthesis given the messages, 0-1; "
+    "`pacore/message_reward`: the mean score of those messages when the RLVR policy wrote them",
     "reward/rm": "the reward model's score of the policy's answers, 0-1: sigmoid((raw - mean) / std) with the "
     "mean and std of its held-out scores, so 0.5 is an average answer of its data",
 }
@@ -95,6 +99,15 @@ def commands(out: Path, train_steps: int | None, rl_steps: int | None) -> dict[s
         "rlhf": f"python rl/run.py stage=rlhf +recipe=rlhf +cpu=rlhf policy.init_from={out / 'rlvr_hf'} "
         f"prompts.root={corpus / 'rlhf'} reward.service.server.rm.scalar.model={out / 'rm_hf'} "
         f"trainer.output_dir={out / 'rlhf'}" + steps(rl_steps),
+        "pools": f"python data/filter_difficulty.py --k 8 --save-messages --out {out / 'pools'} -- stage=rlvr "
+        f"+cpu=rlvr policy.init_from={out / 'rlvr_hf'} prompts.root={corpus / 'rl'}",
+        "pacore": f"python rl/run.py stage=pacore +recipe=pacore +cpu=pacore policy.init_from={out / 'rlvr_hf'} "
+        f"prompts.root={out / 'pools'} trainer.output_dir={out / 'pacore'}" + steps(rl_steps),
+        "export_pacore": export("pacore"),
+        "synthetic_heldout": f"{synthetic} --kind rl --out {corpus / 'heldout'} --num 120 --seed 3",
+        "pacore_inference": f"python launch/pacore.py model={out / 'pacore_hf'} chat.tokenizer=tiny "
+        f"chat.processor=configs/processor/tiny.yaml data={corpus / 'heldout' / 'choice'}/*.tar pacore.rounds=[8] "
+        f"chat.max_new_tokens=24 out={out / 'pacore_inference'}",
     }
 
 
@@ -118,10 +131,11 @@ def main() -> None:
 
     seconds = {stage: run(stage, command, logs) for stage, command in commands(Path(args.out), args.steps,
                                                                               args.rl_steps).items()}  # fmt: skip
-    pngs = [plot_rewards(root / stage).relative_to(root) for stage in ("rlvr", "rlhf")]
-    pretrain, sft, sft2, rlvr, rm, rlhf = (
-        metrics(root / stage / "metrics.jsonl") for stage in ("pretrain", "sft", "sft2", "rlvr", "rm", "rlhf")
+    pngs = [plot_rewards(root / stage).relative_to(root) for stage in ("rlvr", "rlhf", "pacore")]
+    pretrain, sft, sft2, rlvr, rm, rlhf, pacore = (
+        metrics(root / stage / "metrics.jsonl") for stage in ("pretrain", "sft", "sft2", "rlvr", "rm", "rlhf", "pacore")
     )
+    inference = json.loads((root / "pacore_inference" / "summary.json").read_text())
 
     def row(name: str, rows: list[dict], key: str, stage: str, window: int = 1) -> str:
         """The stage's steps, and the mean of `key` over its first and last `window` rows that have it."""
@@ -138,13 +152,21 @@ def main() -> None:
         row("SFT stage 2 (loss)", sft2, "loss", "sft2"),
         row("RLVR (reward_mean)", rlvr, "reward_mean", "rlvr", window),
         row("reward model (held-out accuracy)", rm, "eval/accuracy", "rm"),
-        row("RLHF (RM score)", rlhf, "reward/rm", "rlhf", window), "",
+        row("RLHF (RM score)", rlhf, "reward/rm", "rlhf", window),
+        row("PaCoRe training (synthesis reward)", pacore, "pacore/synthesis_reward", "pacore", window),
+        row("PaCoRe training (its messages' reward)", pacore, "pacore/message_reward", "pacore", window),
+        f"| SeRe on held-out prompts (accuracy) | {inference['sere_scored']} responses | | "
+        f"{inference['sere_accuracy']:.3f} | {seconds['pacore_inference']:.0f} | reward_mean |",
+        f"| PaCoRe [8] on held-out prompts (accuracy) | {inference['pacore_scored']} answers | | "
+        f"{inference['pacore_accuracy']:.3f} | | reward_mean |", "",
         "Pre-training, SFT and the reward model: the first and the last step's figure (the reward model's at "
         f"its evaluations, steps {', '.join(evaluated)}). RLVR and RLHF: the mean of the first {window} and of "
         f"the last {window} iterations.", "",
         *(f"- `{key}`: {meaning}." for key, meaning in MEANINGS.items()), "",
-        f"Reward curves: `{pngs[0]}`, `{pngs[1]}`. Exports: `pretrain_hf/`, `sft_hf/`, `sft2_hf/`, `rlvr_hf/`, "
-        "`rm_hf/`. Logs: `logs/`. "
+        "SeRe: the first round's 8 rollouts of each held-out `choice` prompt, by the PaCoRe-trained policy; "
+        "PaCoRe: its synthesis of their conclusions (`pacore_inference/results.jsonl`).", "",
+        f"Reward curves: `{pngs[0]}`, `{pngs[1]}`, `{pngs[2]}`. Exports: `pretrain_hf/`, `sft_hf/`, `sft2_hf/`, "
+        "`rlvr_hf/`, `rm_hf/`, `pacore_hf/`. Logs: `logs/`. "
         f"Exports take {sum(v for k, v in seconds.items() if k.startswith('export')):.0f} s in all.",
         f"RL log-prob mismatch, engine vs trainer (max over the run): "
         f"{max(r['logprob_mismatch/max_abs'] for r in rlvr):.2e}.",

@@ -11,6 +11,7 @@ from typing import Any
 
 from rl.algos.advantages import ESTIMATORS
 from rl.algos.losses import AGGREGATIONS
+from rl.pacore.config import PaCoReConfig
 from rl.rewards.scorer import RewardConfig
 from step3vl_train.data.config import SourceConfig
 from step3vl_train.model.compute import ComputeConfig
@@ -152,6 +153,7 @@ class RLConfig:
     critic: ModelRoleConfig = field(default_factory=ModelRoleConfig)
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    pacore: PaCoReConfig = field(default_factory=PaCoReConfig)  # stage=pacore: the synthesis prompts
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ from rl.config import RLConfig
 from rl.engines import engine_options
 from rl.experience import Prompt, Response
 from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
-from rl.prompts import PromptLoader
+from rl.prompts import prompt_loader
 from rl.rewards import RewardScorer
 from rl.workers.group import start_rollout_engines, start_train_group
 from step3vl_train.processing.processor import load_processor
@@ -57,7 +57,7 @@ class Driver:
         self.processor = load_processor(config.tokenizer, config.processor or None)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.loader = PromptLoader(config.prompts, self.processor, config.reward.fn)  # checks the sources now
+        self.loader = prompt_loader(config, self.processor)  # checks the sources now
         self.scorer = RewardScorer(config.reward, service_url, service_token)
         self.checkpointer = Checkpointer(self.run_dir, config.trainer.keep_last)
         self.sampling = sampling_params(config, self.processor)
@@ -129,7 +129,7 @@ class Driver:
         latest = self.checkpointer.latest()
         self.step = 0
         # A fresh loader even after a restart with no checkpoint yet: the run starts over from its first prompt.
-        self.loader = PromptLoader(self.cfg.prompts, self.processor, self.cfg.reward.fn)
+        self.loader = prompt_loader(self.cfg, self.processor)
         if latest is not None:
             ray.get([worker.load.remote(str(latest)) for worker in self.workers])
             state = torch.load(latest / "driver.pt", weights_only=True)
@@ -205,7 +205,7 @@ class Driver:
         dropped, service = 0, {}
         timings["time/rollout"] = timings["time/reward"] = 0.0
         for round_ in range(cfg.algo.max_sampling_rounds if cfg.algo.drop_uniform_groups else 1):
-            prompts = self.loader.next_batch((target - len(kept)) // n)
+            prompts = self.loader.next_batch((target - len(kept)) // n, self.step)
             responses = self.rollout(prompts, seed=self.step * 1000 + round_, timings=timings)
             tick = time.perf_counter()
             score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
@@ -253,6 +253,8 @@ class Driver:
                     "rewards": [r.reward for r in group],
                     "statuses": [r.status for r in group],
                 }
+                if group[0].prompt.synthesis is not None:
+                    row["messages"] = group[0].prompt.synthesis.indices
                 if start < shown:
                     row["responses"] = [decode(r.completion.token_ids) for r in group[: shown - start]]
                 handle.write(json.dumps(row) + "\n")

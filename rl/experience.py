@@ -25,6 +25,20 @@ class Prompt:
     image_size: tuple[int, int] | None = None
     question: str = ""  # the prompt's text, for model-based verifiers
     reference: str | None = None  # RLHF: a stronger model's response, the reward model's anchor
+    # PaCoRe: the problem as stored (`messages` is then the synthesis conversation), its message pool, and
+    # the messages this prompt was given.
+    original_messages: list[dict[str, Any]] | None = None
+    pool: list[dict[str, Any]] = field(default_factory=list)
+    synthesis: SynthesisInfo | None = None
+
+
+@dataclass
+class SynthesisInfo:
+    """The messages a PaCoRe prompt was given."""
+
+    indices: list[int]  # into the prompt's pool, in the order of the references
+    message_reward: float | None  # the mean reward of those that carry one
+    dropped: dict[str, int] = field(default_factory=dict)  # drawn but not given, by reason (over_budget)
 
 
 @dataclass

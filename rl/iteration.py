@@ -122,6 +122,7 @@ def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> 
             by_task[r.prompt.task].append(r.reward)
     row |= {f"reward/{task}": float(np.mean(scores)) for task, scores in sorted(by_task.items())}
     row |= component_means(responses)
+    row |= synthesis_metrics(responses)
     row |= {f"reward_status/{k}": v for k, v in sorted(Counter(r.status for r in responses).items())}
     return row
 
@@ -145,6 +146,25 @@ def component_means(responses: list[Response]) -> dict[str, float]:
             for name, value in r.components.items():
                 values[name].append(value)
     return {COMPONENT_METRICS.get(name, f"reward/{name}"): float(np.mean(v)) for name, v in sorted(values.items())}
+
+
+def synthesis_metrics(responses: list[Response]) -> dict[str, float]:
+    """PaCoRe: the synthesis's reward beside the mean reward of the messages it was given (per prompt, over
+    the prompts whose messages carry rewards), so a run shows whether the synthesis beats its inputs; and
+    the messages a prompt was given."""
+    prompts = {id(r.prompt): r.prompt for r in responses if r.prompt.synthesis is not None}
+    if not prompts:
+        return {}
+    valid = [r.reward for r in responses if r.valid and r.prompt.synthesis is not None]
+    given = [p.synthesis.message_reward for p in prompts.values() if p.synthesis.message_reward is not None]
+    row = {
+        "pacore/synthesis_reward": float(np.mean(valid)) if valid else 0.0,
+        "pacore/messages": float(np.mean([len(p.synthesis.indices) for p in prompts.values()])),
+        "pacore/dropped_over_budget": sum(p.synthesis.dropped.get("over_budget", 0) for p in prompts.values()),
+    }
+    if given:
+        row["pacore/message_reward"] = float(np.mean(given))
+    return row
 
 
 def minibatches(

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from rl.config import RLConfig
 from rl.engines.hf import HFEngine
 from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
-from rl.prompts import PromptLoader
+from rl.prompts import prompt_loader
 from rl.rewards import RewardScorer
 from rl.sync import gathered, sync_parameters
 from rl.workers.train import TrainWorker
@@ -53,7 +53,7 @@ def main(out: Path, overrides: list[str]) -> None:
     config = RLConfig.from_dict(raw)
     processor = load_processor(config.tokenizer, config.processor or None)
     pad = processor.tokenizer.pad_token_id or 0
-    loader, scorer = PromptLoader(config.prompts, processor, config.reward.fn), RewardScorer(config.reward)
+    loader, scorer = prompt_loader(config, processor), RewardScorer(config.reward)
     sampling, bucket_bytes = sampling_params(config, processor), config.rollout.sync_bucket_mb * 2**20
     timings, tick = {}, time.perf_counter()
     worker = TrainWorker(0, 1, "127.0.0.1", free_port(), raw, pad)

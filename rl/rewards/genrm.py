@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from rl.chat_models import ChatModel, ChatReply, ChatRequest
 from rl.rewards.answer import split_reasoning
-from rl.rewards.judges import Judge, JudgeReply, JudgeRequest
 from rl.rewards.verifier_protocol import elide
 from step3vl_train.usage import import_callable
 
@@ -152,8 +152,8 @@ def sign(value: float) -> int:
 
 
 class GenRM:
-    def __init__(self, config: GenRMConfig, judge: Judge):
-        """`judge`: any object with `complete(list[JudgeRequest]) -> list[JudgeReply]` (rl/rewards/judges.py)."""
+    def __init__(self, config: GenRMConfig, judge: ChatModel):
+        """`judge`: any chat model (rl/chat_models.py); only its replies' `text` is read."""
         if config.max_score <= 0:
             raise ValueError(f"genrm.max_score must be positive, not {config.max_score}")
         self.config = config
@@ -179,10 +179,13 @@ class GenRM:
             for first, second in ((response, reference), (reference, response)):
                 text = self.render(question, first, second, nonce)
                 content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]
-                requests.append(JudgeRequest([{"role": "user", "content": content}], list(item.images)))
-        replies = self.backend.complete(requests)
-        if len(replies) != len(requests):
-            raise RuntimeError(f"the judge gave {len(replies)} replies to {len(requests)} requests")
+                requests.append(ChatRequest([{"role": "user", "content": content}], list(item.images)))
+        answered = self.backend.complete(requests)
+        if [len(group) for group in answered] != [1] * len(requests):
+            raise RuntimeError(
+                f"the judge gave {len(answered)} groups of replies to {len(requests)} requests, not 1 each"
+            )
+        replies = [group[0] for group in answered]
         return [self.judgement(replies[2 * i], replies[2 * i + 1]) for i in range(len(items))]
 
     def final(self, response: str) -> str:
@@ -197,7 +200,7 @@ class GenRM:
             nonce=nonce,
         )
 
-    def scores(self, reply: JudgeReply) -> tuple[float, float]:
+    def scores(self, reply: ChatReply) -> tuple[float, float]:
         """(score of A, score of B) of a reply that came back. Raises ValueError for one the parser refuses,
         one over `max_reply_chars`, or a score outside [0, max_score]."""
         text = (reply.text or "").strip()
@@ -209,7 +212,7 @@ class GenRM:
                 raise ValueError(f"score {name}={score:g} outside [0, {self.config.max_score:g}]")
         return score_a, score_b
 
-    def judgement(self, policy_first: JudgeReply, reference_first: JudgeReply) -> Judgement:
+    def judgement(self, policy_first: ChatReply, reference_first: ChatReply) -> Judgement:
         orders = {"policy first": policy_first, "reference first": reference_first}
         failed = {name: reply for name, reply in orders.items() if reply.status != "ok"}
         if failed:

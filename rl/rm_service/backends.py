@@ -72,10 +72,10 @@ class GenRMBackend:
     needs_reference = True
 
     def __init__(self, config: RMConfig):
+        from rl.chat_models import build_chat_model
         from rl.rewards.genrm import GenRM
-        from rl.rewards.judges import build_judge
 
-        self.genrm = GenRM(config.genrm, build_judge(config.judge))
+        self.genrm = GenRM(config.genrm, build_chat_model(config.judge, "rm.judge"))
 
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
         from rl.rewards.genrm import JudgeItem

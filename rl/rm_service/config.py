@@ -6,8 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from rl.chat_models import ChatModelConfig
 from rl.rewards.genrm import GenRMConfig
-from rl.rewards.judges import JudgeConfig
 from rl.rewards.penalties import PenaltyConfig
 from rl.rm_service.token import read_bearer_token
 from step3vl_train.usage import UsageError, build
@@ -24,12 +24,17 @@ class ScalarRMConfig:
     max_tokens: int = 40960  # prompt + response; a longer item is status "error", not truncated
 
 
+def judge_defaults() -> ChatModelConfig:
+    """The GenRM's judge: greedy, replies of up to 2048 tokens (configs/rm/genrm.yaml)."""
+    return ChatModelConfig(temperature=0.0, tokenizer="tiny")
+
+
 @dataclass
 class RMConfig:
     backend: str = "scalar"  # scalar | genrm | pkg.module:Class (a user's: Class(**options).score(items))
     scalar: ScalarRMConfig = field(default_factory=ScalarRMConfig)
     genrm: GenRMConfig = field(default_factory=GenRMConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)  # genrm: who judges (hf, vllm or an endpoint)
+    judge: ChatModelConfig = field(default_factory=judge_defaults)  # genrm: who judges (hf, vllm or an endpoint)
     options: dict[str, Any] = field(default_factory=dict)  # a user's backend's keyword arguments
 
     def __post_init__(self) -> None:

@@ -5,7 +5,9 @@ A sample holds `messages` (OpenAI-style chat, content a string or a list of part
 image parts). Optional: `source`; for RL prompts `answer`, `reward` (the verifier's name), `boxes`
 ([x0, y0, x1, y1] in pixels of the sample's first image) and `points` ([x, y]); for RLHF prompts
 `reference` (a stronger model's response, the reward model's anchor); for preference pairs (reward-model
-training) `chosen` and `rejected`, the preferred and the dispreferred reply to `messages`.
+training) `chosen` and `rejected`, the preferred and the dispreferred reply to `messages`; for PaCoRe
+prompts `pool`, the message pool: earlier rollouts' conclusions, each
+`{"text": str, "finished": bool, "reward": float | null, "status": str, "model": str}`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,19 @@ from typing import Any
 from step3vl_train.data.skips import SkippedSample
 
 ROLES = ("system", "user", "assistant")
-OPTIONAL_FIELDS = ("source", "answer", "reward", "boxes", "points", "key", "images", "reference", "chosen", "rejected")
+OPTIONAL_FIELDS = (
+    "source",
+    "answer",
+    "reward",
+    "boxes",
+    "points",
+    "key",
+    "images",
+    "reference",
+    "chosen",
+    "rejected",
+    "pool",
+)
 
 
 @dataclass
@@ -34,6 +48,7 @@ class Sample:
     reference: str | None = None
     chosen: str | None = None
     rejected: str | None = None
+    pool: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_image_parts(self) -> int:
@@ -85,6 +100,7 @@ def build_sample(key: str, record: dict[str, Any], images: dict[int, bytes]) -> 
         reference=record.get("reference"),
         chosen=record.get("chosen"),
         rejected=record.get("rejected"),
+        pool=_checked_pool(key, record.get("pool") or []),
     )
     wanted = sample.num_image_parts
     missing = [i for i in range(wanted) if i not in images]
@@ -119,3 +135,18 @@ def _check_parts(key: str, content: Any, where: str) -> None:
             continue
         if kind != "text" or not isinstance(part.get("text"), str):
             raise SkippedSample("bad_schema", key, f"{where}[{j}] must be {{'type': 'text', 'text': str}} or an image")
+
+
+POOL_ENTRY = {"text": str, "finished": bool, "reward": (int, float, type(None)), "status": str, "model": str}
+
+
+def _checked_pool(key: str, pool: Any) -> list[dict[str, Any]]:
+    if not isinstance(pool, list):
+        raise SkippedSample("bad_schema", key, "'pool' must be a list of messages")
+    for i, entry in enumerate(pool):
+        if not isinstance(entry, dict) or set(entry) != set(POOL_ENTRY):
+            raise SkippedSample("bad_schema", key, f"pool[{i}] must have exactly the fields {sorted(POOL_ENTRY)}")
+        wrong = [name for name, kind in POOL_ENTRY.items() if not isinstance(entry[name], kind)]
+        if wrong:
+            raise SkippedSample("bad_schema", key, f"pool[{i}] has field(s) {wrong} of the wrong type")
+    return pool

@@ -19,6 +19,7 @@ SKIP_REASONS = (
     "placeholder_mismatch",  # more images than `{"type": "image"}` parts, or the chat template lost one
     "too_long",  # longer than the sequence length under `overflow: skip`, or nothing left to learn once cut
     "too_many_images",  # more images or ViT views than one pack may hold
+    "no_messages",  # a PaCoRe prompt whose pool holds no message its synthesis may be given
     "unreadable_shard",  # a shard that cannot be opened or ends mid-sample; counted once a shard
 )
 

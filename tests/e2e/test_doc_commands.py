@@ -7,7 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from launch.pacore import expand_shortcuts
 from rl.config import RENAMED_KEYS, RLConfig
+from rl.pacore.inference import InferenceConfig
 from rl.rm_service.config import ServiceConfig
 from step3vl_train.cli import CONFIGS, check_arguments
 from step3vl_train.data.config import DataConfig
@@ -29,7 +31,9 @@ HYDRA_SCRIPTS = {
     "launch/export_hf.py": "export",
     "launch/train_rm.py": "train_rm",
     "rl/serve_rm.py": "serve_rm",
+    "launch/pacore.py": "pacore",
 }
+FILTERS = ("data/filter_difficulty.py", "data/filter_synthesis.py")  # argparse, then `--` and RL overrides
 GPU_COMMANDS = [c for c in commands() if c.gpu]
 
 
@@ -55,6 +59,8 @@ def check(config_name: str, overrides: list[str]) -> None:
         config = RLConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
         if config.reward.service.launch:
             ServiceConfig.from_dict(config.reward.service.server, "reward.service.server.")
+    elif config_name == "pacore":
+        build(InferenceConfig, OmegaConf.to_container(cfg, resolve=True))
     elif config_name == "serve_rm":
         raw = OmegaConf.to_container(cfg, resolve=True)
         raw.pop("ray")
@@ -70,8 +76,10 @@ def test_gpu_commands_compose_into_valid_configs(command: Command):
         return
     script, arguments = script_and_overrides(command)
     assert (REPO / script).is_file(), command
-    if script == "data/filter_difficulty.py":
+    if script in FILTERS:
         check("rl", arguments[arguments.index("--") + 1 :])
+    elif script == "launch/pacore.py":
+        check("pacore", expand_shortcuts(arguments))
     else:
         check(HYDRA_SCRIPTS[script], arguments)
 
@@ -112,8 +120,8 @@ def test_help_lists_only_the_groups_recipes_and_cpu_forms_that_apply():
     assert pretrain.startswith("Pre-training.") and rl.startswith("RL.")
     assert "  trainer " in pretrain and "  data " in pretrain and "  rollout " not in pretrain
     assert "  rollout    hf, vllm (default: hf)" in rl and "  data " not in rl
-    assert "+recipe    phase1, phase2, sft_stage1, sft_stage2 " in pretrain and "+recipe    rlhf, rlvr " in rl
-    assert "+cpu       pretrain, sft " in pretrain and "+cpu       rlhf, rlvr " in rl
+    assert "+recipe    phase1, phase2, sft_stage1, sft_stage2 " in pretrain and "+recipe    pacore, rlhf, rlvr " in rl
+    assert "+cpu       pretrain, sft " in pretrain and "+cpu       pacore, rlhf, rlvr " in rl
     reward_model, service = usage("train_rm", "RM."), usage("serve_rm", "Service.")
     assert "+recipe    rm " in reward_model and "+cpu       rm " in reward_model and "  data " not in reward_model
     assert "  rm         genrm, scalar (default: scalar)" in service and "+recipe" not in service

@@ -23,7 +23,8 @@ from step3vl_train.train.reward_model import load_reward_model, reward_conversat
 from tests.conftest import REPO
 from tests.e2e.docs import Command, commands, script_and_overrides
 
-WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/rlhf.md", "docs/data.md", "docs/gpu.md"]
+WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/rlhf.md", "docs/pacore.md", "docs/data.md",
+               "docs/gpu.md"]  # fmt: skip
 NOT_RUN = {"make test": "it runs this test"}
 VENV = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv"))
 RLHF_RISE = 0.15  # of the mean RM score (0-1), first 3 iterations to last 3
@@ -81,7 +82,7 @@ def test_the_documented_cpu_commands_work_as_written(tmp_path):
             # the demo's run, re-entered: finished, with the same config
             assert "has already finished" in done.stdout + done.stderr, command
             assert (directory / "config.yaml").read_text() == config, f"{command} is not the demo's command"
-    assert len(ran) >= 9 and len(by_demo) >= 17
+    assert len(ran) >= 9 and len(by_demo) >= 22
     check_rl_run(cwd / "outputs" / "demo")
 
 
@@ -113,8 +114,10 @@ def check_demo(out: Path, ran: set[str], stdout: str, documented: set[str]) -> N
     first, last = sum(score[:3]) / 3, sum(score[-3:]) / 3
     assert last >= first + RLHF_RISE, score
     assert f"| RLHF (RM score) | {len(score)} | {first:.3f} | {last:.3f} |" in summary
-    for stage in ("rlvr", "rlhf"):
+    for stage in ("rlvr", "rlhf", "pacore"):
         assert (out / stage / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    inference = json.loads((out / "pacore_inference" / "summary.json").read_text())
+    assert f"{inference['sere_accuracy']:.3f}" in summary and f"{inference['pacore_accuracy']:.3f}" in summary
 
 
 def check_rl_run(demo: Path) -> None:
@@ -138,6 +141,7 @@ def check_rl_run(demo: Path) -> None:
     moved = [name for name, p in policy.named_parameters() if not torch.equal(p, initial.state_dict()[name])]
     assert moved and not any(name.startswith("vision_model.") for name in moved)  # the encoder stays frozen
     check_rlhf_run(demo)
+    check_pacore_runs(demo)
 
 
 def check_rlhf_run(demo: Path) -> None:
@@ -169,3 +173,21 @@ def check_rlhf_run(demo: Path) -> None:
                     "service/latency_p50", "service/latency_p99", "value_loss"):  # fmt: skip
             assert key in row, key
         assert not any(f"reward_status/{status}" in row for status in ("timeout", "error", "unparsed")), row
+
+
+def check_pacore_runs(demo: Path) -> None:
+    """The demo's PaCoRe: pools of the RLVR policy's rollouts, a training run whose prompts were given
+    messages from them, and inference on held-out prompts, one synthesis a problem after its 8 rollouts."""
+    pools = [json.loads(line) for line in (demo / "pools" / "difficulty.jsonl").read_text().splitlines()]
+    assert pools and all(len(row["pool"]) == 8 for row in pools)
+    assert all(entry["model"].endswith("rlvr_hf") for row in pools for entry in row["pool"])
+    rows = [json.loads(line) for line in (demo / "pacore" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, len(rows) + 1))
+    for row in rows:
+        assert 4 <= row["pacore/messages"] <= 8 and 0 <= row["pacore/message_reward"] <= 1
+        assert 0 <= row["pacore/synthesis_reward"] <= 1 and row["logprob_mismatch/max_abs"] < 1e-4
+    logged = [json.loads(line) for line in (demo / "pacore" / "rollouts.jsonl").read_text().splitlines()]
+    assert all(4 <= len(row["messages"]) <= 8 for row in logged)
+    results = [json.loads(line) for line in (demo / "pacore_inference" / "results.jsonl").read_text().splitlines()]
+    assert results and all(len(r["rounds"]) == 2 and len(r["rounds"][0]) == 8 for r in results)
+    assert all(len(r["sere_rewards"]) == 8 and r["final"] is not None for r in results)

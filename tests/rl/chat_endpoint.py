@@ -1,5 +1,5 @@
 """An OpenAI-compatible chat-completions endpoint on loopback, for tests of the clients that call one (the
-model verifier, the GenRM's OpenAI judge)."""
+model verifier, the OpenAI chat model of the GenRM's judge and of PaCoRe inference)."""
 
 import http.server
 import json
@@ -7,8 +7,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-# A request's JSON body -> (HTTP status, the message's content, its reasoning_content or None).
-Answer = Callable[[dict], tuple[int, str | None, str | None]]
+# A request's JSON body -> (HTTP status, the message's content, its reasoning_content or None), optionally
+# followed by the choice's finish_reason ("stop" when not given).
+Answer = Callable[[dict], tuple]
 
 
 class QuietServer(http.server.ThreadingHTTPServer):
@@ -22,13 +23,14 @@ def chat_endpoint(answer: Answer) -> Iterator[str]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's naming
-            status, content, reasoning = answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, content, reasoning, *finish = answer(body)
             if status != 200:
                 self.send_response(status)
                 self.end_headers()
                 return
             message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-            choice = {"index": 0, "finish_reason": "stop", "message": message}
+            choice = {"index": 0, "finish_reason": finish[0] if finish else "stop", "message": message}
             reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice]}
             data = json.dumps(reply).encode()
             self.send_response(200)

@@ -8,7 +8,7 @@ from step3vl_train.processing.processor import load_processor
 from step3vl_train.processing.tokenizer import load_tokenizer
 from step3vl_train.train.reward_model import RewardStats
 from tests.conftest import REPO, load_model_config
-from tests.rl.format_task import train_format_model, write_prompts
+from tests.rl.format_task import train_format_model, write_pooled_prompts, write_prompts
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,16 @@ def secret_task(tmp_path_factory):
     processor = load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
     model = train_format_model(load_model_config("tiny"), processor, root / "format_model")
     return write_prompts(root / "prompts", 64), model
+
+
+@pytest.fixture(scope="session")
+def pacore_task(tmp_path_factory):
+    """(PaCoRe prompt shards of the secret-digit task, each with its own secret and a pool that mostly boxes
+    it; a tiny policy that has learned the answer format, under the synthesis template too)."""
+    root = tmp_path_factory.mktemp("pacore")
+    processor = load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
+    model = train_format_model(load_model_config("tiny"), processor, root / "format_model", steps=200, reads=0.5)
+    return write_pooled_prompts(root / "prompts", 64), model
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The GenRM (rl/rewards/genrm.py) with stub judges, and its judges (rl/rewards/judges.py): the tiny random
-model on the transformers engine, and an OpenAI-compatible endpoint served on loopback."""
+"""The GenRM (rl/rewards/genrm.py) with stub judges, and its judges, chat models (rl/chat_models.py): the tiny
+random model on the transformers engine, and an OpenAI-compatible endpoint served on loopback."""
 
 import base64
 import io
@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from rl.chat_models import ChatModelConfig, ChatReply, EngineChatModel, OpenAIChatModel, build_chat_model, data_url
 from rl.rewards.genrm import GenRM, GenRMConfig, JudgeItem, parse_scores
-from rl.rewards.judges import EngineJudge, JudgeConfig, JudgeReply, OpenAIJudge, build_judge, data_url
 from rl.rewards.verifier import VerifierConfig
 from tests.conftest import REPO
 from tests.rl.chat_endpoint import chat_endpoint
@@ -52,19 +52,19 @@ class StubJudge:
     reply: object
     calls: list[list] = field(default_factory=list)
 
-    def complete(self, requests):
+    def complete(self, requests, n=1, seed=0):
         self.calls.append(requests)
-        return [self.reply(request_text(request)) for request in requests]
+        return [[self.reply(request_text(request))] for request in requests]
 
 
 def fixed(text):
-    return lambda _: JudgeReply(text)
+    return lambda _: ChatReply(text)
 
 
 def prefers_paris(text):
     found = blocks(text)
     a, b = (9, 4) if found["response-A"] == POLICY else (4, 9)
-    return JudgeReply(f"A says Paris, which is right.\nSCORES: A={a} B={b}")
+    return ChatReply(f"A says Paris, which is right.\nSCORES: A={a} B={b}")
 
 
 def test_a_judge_that_prefers_position_a_gives_exactly_the_neutral_score():
@@ -88,7 +88,7 @@ def test_a_judge_that_prefers_the_policy_in_both_orders():
 
 def test_ties_count_as_no_preference_in_the_disagreement():
     replies = iter(["SCORES: A=5 B=5", "SCORES: A=5 B=5", "SCORES: A=5 B=5", "SCORES: A=3 B=7"])
-    judge = StubJudge(lambda _: JudgeReply(next(replies)))
+    judge = StubJudge(lambda _: ChatReply(next(replies)))
     same, differ = GenRM(GenRMConfig(), judge).judge([item(), item()])
     assert (same.preference, same.components["position_disagreement"]) == (0.5, 0.0)
     assert differ.components["position_disagreement"] == 1.0  # a tie, then a win for the policy (B)
@@ -163,7 +163,7 @@ def test_a_reply_that_does_not_parse_is_masked(reply):
 
 def test_one_unparsed_order_masks_the_item():
     replies = iter(["SCORES: A=8 B=2", "no scores"])
-    [judgement] = GenRM(GenRMConfig(), StubJudge(lambda _: JudgeReply(next(replies)))).judge([item()])
+    [judgement] = GenRM(GenRMConfig(), StubJudge(lambda _: ChatReply(next(replies)))).judge([item()])
     assert (judgement.status, judgement.preference) == ("unparsed", None)
     assert judgement.detail.startswith("reference first:")
 
@@ -176,7 +176,7 @@ def test_parse_scores_reads_decimals_and_the_last_line_only():
 
 @pytest.mark.parametrize("status", ["timeout", "error"])
 def test_a_failed_judge_call_is_the_items_status(status):
-    replies = iter([JudgeReply("SCORES: A=8 B=2"), JudgeReply(None, status, "judge: it went wrong")])
+    replies = iter([ChatReply("SCORES: A=8 B=2"), ChatReply(None, status=status, detail="judge: it went wrong")])
     [judgement] = GenRM(GenRMConfig(), StubJudge(lambda _: next(replies))).judge([item()])
     assert (judgement.status, judgement.preference) == (status, None)
     assert judgement.detail == f"reference first: {status} judge: it went wrong"
@@ -190,7 +190,7 @@ def always_equal(reply: str) -> tuple[float, float]:
 def test_a_parser_by_import_path():
     config = GenRMConfig(parser="tests.rl.test_genrm:always_equal", max_score=1.0)
     replies = iter(["Better: A", "Better: A"])
-    [judgement] = GenRM(config, StubJudge(lambda _: JudgeReply(next(replies)))).judge([item()])
+    [judgement] = GenRM(config, StubJudge(lambda _: ChatReply(next(replies)))).judge([item()])
     assert (judgement.status, judgement.preference) == ("ok", 0.5)
 
 
@@ -236,14 +236,16 @@ def test_a_template_with_wrong_placeholders_fails_at_construction(tmp_path, temp
 
 
 def test_the_tiny_random_model_judges_end_to_end_and_its_replies_are_masked():
-    config = JudgeConfig(
+    config = ChatModelConfig(
         backend="hf",
+        tokenizer="tiny",
         model_config=OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")),
         processor=OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "processor" / "tiny.yaml")),
         max_new_tokens=8,
+        temperature=0.0,
     )
-    judge = build_judge(config)
-    assert isinstance(judge, EngineJudge)
+    judge = build_chat_model(config)
+    assert isinstance(judge, EngineChatModel)
     recorder = Recorder(judge)
     judgements = GenRM(GenRMConfig(), recorder).judge([item(), item(images=0)])
     assert len(recorder.replies) == 4 and all(reply.status == "ok" and reply.text for reply in recorder.replies)
@@ -255,9 +257,9 @@ class Recorder:
     judge: object
     replies: list = field(default_factory=list)
 
-    def complete(self, requests):
-        replies = self.judge.complete(requests)
-        self.replies += replies
+    def complete(self, requests, n=1, seed=0):
+        replies = self.judge.complete(requests, n, seed)
+        self.replies += [reply for group in replies for reply in group]
         return replies
 
 
@@ -286,9 +288,9 @@ def endpoint():
         yield endpoint
 
 
-def openai_judge(endpoint, timeout_s=5.0) -> OpenAIJudge:
+def openai_judge(endpoint, timeout_s=5.0) -> OpenAIChatModel:
     settings = VerifierConfig(base_url=endpoint.url, model="judge", timeout_s=timeout_s, max_retries=0)
-    return build_judge(JudgeConfig(backend="openai", endpoint=settings, max_new_tokens=64))
+    return build_chat_model(ChatModelConfig(backend="openai", endpoint=settings, max_new_tokens=64, temperature=0.0))
 
 
 def test_an_openai_compatible_judge_gets_the_images_as_data_urls(endpoint):
@@ -327,4 +329,4 @@ def test_an_openai_judge_that_hangs_times_out_within_its_bound(endpoint):
         judge.close()
     assert time.monotonic() - start < 2.0
     assert (judgement.status, judgement.preference) == ("timeout", None)
-    assert judgement.detail.startswith("policy first: timeout judge:")
+    assert judgement.detail.startswith("policy first: timeout chat:")

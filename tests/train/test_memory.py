@@ -1,5 +1,5 @@
-"""The per-rank memory estimate: every recipe fits 8 H100s, the arithmetic is what the docstring says, and
-the estimate matches a measured peak on the CPU."""
+"""The per-rank memory estimate: every recipe but PaCoRe's 64K fits 8 H100s, the arithmetic is what the
+docstring says, and the estimate matches a measured peak on the CPU."""
 
 import pytest
 
@@ -22,6 +22,14 @@ def test_every_recipe_fits_eight_h100s_as_it_is(recipe):
     result, _ = estimate(recipe, H100, [f"+recipe={recipe}"])
     assert result.fits, result.table()
     assert result.gpu_gib > 30  # a 10B model's states alone are 23 GiB a rank
+
+
+def test_pacore_at_64k_needs_sixteen_h100s_without_sequence_parallelism_in_rl():
+    """As recipes/pacore.yaml and docs/pacore.md say: 95 GiB a rank on 8, 76 GiB on 16."""
+    eight, _ = estimate("pacore", H100, ["+recipe=pacore", "stage=pacore"])
+    sixteen, _ = estimate("pacore", ClusterConfig(gpus=16, gpu_memory_gb=80), ["+recipe=pacore", "stage=pacore"])
+    assert not eight.fits and round(eight.gpu_gib) == 95, eight.table()
+    assert sixteen.fits and round(sixteen.gpu_gib) == 76, sixteen.table()
 
 
 def test_the_arithmetic_by_hand():

@@ -1,0 +1,60 @@
+r"""PaCoRe inference (spec 6.2): K parallel rollouts of each problem, compacted to their conclusions, then a
+synthesis round that answers from the problem and those conclusions; pacore.rounds=[32,4] adds a round.
+
+python launch/pacore.py model=/models/step3vl chat.backend=vllm data='/data/eval/*.tar' pacore.rounds=[16]
+python launch/pacore.py chat.backend=openai chat.endpoint.base_url=http://policy:8000/v1 \
+    chat.endpoint.model=stepfun-ai/Step3-VL-10B chat.tokenizer=/models/step3vl data=problems.jsonl
+python launch/pacore.py model=outputs/demo/rlvr_hf chat.tokenizer=tiny chat.processor=configs/processor/tiny.yaml \
+    data='outputs/demo/synthetic/rl/*.tar' max_problems=8 pacore.rounds=[4] chat.max_new_tokens=64   # the CPU
+
+model=DIR and data=PATHS are shortcuts for chat.model and data.paths. Problems are samples in the data
+schema (docs/data.md), each read once. Writes OUT/results.jsonl (a line a problem: every round's
+conclusions, the references each synthesis was given, the final answer and its reasoning; with a `reward`
+in the data, the rewards of the first round's rollouts and of the synthesis) and OUT/summary.json, whose
+JSON is also the last line printed: SeRe's and PaCoRe's accuracy side by side.
+"""
+
+import json
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from step3vl_train.cli import launch
+
+# `model` and `data` are config groups in configs/ (other scripts'), so Hydra would look `model=DIR` up as
+# a group's option: the shortcuts become the keys they stand for before Hydra reads the command line.
+SHORTCUTS = {"model": "chat.model", "data": "data.paths"}
+
+
+def expand_shortcuts(arguments: list[str]) -> list[str]:
+    expanded = []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        expanded.append(f"{SHORTCUTS[key]}={value}" if equals and key in SHORTCUTS else argument)
+    return expanded
+
+
+def infer(cfg: DictConfig) -> None:
+    from rl.chat_models import build_chat_model  # here: --help need not wait for torch and the engines
+    from rl.pacore.inference import InferenceConfig, run_inference
+    from step3vl_train.processing.tokenizer import load_tokenizer
+    from step3vl_train.usage import UsageError, build
+
+    config = build(InferenceConfig, OmegaConf.to_container(cfg, resolve=True))
+    if not config.chat.tokenizer_source:
+        raise UsageError(
+            "chat.tokenizer is not set (nor model=DIR, whose tokenizer it would be): PaCoRe counts the tokens "
+            "of messages with the model's tokenizer; give its directory, or tiny"
+        )
+    tokenizer = load_tokenizer(config.chat.tokenizer_source)
+    model = build_chat_model(config.chat, "chat")
+    try:
+        summary = run_inference(config, model, tokenizer)
+    finally:
+        model.close()
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = expand_shortcuts(sys.argv[1:])
+    launch(infer, "pacore", __doc__)
