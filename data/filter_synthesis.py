@@ -7,7 +7,8 @@ python data/filter_synthesis.py --k 8 --out DIR -- stage=pacore prompts.root=POO
 POOLS holds prompt shards whose samples carry a `pool` (data/filter_difficulty.py --save-messages, or
 data/import_pools.py). Everything after `--` is a Hydra override of the RL config (configs/rl.yaml) under
 `stage=pacore`: each prompt's messages M, |M| ~ U(pacore.messages), are drawn from its pool as training
-draws them at iteration 0 (seeded by pacore.seed and the prompt's key), rendered into the synthesis
+draws them, for a step 0 that training never reaches (seeded by pacore.seed, the step and the sample's
+own key; training draws afresh at iterations 1, 2, ...), rendered into the synthesis
 template with the problem's images kept, and the synthesis is rolled out k times, all k with the same M.
 The rewards score the synthesis's conclusion against the problem's answer.
 

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rl.pacore.template import conclusion
+from rl.pacore.messages import pool_entry
 from step3vl_train.data.schema import build_sample
 from step3vl_train.data.shards import ShardSetWriter
 from step3vl_train.data.skips import SkipLog, SkippedSample
@@ -116,16 +116,6 @@ def conversation_of(key: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": m.get("role"), "content": m.get("content")} for m in conversation]
 
 
-def pool_entry(response: str, model: str) -> dict[str, Any]:
-    return {
-        "text": conclusion(response),
-        "finished": THINK_END in response,
-        "reward": None,
-        "status": "unscored",
-        "model": model,
-    }
-
-
 def convert(key: str, where: str, entry: Any, reward: str, model: str, counts: Counter[str]) -> dict[str, Any]:
     """An entry as a sample record (checked against the schema); `counts` gains its responses' tallies."""
     if not isinstance(entry, dict):
@@ -142,12 +132,12 @@ def convert(key: str, where: str, entry: Any, reward: str, model: str, counts: C
     texts = [r for r in responses if isinstance(r, str)]
     if not texts:
         raise SkippedSample("no_messages", key, f"none of its {len(responses)} responses is a string")
+    record = {"messages": messages, "answer": answer, "reward": reward, "source": where}
+    record["pool"] = [pool_entry(text, model) for text in texts]  # unscored: the layout has no rewards
+    build_sample(key, record, {})  # a skip here leaves the tallies below alone
     counts["responses"] += len(texts)
     counts["not_a_string"] += len(responses) - len(texts)
     counts["unfinished"] += sum(THINK_END not in text for text in texts)
-    record = {"messages": messages, "answer": answer, "reward": reward, "source": where}
-    record["pool"] = [pool_entry(text, model) for text in texts]
-    build_sample(key, record, {})
     return record
 
 

@@ -119,6 +119,10 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def figure(value: float | None) -> str:
+    return "none scored" if value is None else f"{value:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo", help="relative to the current directory, or absolute")
@@ -156,12 +160,12 @@ def main() -> None:
         row("PaCoRe training (synthesis reward)", pacore, "pacore/synthesis_reward", "pacore", window),
         row("PaCoRe training (its messages' reward)", pacore, "pacore/message_reward", "pacore", window),
         f"| SeRe on held-out prompts (accuracy) | {inference['sere_scored']} responses | | "
-        f"{inference['sere_accuracy']:.3f} | {seconds['pacore_inference']:.0f} | reward_mean |",
+        f"{figure(inference['sere_accuracy'])} | {seconds['pacore_inference']:.0f} | reward_mean |",
         f"| PaCoRe [8] on held-out prompts (accuracy) | {inference['pacore_scored']} answers | | "
-        f"{inference['pacore_accuracy']:.3f} | | reward_mean |", "",
+        f"{figure(inference['pacore_accuracy'])} | | reward_mean |", "",
         "Pre-training, SFT and the reward model: the first and the last step's figure (the reward model's at "
-        f"its evaluations, steps {', '.join(evaluated)}). RLVR and RLHF: the mean of the first {window} and of "
-        f"the last {window} iterations.", "",
+        f"its evaluations, steps {', '.join(evaluated)}). RLVR, RLHF and PaCoRe training: the mean of the first "
+        f"{window} and of the last {window} iterations.", "",
         *(f"- `{key}`: {meaning}." for key, meaning in MEANINGS.items()), "",
         "SeRe: the first round's 8 rollouts of each held-out `choice` prompt, by the PaCoRe-trained policy; "
         "PaCoRe: its synthesis of their conclusions (`pacore_inference/results.jsonl`).", "",

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from rl.engines import build_rollout_engine
@@ -75,11 +76,23 @@ class ChatModelConfig:
     batch_size: int = 16  # hf: sequences generated together
     gpu_memory_utilization: float = 0.6  # vllm
     tensor_parallel_size: int = 1  # vllm
+    max_model_len: int | None = None  # vllm: prompt + reply; None: the model's (PaCoRe's synthesis wants 131072)
 
     @property
     def tokenizer_source(self) -> str | None:
         """Where the tokenizer comes from: `tokenizer`, else the model directory (exports carry theirs)."""
         return self.tokenizer or self.model
+
+    @property
+    def processor_settings(self) -> dict[str, Any] | None:
+        """The processor's settings (None: the released processor's). On vLLM its crop rule is vLLM's:
+        vLLM 0.33 crops as configs/rollout/vllm.yaml explains, and our prompt must expand as its does."""
+        settings = self.processor
+        if isinstance(settings, str):
+            settings = OmegaConf.to_container(OmegaConf.load(settings), resolve=True)
+        if self.backend == "vllm":
+            settings = {**(settings or {}), "crop_rule": "vllm"}
+        return settings or None
 
 
 def build_chat_model(config: ChatModelConfig, key: str = "chat") -> ChatModel:
@@ -177,7 +190,7 @@ class EngineChatModel:
             raise UsageError(f"{key}.backend=hf needs {key}.model (or {key}.model_config for a random model)")
         if not config.tokenizer_source:
             raise UsageError(f"{key}.tokenizer is not set: give tiny or a tokenizer directory")
-        self.processor = load_processor(config.tokenizer_source, config.processor or None)
+        self.processor = load_processor(config.tokenizer_source, config.processor_settings)
         tokenizer = self.processor.tokenizer
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Greedy as the top-1 sample at temperature 1: the transformers engine always samples, dividing by
@@ -196,9 +209,10 @@ class EngineChatModel:
                 "model": config.model,
                 "tokenizer": config.tokenizer_source,
                 "pad_token_id": pad_token_id,
-                "processor_config": config.processor or None,
+                "processor_config": config.processor_settings,
                 "tensor_parallel_size": config.tensor_parallel_size,
                 "gpu_memory_utilization": config.gpu_memory_utilization,
+                "max_model_len": config.max_model_len,
             }
         self.engine = build_rollout_engine(config.backend, **options)
 

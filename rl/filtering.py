@@ -8,6 +8,7 @@ A response whose reward could not be computed (timeout, error) counts for neithe
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -23,13 +24,13 @@ from rl.config import RLConfig
 from rl.engines import build_rollout_engine, engine_options
 from rl.experience import Prompt, Response
 from rl.iteration import group_responses, sampling_params, score_rewards
-from rl.pacore.messages import Rollout
-from rl.pacore.template import conclusion
+from rl.pacore.messages import pool_entry
 from rl.preflight import check_weights
 from rl.prompts import PromptLoader
 from rl.rewards import RewardScorer
 from step3vl_train.data.encoding import image_suffix
 from step3vl_train.data.shards import ShardSetWriter
+from step3vl_train.data.sources import record_key
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.recipes import register_recipes
 from step3vl_train.usage import UsageError
@@ -91,13 +92,7 @@ class Group:
         """The responses as pool entries (the schema's `pool`): conclusion, finished, reward (null where it
         could not be computed), status and the checkpoint that wrote them."""
         return [
-            {
-                "text": conclusion(text),
-                "finished": Rollout(text, r.completion.finish_reason).finished,
-                "reward": float(r.reward) if r.valid else None,
-                "status": r.status,
-                "model": model,
-            }
+            pool_entry(text, model, r.completion.finish_reason, float(r.reward) if r.valid else None, r.status)
             for r, text in zip(self.responses, self.texts, strict=True)
         ]
 
@@ -111,7 +106,7 @@ class RolloutFilter:
         self.model = policy_name(cfg)
         processor = load_processor(cfg.tokenizer, cfg.processor or None)
         self.tokenizer = processor.tokenizer
-        self.loader = PromptLoader(cfg.prompts, processor, cfg.reward.fn, 1, cfg.pacore if pacore else None)
+        self.loader = PromptLoader(cfg.prompts, processor, cfg.reward.fn, 1, cfg.pacore if pacore else None, True)
         options = engine_options(cfg, self.tokenizer.pad_token_id or 0, True)
         self.engine = build_rollout_engine(cfg.rollout.engine, **options)
         self.sampling = replace(sampling_params(cfg, processor), n=k)
@@ -124,7 +119,7 @@ class RolloutFilter:
         prompt share its messages: the loader draws them once a prompt (step 0)."""
         stop = set(self.sampling.stop_token_ids)
         with tqdm(desc="prompts", unit="prompt") as progress:
-            for batch_index in range(1 << 62):
+            for batch_index in itertools.count():
                 prompts = self.loader.next_batch(self.batch_prompts, step=0)
                 if not prompts:
                     return
@@ -158,4 +153,4 @@ def write_prompt(writer: ShardSetWriter, prompt: Prompt, pool: list[dict[str, An
     if pool is not None:
         record["pool"] = pool
     suffixes = [image_suffix(prompt.key, data) for data in prompt.images]
-    writer.write(prompt.key.rsplit(":", 1)[-1], record, prompt.images, suffixes)
+    writer.write(record_key(prompt.key), record, prompt.images, suffixes)

@@ -67,7 +67,7 @@ def score_rewards(scorer: RewardScorer, responses: list[Response], decode, stop_
             image_size=r.prompt.image_size,
             truncated=r.completion.finish_reason == "length",
             prompt=r.prompt.question,
-            messages=r.prompt.messages,
+            messages=r.prompt.original_messages or r.prompt.messages,  # PaCoRe: the problem, not the template
             images=r.prompt.images,
             reference=r.prompt.reference,
         )

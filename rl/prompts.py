@@ -10,6 +10,7 @@ synthesis prompt replaces the text of the last user message, whose images stay."
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 from rl.config import PromptsConfig, RLConfig
 from rl.experience import Prompt, SynthesisInfo
@@ -19,6 +20,7 @@ from rl.pacore.template import original_prompt, synthesis_messages
 from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
 from step3vl_train.data.skips import SkippedSample
+from step3vl_train.data.sources import record_key
 from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.processing.placeholders import PlaceholderMismatchError
 from step3vl_train.processing.processor import Step3VLProcessor
@@ -32,15 +34,18 @@ class PromptLoader:
         default_reward: str | None = None,
         max_epochs: int | None = None,
         pacore: PaCoReConfig | None = None,
+        keep_pools: bool = False,
     ):
         """`max_epochs` None repeats the sources forever (training); 1 reads each once (offline tools).
-        `pacore`: the prompts are PaCoRe synthesis rounds, their messages drawn from each sample's pool."""
+        `pacore`: the prompts are PaCoRe synthesis rounds, their messages drawn from each sample's pool.
+        `keep_pools`: each Prompt carries its sample's whole pool (the filters write it out); training
+        leaves it behind, so that it does not travel to the actors with every prompt."""
         self.config = config
         self.processor = processor
         self.default_reward = default_reward
         self.samples = MixedSamples(config.sources, config.root, seed=config.seed, max_epochs=max_epochs)
         self.compactor = Compactor(pacore, processor.tokenizer) if pacore is not None else None
-        self.step = 0
+        self.keep_pools = keep_pools
 
     @property
     def skips(self) -> Counter[str]:
@@ -50,10 +55,9 @@ class PromptLoader:
     def next_batch(self, size: int, step: int = 0) -> list[Prompt]:
         """`size` prompts, or fewer once every source has been read `max_epochs` times. `step`: the RL
         iteration, which seeds a PaCoRe prompt's draw of messages."""
-        self.step = step
-        return self.samples.take(size, self.prepare, "prompt")
+        return self.samples.take(size, partial(self.prepare, step=step), "prompt")
 
-    def prepare(self, sample: Sample, source: str) -> Prompt:
+    def prepare(self, sample: Sample, source: str, step: int = 0) -> Prompt:
         if sample.messages is None or sample.messages[-1]["role"] != "user":
             raise SkippedSample("bad_schema", sample.key, "an RL prompt needs `messages` ending with a user turn")
         reward = self.default_reward or sample.reward
@@ -65,7 +69,7 @@ class PromptLoader:
             raise SkippedSample("corrupt_image", sample.key, str(error)) from error
         messages, synthesis = sample.messages, None
         if self.compactor is not None:
-            messages, synthesis = self.synthesis(sample)
+            messages, synthesis = self.synthesis(sample, step)
         try:
             processed = self.processor(messages, images, add_generation_prompt=True, sample=sample.key)
         except PlaceholderMismatchError as error:
@@ -88,21 +92,21 @@ class PromptLoader:
             question=question_text(sample.messages),
             reference=sample.reference,
             original_messages=sample.messages if synthesis is not None else None,
-            pool=sample.pool,
+            pool=sample.pool if self.keep_pools else [],
             synthesis=synthesis,
         )
 
-    def synthesis(self, sample: Sample) -> tuple[list[dict], SynthesisInfo]:
+    def synthesis(self, sample: Sample, step: int) -> tuple[list[dict], SynthesisInfo]:
         """The synthesis conversation of a PaCoRe prompt at this step, and the messages it was given."""
         config = self.compactor.config
         problem = original_prompt(sample.messages)
-        draw = draw_messages(self.compactor, problem, sample.pool, config.seed, self.step, sample.key)
-        if draw.messages.skipped:
-            raise SkippedSample("too_long", sample.key, "its references exceed pacore.max_synthesis_tokens")
-        if config.messages[1] > 0 and not draw.messages.texts:
+        draw = draw_messages(self.compactor, problem, sample.pool, config.seed, step, record_key(sample.key))
+        if config.messages[1] > 0 and not draw.usable:
             raise SkippedSample("no_messages", sample.key, "its `pool` holds no message a synthesis may be given")
-        info = SynthesisInfo(draw.indices, draw.message_reward, dict(draw.messages.dropped))
-        return synthesis_messages(sample.messages, draw.messages.texts), info
+        if draw.references.skipped:
+            raise SkippedSample("too_long", sample.key, "its references exceed pacore.max_synthesis_tokens")
+        info = SynthesisInfo(draw.indices, draw.message_reward, dict(draw.references.dropped))
+        return synthesis_messages(sample.messages, draw.references.texts), info
 
     def state_dict(self) -> dict:
         return self.samples.state_dict()
@@ -111,10 +115,12 @@ class PromptLoader:
         self.samples.load_state_dict(state, "prompt")
 
 
-def prompt_loader(cfg: RLConfig, processor: Step3VLProcessor, max_epochs: int | None = None) -> PromptLoader:
+def prompt_loader(
+    cfg: RLConfig, processor: Step3VLProcessor, max_epochs: int | None = None, keep_pools: bool = False
+) -> PromptLoader:
     """The loader of an RL config's prompts: PaCoRe synthesis rounds under `stage=pacore`."""
     pacore = cfg.pacore if cfg.stage == "pacore" else None
-    return PromptLoader(cfg.prompts, processor, cfg.reward.fn, max_epochs, pacore)
+    return PromptLoader(cfg.prompts, processor, cfg.reward.fn, max_epochs, pacore, keep_pools)
 
 
 def question_text(messages: list[dict]) -> str:

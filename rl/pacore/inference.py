@@ -16,6 +16,7 @@ chat model. With a `reward` (and `answer`) in the data, the first round's rollou
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -39,8 +40,8 @@ from step3vl_train.data.config import SourceConfig
 from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
 from step3vl_train.data.skips import SkippedSample
-from step3vl_train.data.sources import is_local
-from step3vl_train.processing.chat import THINK_END
+from step3vl_train.data.sources import is_local, record_key
+from step3vl_train.processing.chat import THINK_END, split_reasoning
 from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.usage import UsageError
 
@@ -170,21 +171,21 @@ class PaCoReInference:
             # The official order sorts every reply, failed ones as empty strings, by its content as returned.
             order = official_order([reply.text or "" for reply in group])
         else:
-            order = seeded_order(len(group), self.config.pacore.seed, sample.key, round_index)
+            order = seeded_order(len(group), self.config.pacore.seed, record_key(sample.key), round_index)
         problem = original_prompt(sample.messages)
-        messages = self.compactor.from_rollouts(problem, rollouts, order)
+        references = self.compactor.from_rollouts(problem, rollouts, order)
         trace.syntheses.append(
             {
-                "references": [order[position] for position in messages.kept],  # the replies, in their order
-                "dropped": dict(messages.dropped),
-                "capped": messages.capped,
-                "no_messages": not messages.texts and not messages.skipped,  # the bare problem
+                "references": [order[position] for position in references.kept],  # the replies, in their order
+                "dropped": dict(references.dropped),
+                "capped": references.capped,
+                "no_messages": not references.texts and not references.skipped,  # the bare problem
             }
         )
-        if messages.skipped:
+        if references.skipped:
             trace.skipped = "over_budget"
             return
-        trace.messages = synthesis_messages(sample.messages, messages.texts)
+        trace.messages = synthesis_messages(sample.messages, references.texts)
 
     def score(self, traces: list[Trace]) -> None:
         """The rewards of the first round's rollouts and of the synthesis, into the traces of problems with a
@@ -195,9 +196,9 @@ class PaCoReInference:
                 continue
             trace.sere_rewards = [None] * len(trace.rounds[0])
             for position, reply in enumerate(trace.rounds[0]):
-                jobs.append((trace, position, self.reward_request(trace, reply, trace.problem.sample.messages)))
+                jobs.append((trace, position, self.reward_request(trace, reply)))
             if trace.skipped is None:
-                jobs.append((trace, None, self.reward_request(trace, trace.rounds[-1][0], trace.messages)))
+                jobs.append((trace, None, self.reward_request(trace, trace.rounds[-1][0])))
         jobs = [job for job in jobs if job[2] is not None]
         results = self.scorer.score([request for _, _, request in jobs]) if jobs else []
         for (trace, position, _), result in zip(jobs, results, strict=True):
@@ -209,8 +210,9 @@ class PaCoReInference:
     def reward_name(self, trace: Trace) -> str | None:
         return self.config.reward.fn or trace.problem.sample.reward
 
-    def reward_request(self, trace: Trace, reply: ChatReply, messages: list[dict]) -> RewardRequest | None:
-        """As RLVR scores a rollout (rl/iteration.py, score_rewards); None for a failed call."""
+    def reward_request(self, trace: Trace, reply: ChatReply) -> RewardRequest | None:
+        """As RLVR scores a rollout (rl/iteration.py, score_rewards), against the problem as stored (a
+        synthesis is judged as an answer to the problem, not to the template); None for a failed call."""
         text = response_text(reply)
         if text is None:
             return None
@@ -224,7 +226,7 @@ class PaCoReInference:
             image_size=trace.problem.image_size,
             truncated=reply.finish_reason == "length",
             prompt=question_text(sample.messages),
-            messages=messages,
+            messages=sample.messages,
             images=sample.images,
             reference=sample.reference,
         )
@@ -244,7 +246,7 @@ class PaCoReInference:
             text = response_text(final)
             result["final"] = {
                 "text": final.text,
-                "reasoning": final.reasoning,
+                "reasoning": final.reasoning if final.reasoning is not None else split_reasoning(text or "")[0],
                 "conclusion": None if text is None else conclusion(text),
                 "status": final.status,
                 "finish_reason": final.finish_reason,
@@ -253,7 +255,11 @@ class PaCoReInference:
             result["sere_rewards"] = [
                 reward_record(reward, reply) for reward, reply in zip(trace.sere_rewards, trace.rounds[0], strict=True)
             ]
-            result["pacore_reward"] = None if trace.skipped else reward_record(trace.pacore_reward, trace.rounds[-1][0])
+            result["pacore_reward"] = (
+                {"score": 0.0, "status": "skipped"}  # no answer: wrong, as a failed call is
+                if trace.skipped
+                else reward_record(trace.pacore_reward, trace.rounds[-1][0])
+            )
         return result
 
 
@@ -268,9 +274,10 @@ def reply_record(reply: ChatReply) -> dict[str, Any]:
 
 
 def reward_record(result: RewardResult | None, reply: ChatReply) -> dict[str, Any]:
-    """{score, status}; the score is None where nothing was scored (a failed call, a scorer failure)."""
+    """{score, status}. A failed call answered nothing: 0, as the official code's empty answer scores. A
+    scorer failure (timeout, error) is no verdict on the model: its score is None, left out of accuracy."""
     if result is None:
-        return {"score": None, "status": reply.status}
+        return {"score": 0.0, "status": reply.status}
     return {"score": result.score if result.valid else None, "status": result.status}
 
 
@@ -325,7 +332,7 @@ def run_inference(config: InferenceConfig, model: ChatModel, tokenizer) -> dict[
     progress = tqdm(total=config.max_problems, desc="problems", unit="problem")
     try:
         with (out / "results.jsonl").open("w") as results:
-            for batch in range(1 << 62):
+            for batch in itertools.count():
                 left = config.batch_problems
                 if config.max_problems is not None:
                     left = min(left, config.max_problems - summary.problems)

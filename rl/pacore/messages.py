@@ -36,7 +36,7 @@ class Rollout:
 
 
 @dataclass
-class Messages:
+class References:
     """The references of a synthesis round, and what compaction left out."""
 
     texts: list[str] = field(default_factory=list)
@@ -83,9 +83,9 @@ class Compactor:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def messages(self, problem: str, candidates: list[tuple[str | None, bool]]) -> Messages:
+    def compact(self, problem: str, candidates: list[tuple[str | None, bool]]) -> References:
         """`candidates`: (conclusion or None when the rollout failed, finished) in reference order."""
-        out = Messages()
+        out = References()
         for position, (text, finished) in enumerate(candidates):
             if text is None:
                 out.dropped["failed"] += 1
@@ -101,25 +101,39 @@ class Compactor:
         self.fit(problem, out)
         return out
 
-    def from_rollouts(self, problem: str, rollouts: list[Rollout], order: list[int]) -> Messages:
+    def from_rollouts(self, problem: str, rollouts: list[Rollout], order: list[int]) -> References:
         """A round's rollouts, taken in `order`, as messages (`kept`: positions in `order`)."""
         picked = [rollouts[i] for i in order]
-        return self.messages(problem, [(None if r.text is None else conclusion(r.text), r.finished) for r in picked])
+        return self.compact(problem, [(None if r.text is None else conclusion(r.text), r.finished) for r in picked])
 
-    def fit(self, problem: str, messages: Messages) -> None:
+    def fit(self, problem: str, references: References) -> None:
         """Within `pacore.max_synthesis_tokens`: drop messages from the end, or skip the problem."""
         budget = self.config.max_synthesis_tokens
-        while messages.texts and len(self.tokenize(render(problem, messages.texts))) > budget:
+        while references.texts and len(self.tokenize(render(problem, references.texts))) > budget:
             if self.config.over_budget == "skip":
-                messages.dropped["over_budget"] += len(messages.texts)
-                messages.texts, messages.kept, messages.skipped = [], [], True
+                references.dropped["over_budget"] += len(references.texts)
+                references.texts, references.kept, references.skipped = [], [], True
                 return
-            messages.texts.pop()
-            messages.kept.pop()
-            messages.dropped["over_budget"] += 1
+            references.texts.pop()
+            references.kept.pop()
+            references.dropped["over_budget"] += 1
 
 
 # ---- message pools -------------------------------------------------------------------------------------
+
+
+def pool_entry(
+    response: str, model: str, finish_reason: str = "stop", reward: float | None = None, status: str = "unscored"
+) -> dict[str, Any]:
+    """A response as an entry of a sample's `pool` (step3vl_train/data/schema.py): its conclusion, whether it
+    finished, its reward (None where none was computed) and status, and the checkpoint that wrote it."""
+    return {
+        "text": conclusion(response),
+        "finished": Rollout(response, finish_reason).finished,
+        "reward": reward,
+        "status": status,
+        "model": model,
+    }
 
 
 @dataclass
@@ -127,14 +141,16 @@ class PoolDraw:
     """A training episode's messages: which pool entries, in the order given, and their mean reward."""
 
     indices: list[int]  # into the prompt's pool
-    messages: Messages
+    references: References
     message_reward: float | None  # mean reward of the entries given that carry one
+    usable: int  # the pool's entries a draw may take (finished, or any under keep_unfinished; not empty)
 
 
 def draw_messages(
     compactor: Compactor, problem: str, pool: list[dict[str, Any]], seed: int, step: int, key: str
 ) -> PoolDraw:
     """|M| ~ U(low, high) entries of `pool`, seeded by (seed, step, key): a resumed run draws the same M.
+    `key`: the sample's own (`record_key`), so the draw does not depend on where its shard is read from.
     Entries that would be dropped anyway (unfinished, empty) are not drawn."""
     keep_unfinished = compactor.config.keep_unfinished
     usable = [i for i, entry in enumerate(pool) if entry["text"].strip() and (keep_unfinished or entry["finished"])]
@@ -142,7 +158,7 @@ def draw_messages(
     low, high = compactor.config.messages
     size = min(rng.randint(low, high), len(usable))
     indices = rng.sample(usable, size)
-    messages = compactor.messages(problem, [(pool[i]["text"], pool[i]["finished"]) for i in indices])
-    given = [indices[position] for position in messages.kept]
+    references = compactor.compact(problem, [(pool[i]["text"], pool[i]["finished"]) for i in indices])
+    given = [indices[position] for position in references.kept]
     rewards = [pool[i]["reward"] for i in given if pool[i].get("reward") is not None]
-    return PoolDraw(given, messages, sum(rewards) / len(rewards) if rewards else None)
+    return PoolDraw(given, references, sum(rewards) / len(rewards) if rewards else None, len(usable))

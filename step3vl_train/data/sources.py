@@ -249,6 +249,12 @@ def _line_breaks(handle, end: int) -> int:
     return count
 
 
+def record_key(label: str) -> str:
+    """A sample's own key, from its label (`SHARD:KEY`, `FILE:KEY` or `FILE:LINE`): the same wherever its
+    shards are read from, so what is seeded by it (PaCoRe's draws) does not move with them."""
+    return label.rsplit(":", 1)[-1]
+
+
 def _jsonl_sample(path: str, line_number: int, line: bytes, folder: str) -> Sample | SkippedSample:
     at_line = f"{path}:{line_number}"
     label = at_line

@@ -42,7 +42,8 @@ def test_a_saved_dataset_becomes_pools(tmp_path, tiny_processor):
                        "unfinished": 1, "responses_left_out": 0}  # fmt: skip
     assert "pacore-0000002" in log and "user turn" in log  # the skip names its key and why
 
-    prompts = PromptLoader(PromptsConfig(train=f"{tmp_path}/out/*.tar"), tiny_processor, max_epochs=1).next_batch(9)
+    config = PromptsConfig(train=f"{tmp_path}/out/*.tar")
+    prompts = PromptLoader(config, tiny_processor, max_epochs=1, keep_pools=True).next_batch(9)
     assert [p.key.rsplit(":", 1)[1] for p in prompts] == ["pacore-0000000", "pacore-0000001", "pacore-0000003"]
     first, _, last = prompts
     assert first.messages == ENTRIES[0]["conversation"] and first.answer == "5" and first.reward == "math"

@@ -55,7 +55,8 @@ def test_keeps_sometimes_solved_prompts_and_saves_their_messages(secret_task, tm
     assert {entry["finished"] for entry in entries} == {True, False}  # 24 tokens cut some rollouts short
 
     # Kept samples carry their pools, which the schema accepts.
-    reloaded = PromptLoader(PromptsConfig(train=f"{tmp_path}/*.tar"), tiny_processor, max_epochs=1).next_batch(100)
+    config = PromptsConfig(train=f"{tmp_path}/*.tar")
+    reloaded = PromptLoader(config, tiny_processor, max_epochs=1, keep_pools=True).next_batch(100)
     assert sorted(p.key.rsplit(":", 1)[1] for p in reloaded) == sorted(r["key"].rsplit(":", 1)[1] for r in kept)
     assert all(p.answer == "7" and p.reward == "math" for p in reloaded)
     pools = {row["key"].rsplit(":", 1)[1]: row["pool"] for row in kept}

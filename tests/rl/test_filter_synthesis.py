@@ -76,15 +76,17 @@ def test_keeps_sometimes_solved_syntheses_with_their_pools(secret_task, tmp_path
         scored = [r for r in rewards if r is not None]
         assert row["message_reward"] == (sum(scored) / len(scored) if scored else None)
 
-    # The same seed draws the same messages: training at iteration 0 gives every prompt the M filtered on.
+    # Draws are seeded by (pacore.seed, step, the sample's own key): the kept shards, read from another
+    # folder, draw at step 0 the messages they were filtered with; another seed draws others.
     for seed, same in ((0, True), (1, False)):
         pacore = PaCoReConfig(**PACORE, seed=seed)
-        loader = PromptLoader(PromptsConfig(train=f"{pools}/*.tar"), tiny_processor, max_epochs=1, pacore=pacore)
+        loader = PromptLoader(PromptsConfig(train=f"{out}/*.tar"), tiny_processor, max_epochs=1, pacore=pacore)
         drawn = {short(p.key): p.synthesis.indices for p in loader.next_batch(100, step=0)}
-        assert ({short(row["key"]): row["messages"] for row in rows} == drawn) is same
+        assert ({short(row["key"]): row["messages"] for row in kept} == drawn) is same
 
     # Kept prompts are written as the problem (not its synthesis round) with their whole pool.
-    reloaded = PromptLoader(PromptsConfig(train=f"{out}/*.tar"), tiny_processor, max_epochs=1).next_batch(100)
+    config = PromptsConfig(train=f"{out}/*.tar")
+    reloaded = PromptLoader(config, tiny_processor, max_epochs=1, keep_pools=True).next_batch(100)
     assert sorted(short(p.key) for p in reloaded) == sorted(short(row["key"]) for row in kept)
     for prompt in reloaded:
         index = int(prompt.key.rsplit("-", 1)[1])

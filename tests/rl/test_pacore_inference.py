@@ -23,6 +23,8 @@ from rl.chat_models import build_chat_model
 from rl.pacore.inference import InferenceConfig, run_inference
 from rl.pacore.messages import seeded_order
 from rl.pacore.template import render
+from step3vl_train.data.sources import record_key
+from step3vl_train.processing.chat import split_reasoning
 from step3vl_train.processing.tokenizer import load_tokenizer
 from step3vl_train.usage import UsageError, build
 from tests.conftest import REPO
@@ -186,12 +188,13 @@ def test_k_rollouts_then_one_synthesis_with_the_images_and_failed_calls_dropped(
         assert result["final"]["text"] == "All agree: \\boxed{7}"
         assert result["final"]["reasoning"] == "I read the references."
 
-    # SeRe and PaCoRe scored side by side: odd calls box 7, the synthesis always does.
-    sere = [r["score"] for result in results for r in result["sere_rewards"] if r["score"] is not None]
-    assert len(sere) == 12 - failed and summary["sere_scored"] == len(sere)
-    assert summary["sere_accuracy"] == pytest.approx(sum(sere) / len(sere)) and 0 < summary["sere_accuracy"] < 1
+    # SeRe and PaCoRe scored side by side: odd calls box 7, the synthesis always does; a failed call
+    # answered nothing, and scores 0.
+    sere = [r["score"] for result in results for r in result["sere_rewards"]]
+    assert len(sere) == 12 and summary["sere_scored"] == 12
+    assert summary["sere_accuracy"] == pytest.approx(sum(sere) / 12) and 0 < summary["sere_accuracy"] < 1
     assert summary["pacore_accuracy"] == 1.0 and summary["pacore_scored"] == 3
-    assert all(r["status"] == "error" and r["score"] is None
+    assert all(r["status"] == "error" and r["score"] == 0.0
                for result in results for r, c in zip(result["sere_rewards"], result["rounds"][0], strict=True)
                if c["status"] != "ok")  # fmt: skip
 
@@ -240,7 +243,7 @@ def test_a_shuffled_order_is_seeded_per_problem_and_earlier_turns_are_kept(tmp_p
     syntheses = [b for b in endpoint.bodies if is_synthesis(b)]
     assert len(syntheses) == 2
     for result in results:  # seeded by pacore.seed, the problem's key and the round
-        assert result["syntheses"][0]["references"] == seeded_order(6, 0, result["key"], 0)
+        assert result["syntheses"][0]["references"] == seeded_order(6, 0, record_key(result["key"]), 0)
 
 
 def test_timeouts_unfinished_and_empty_rollouts_are_dropped_and_none_left_is_the_bare_problem(tmp_path):
@@ -288,9 +291,10 @@ def test_over_budget_skip_gives_the_problem_no_synthesis(tmp_path):
         summary, [result] = infer(tmp_path, url, write_problems(tmp_path, PROBLEMS[1:2]), rounds=[3],
                                   max_synthesis_tokens=40, over_budget="skip")  # fmt: skip
     assert len(endpoint.bodies) == 3 and not any(is_synthesis(b) for b in endpoint.bodies)
-    assert result["skipped"] == "over_budget" and result["final"] is None and result["pacore_reward"] is None
+    assert result["skipped"] == "over_budget" and result["final"] is None
+    assert result["pacore_reward"] == {"score": 0.0, "status": "skipped"}  # no answer: wrong
     assert result["syntheses"][0]["dropped"] == {"over_budget": 3}
-    assert summary["skipped"] == {"over_budget": 1} and summary["pacore_accuracy"] is None
+    assert summary["skipped"] == {"over_budget": 1} and summary["pacore_accuracy"] == 0.0
     assert summary["sere_scored"] == 3
 
 
@@ -328,4 +332,4 @@ def test_the_command_on_the_tiny_model(exported_tiny_model, tmp_path):
     for result in results:
         assert [len(replies) for replies in result["rounds"]] == [3, 1]
         assert all(r["status"] == "ok" for replies in result["rounds"] for r in replies)
-        assert result["final"]["reasoning"] is None and result["final"]["text"] is not None
+        assert result["final"]["reasoning"] == split_reasoning(result["final"]["text"])[0]  # None without </think>

@@ -14,6 +14,7 @@ from rl.pacore.messages import ELISION, Compactor, Rollout, draw_messages, offic
 from rl.pacore.template import conclusion, original_prompt, render, synthesis_messages
 from rl.prompts import PromptLoader
 from step3vl_train.data.shards import ShardSetWriter
+from step3vl_train.data.sources import record_key
 
 # Spec 6.3: the official template rendered with jinja2's defaults, for two references.
 GOLDEN = (
@@ -88,12 +89,12 @@ def test_failed_empty_and_unfinished_rollouts_are_dropped_and_counted():
 
 
 def test_messages_are_capped_and_the_budget_drops_or_skips():
-    out = compactor(max_message_tokens=10).messages("p", [("0123456789abcdef", True), ("short", True)])
+    out = compactor(max_message_tokens=10).compact("p", [("0123456789abcdef", True), ("short", True)])
     assert out.texts == ["01234" + ELISION + "bcdef", "short"] and out.capped == 1
     one = len(render("p", ["x" * 10]))
-    dropped = compactor(max_synthesis_tokens=one).messages("p", [("x" * 10, True), ("y" * 10, True)])
+    dropped = compactor(max_synthesis_tokens=one).compact("p", [("x" * 10, True), ("y" * 10, True)])
     assert dropped.texts == ["x" * 10] and dropped.dropped["over_budget"] == 1
-    skipped = compactor(max_synthesis_tokens=one, over_budget="skip").messages("p", [("x" * 10, True)] * 2)
+    skipped = compactor(max_synthesis_tokens=one, over_budget="skip").compact("p", [("x" * 10, True)] * 2)
     assert skipped.skipped and skipped.texts == [] and skipped.dropped["over_budget"] == 2
 
 
@@ -121,13 +122,13 @@ def test_draws_are_seeded_by_seed_step_and_key_within_the_size_bounds():
     draw = draw_messages(c, "p", pool, seed=0, step=3, key="k")
     assert draw == draw_messages(c, "p", pool, seed=0, step=3, key="k")
     assert 16 <= len(draw.indices) <= 24 and 24 not in draw.indices  # the unfinished entry is never drawn
-    assert draw.messages.texts == [f"m{i}" for i in draw.indices]
+    assert draw.references.texts == [f"m{i}" for i in draw.indices]
     assert draw.message_reward == pytest.approx(sum(i % 2 for i in draw.indices) / len(draw.indices))
     others = {tuple(draw_messages(c, "p", pool, seed=0, step=s, key="k").indices) for s in range(4, 10)}
     assert len(others) == 6 and tuple(draw.indices) not in others
     sizes = {len(draw_messages(c, "p", pool, 0, s, "k").indices) for s in range(200)}
     assert sizes == set(range(16, 25))
-    assert draw_messages(compactor(messages=[0, 0]), "p", pool, 0, 1, "k").messages.texts == []
+    assert draw_messages(compactor(messages=[0, 0]), "p", pool, 0, 1, "k").references.texts == []
 
 
 def png() -> bytes:
@@ -145,14 +146,16 @@ def test_the_loader_turns_pooled_samples_into_synthesis_prompts(tiny_processor, 
         writer.write(f"p{index}", record, [png()], ["png"])
     writer.close()
     pacore = PaCoReConfig(messages=[2, 4])
-    loader = PromptLoader(PromptsConfig(train=f"{tmp_path}/*.tar"), tiny_processor, max_epochs=1, pacore=pacore)
+    config = PromptsConfig(train=f"{tmp_path}/*.tar")
+    loader = PromptLoader(config, tiny_processor, max_epochs=1, pacore=pacore, keep_pools=True)
     prompts = loader.next_batch(3, step=7)
     assert len(prompts) == 2 and loader.skips == Counter(no_messages=1)  # the third has no pool
     for prompt in prompts:
+        assert prompt.key.endswith(f":{record_key(prompt.key)}")  # seeded by the sample's own key
         draw = draw_messages(Compactor(pacore, tiny_processor.tokenizer), "Which colour?", prompt.pool, 0, 7,
-                             prompt.key)  # fmt: skip
+                             record_key(prompt.key))  # fmt: skip
         assert prompt.synthesis.indices == draw.indices
         assert prompt.synthesis.message_reward == draw.message_reward
-        assert prompt.messages == synthesis_messages(question, draw.messages.texts)
+        assert prompt.messages == synthesis_messages(question, draw.references.texts)
         assert prompt.original_messages == question and prompt.question == "Which colour?"
         assert prompt.sample.num_patches  # the image is re-attached
