@@ -23,8 +23,9 @@ lint: install
 	$(VENV)/bin/ruff check step3vl_train rl launch data tests benchmarks
 	$(VENV)/bin/ruff format --check step3vl_train rl launch data tests benchmarks
 
+# Two workers, a test file each at a time: the walkthrough (make demo, ~8 minutes) runs beside the rest.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs

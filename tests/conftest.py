@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.processing.processor import load_processor
 
 REPO = Path(__file__).resolve().parents[1]
+# Under pytest-xdist (make test: two workers) each worker's torchrun runs get a rendezvous port of their own.
+if os.environ.get("PYTEST_XDIST_WORKER", "gw").removeprefix("gw").isdigit():
+    os.environ.setdefault("PET_MASTER_PORT", str(29600 + 50 * int(os.environ["PYTEST_XDIST_WORKER"][2:])))
 
 
 def load_model_config(name: str) -> Step3VLConfig:
