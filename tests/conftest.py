@@ -53,3 +53,9 @@ def sft_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "sft"
     write_corpus("sft", str(out), num=120, seed=0, shard_size=5)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The walkthrough (make demo and the docs' commands, the longest test by far) first: under make test's two
+    workers it then runs beside all the others instead of after them."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/test_walkthrough.py"))
