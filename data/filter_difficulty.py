@@ -20,20 +20,15 @@ does every prompt's row of `difficulty.jsonl`, kept or not. The kept shards are 
 without the flag; this run's entries are added after it.
 """
 
-import argparse
 import json
 from pathlib import Path
 
-from rl.filtering import RolloutFilter, load_config, write_prompt
+from rl.filtering import RolloutFilter, filter_parser, load_config, write_prompt
 from step3vl_train.data.shards import ShardSetWriter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=24, help="rollouts per prompt")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-prompts", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--solved-at", type=float, default=1.0, help="a reward at least this counts as correct")
+    parser = filter_parser(__doc__.splitlines()[0], 24, "rollouts per prompt")
     parser.add_argument("--save-messages", action="store_true", help="keep the rollouts as each prompt's `pool`")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/rl.yaml")
     args = parser.parse_args()

@@ -21,21 +21,16 @@ and counted. A response whose reward could not be computed counts for neither si
 is a JSON summary, with the synthesis's accuracy beside the mean reward of the messages it was given.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from rl.filtering import RolloutFilter, load_config, write_prompt
+from rl.filtering import RolloutFilter, filter_parser, load_config, write_prompt
 from step3vl_train.data.shards import ShardSetWriter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=8, help="synthesis rollouts per prompt")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-prompts", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--solved-at", type=float, default=1.0, help="a reward at least this counts as correct")
+    parser = filter_parser(__doc__.splitlines()[0], 8, "synthesis rollouts per prompt")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/rl.yaml (with stage=pacore)")
     args = parser.parse_args()
     cfg = load_config("filter_synthesis.py", args.overrides)

@@ -8,6 +8,7 @@ A response whose reward could not be computed (timeout, error) counts for neithe
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from collections import Counter, defaultdict
@@ -36,6 +37,17 @@ from step3vl_train.train.recipes import register_recipes
 from step3vl_train.usage import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def filter_parser(description: str, k: int, k_help: str) -> argparse.ArgumentParser:
+    """The options every filter takes: its k rollouts a prompt, where it writes, the prompts a generate call
+    and what counts as correct; then the Hydra overrides, after `--`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--k", type=int, default=k, help=k_help)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-prompts", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--solved-at", type=float, default=1.0, help="a reward at least this counts as correct")
+    return parser
 
 
 def load_config(tool: str, overrides: list[str]) -> RLConfig:
