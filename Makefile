@@ -23,10 +23,8 @@ lint: install
 	$(VENV)/bin/ruff check step3vl_train rl launch data tests benchmarks
 	$(VENV)/bin/ruff format --check step3vl_train rl launch data tests benchmarks
 
-# Two workers, a test file each at a time, in collection order (tests/conftest.py puts the walkthrough, make
-# demo and the docs' commands, first): it runs beside the rest.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) outputs

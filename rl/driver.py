@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 import torch
 from omegaconf import OmegaConf
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
 from rl.algos.advantages import uniform_groups
@@ -89,6 +89,17 @@ class Driver:
         }
         (self.run_dir / "actors.json").write_text(json.dumps(pids))
 
+    def an_actor_died(self) -> bool:
+        """Whether a training or rollout actor is gone. A rank's death can reach the driver first as the
+        failed collective of a surviving rank (a RayTaskError: "connection reset by peer"); the dead actor
+        tells which it is. One that does not answer within a minute counts as dead."""
+        for actor in self.workers + self.engines:
+            try:
+                ray.get(actor.pid.remote(), timeout=60)
+            except (RayActorError, GetTimeoutError):
+                return True
+        return False
+
     def stop_actors(self) -> None:
         for actor in self.workers + self.engines:
             ray.kill(actor)
@@ -114,7 +125,9 @@ class Driver:
                         metrics.close()
                     ray.get([worker.close.remote() for worker in self.workers])
                     return
-                except RayActorError as error:
+                except (RayActorError, RayTaskError) as error:
+                    if isinstance(error, RayTaskError) and not self.an_actor_died():
+                        raise
                     restarts += 1
                     if restarts > self.cfg.trainer.max_restarts:
                         raise

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,6 @@ from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.processing.processor import load_processor
 
 REPO = Path(__file__).resolve().parents[1]
-# Under pytest-xdist (make test: two workers) each worker's torchrun runs get a rendezvous port of their own.
-if os.environ.get("PYTEST_XDIST_WORKER", "gw").removeprefix("gw").isdigit():
-    os.environ.setdefault("PET_MASTER_PORT", str(29600 + 50 * int(os.environ["PYTEST_XDIST_WORKER"][2:])))
 
 
 def load_model_config(name: str) -> Step3VLConfig:
@@ -53,9 +49,3 @@ def sft_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "sft"
     write_corpus("sft", str(out), num=120, seed=0, shard_size=5)
     return out
-
-
-def pytest_collection_modifyitems(items):
-    """The walkthrough (make demo and the docs' commands, the longest test by far) first: under make test's two
-    workers it then runs beside all the others instead of after them."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/test_walkthrough.py"))

@@ -48,7 +48,7 @@ def run(command: Command, cwd: Path) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "VENV": str(VENV),
                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     done = subprocess.run(["bash", "-c", command.text], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=1800)  # fmt: skip
+                          timeout=900)  # fmt: skip
     assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 
