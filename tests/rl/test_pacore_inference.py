@@ -258,7 +258,7 @@ def test_timeouts_unfinished_and_empty_rollouts_are_dropped_and_none_left_is_the
             count = seen[question]
         if question.startswith("Q0") and count <= 6:  # the 6 rollouts fail, 2 in each way; then the synthesis
             if count % 3 == 0:
-                time.sleep(1.5)  # past the client's timeout
+                time.sleep(4.0)  # past the client's timeout
                 return 200, "too late", "x"
             if count % 3 == 1:
                 return 200, "half a thou", "Thinking a long", "length"
@@ -267,7 +267,8 @@ def test_timeouts_unfinished_and_empty_rollouts_are_dropped_and_none_left_is_the
 
     endpoint = Endpoint(respond)
     with chat_endpoint(endpoint.answer) as url:
-        summary, results = infer(tmp_path, url, write_problems(tmp_path, PROBLEMS[:2]), timeout_s=0.5, rounds=[6])
+        # a timeout a loaded 2-core machine's prompt replies stay well within
+        summary, results = infer(tmp_path, url, write_problems(tmp_path, PROBLEMS[:2]), timeout_s=2.0, rounds=[6])
     bare, normal = results
     statuses = Counter(r["status"] for r in bare["rounds"][0])
     assert statuses["timeout"] == 2 and statuses["ok"] == 4

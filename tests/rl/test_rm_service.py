@@ -191,27 +191,33 @@ def test_a_crashing_backend_masks_its_batch_and_the_service_goes_on(service):
 
 
 def test_a_replica_killed_under_load_loses_no_item_and_counts_none_twice(service):
-    before = stats(service)["items"]
-    scorer = client(service, items_per_request=4, concurrency=8)
-    requests_ = [request("sleep:0.3") for _ in range(96)]
-    box = {}
-    load = threading.Thread(target=lambda: box.update(results=scorer.score(requests_)))
-    load.start()
-    time.sleep(0.7)
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "backend" in a["name"]]
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
-    load.join(timeout=90)
-    assert not load.is_alive()
-    results = box["results"]
-    assert len(results) == len(requests_)
-    assert {r.status for r in results} <= {"ok", "error", "timeout"}
-    assert sum(r.status == "ok" for r in results) >= len(requests_) // 2
-    after = stats(service)["items"]
-    assert after["resent"] > before.get("resent", 0)  # the kill caught items in flight
-    counted = sum(n for status, n in after.items() if status != "resent") - sum(
-        n for status, n in before.items() if status != "resent"
-    )
-    assert counted == len(requests_)  # each item once, whatever happened to its replica
+    """Up to 3 tries: a kill that lands between batches (a loaded machine's timing) catches nothing in flight
+    and proves nothing about resending; every try must still lose and double-count no item."""
+    for _ in range(3):
+        before = stats(service)["items"]
+        scorer = client(service, items_per_request=4, concurrency=8)
+        requests_ = [request("sleep:0.3") for _ in range(96)]
+        box = {}
+        load = threading.Thread(target=lambda box=box, scorer=scorer, requests_=requests_: box.update(
+            results=scorer.score(requests_)))  # fmt: skip
+        load.start()
+        time.sleep(0.7)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "backend" in a["name"]]
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=False)
+        load.join(timeout=90)
+        assert not load.is_alive()
+        results = box["results"]
+        assert len(results) == len(requests_)
+        assert {r.status for r in results} <= {"ok", "error", "timeout"}
+        assert sum(r.status == "ok" for r in results) >= len(requests_) // 2
+        after = stats(service)["items"]
+        counted = sum(n for status, n in after.items() if status != "resent") - sum(
+            n for status, n in before.items() if status != "resent"
+        )
+        assert counted == len(requests_)  # each item once, whatever happened to its replica
+        if after.get("resent", 0) > before.get("resent", 0):  # the kill caught items in flight
+            return
+    pytest.fail("in 3 tries no kill caught an item in flight")
 
 
 def test_a_hanging_backend_times_out_within_its_bound(service):
