@@ -63,10 +63,7 @@ class PromptLoader:
         reward = self.default_reward or sample.reward
         if not reward:
             raise SkippedSample("bad_schema", sample.key, "no `reward` field and no reward.fn")
-        try:
-            images = [load_image(data, sample.key) for data in sample.images]
-        except ImageError as error:
-            raise SkippedSample("corrupt_image", sample.key, str(error)) from error
+        images = sample_images(sample)
         messages, synthesis = sample.messages, None
         if self.compactor is not None:
             messages, synthesis = self.synthesis(sample, step)
@@ -113,6 +110,14 @@ class PromptLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.samples.load_state_dict(state, "prompt")
+
+
+def sample_images(sample: Sample) -> list:
+    """The sample's images, decoded; one that does not decode skips the sample (corrupt_image)."""
+    try:
+        return [load_image(data, sample.key) for data in sample.images]
+    except ImageError as error:
+        raise SkippedSample("corrupt_image", sample.key, str(error)) from error
 
 
 def prompt_loader(

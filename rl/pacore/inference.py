@@ -15,7 +15,6 @@ chat model. With a `reward` (and `answer`) in the data, the first round's rollou
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from braceexpand import braceexpand
 from omegaconf import MISSING
 from tqdm import tqdm
 
@@ -34,15 +32,14 @@ from rl.chat_models import ChatModel, ChatModelConfig, ChatReply, ChatRequest
 from rl.pacore.config import PaCoReConfig
 from rl.pacore.messages import Compactor, Rollout, official_order, seeded_order
 from rl.pacore.template import conclusion, original_prompt, synthesis_messages
-from rl.prompts import question_text
+from rl.prompts import question_text, sample_images
 from rl.rewards import RewardConfig, RewardRequest, RewardResult, RewardScorer
 from step3vl_train.data.config import SourceConfig
 from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
 from step3vl_train.data.skips import SkippedSample
-from step3vl_train.data.sources import is_local, record_key
+from step3vl_train.data.sources import is_local, record_key, resolve_shards
 from step3vl_train.processing.chat import THINK_END, split_reasoning
-from step3vl_train.processing.images import ImageError, load_image
 from step3vl_train.usage import UsageError
 
 
@@ -115,24 +112,24 @@ def response_text(reply: ChatReply) -> str | None:
 def problem_sources(config: ProblemsConfig) -> list[SourceConfig]:
     """A source per path: JSONL by its suffix, a saved HF dataset when a directory, shards otherwise. A local
     path that names no file is a UsageError (a missing shard would otherwise only be a counted skip)."""
-    for pattern in config.paths:
-        for path in braceexpand(pattern):
-            if is_local(path) and not (glob.glob(path) if glob.has_magic(path) else os.path.exists(path)):
-                raise UsageError(f"data: {pattern if path == pattern else f'{pattern}: {path}'} names no file")
     sources = []
     for index, path in enumerate(config.paths):
         kind = "jsonl" if path.endswith(".jsonl") else "hf" if os.path.isdir(path) else "webdataset"
-        sources.append(SourceConfig(f"data{index}", [path], kind=kind, image_dir=config.image_dir))
+        source = SourceConfig(f"data{index}", [path], kind=kind, image_dir=config.image_dir)
+        try:  # the readers' own expansion of brace ranges and globs
+            missing = [url for url in resolve_shards(source, None) if is_local(url) and not os.path.exists(url)]
+        except FileNotFoundError as error:
+            raise UsageError(f"data: {path} names no file") from error
+        if missing:
+            raise UsageError(f"data: {path if missing[0] == path else f'{path}: {missing[0]}'} names no file")
+        sources.append(source)
     return sources
 
 
 def read_problem(sample: Sample, source: str) -> Problem:
     if sample.messages is None or sample.messages[-1]["role"] != "user":
         raise SkippedSample("bad_schema", sample.key, "a problem needs `messages` ending with a user turn")
-    try:
-        images = [load_image(data, sample.key) for data in sample.images]
-    except ImageError as error:
-        raise SkippedSample("corrupt_image", sample.key, str(error)) from error
+    images = sample_images(sample)
     return Problem(sample, images[0].size if images else None)
 
 
