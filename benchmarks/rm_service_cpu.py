@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import secrets
-import socket
 import statistics
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from rl.rm_service.items import encode_item
 from rl.rm_service.launch import start_service, stop_service
 from step3vl_train.data.shards import encode_image
 from step3vl_train.data.synthetic.tasks import open_prompt, sentences
+from step3vl_train.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_ENV = "STEP3VL_RM_BENCH_TOKEN"
@@ -92,12 +92,6 @@ def make_items(count: int) -> list[dict]:
         response = " ".join(sentences(rng, 6).split()[:30])
         items.append(encode_item(str(index), [turn], [encode_image(image, "jpg")], response, None))
     return items
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def load(

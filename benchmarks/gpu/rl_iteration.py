@@ -9,7 +9,6 @@ Writes OUT_DIR/rl.json: the iteration's metrics row, phase timings and peak GPU 
 """
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,15 +25,10 @@ from rl.rewards import RewardScorer
 from rl.sync import gathered, sync_parameters
 from rl.workers.train import TrainWorker
 from step3vl_train.processing.processor import load_processor
+from step3vl_train.train.distributed import free_port
 from step3vl_train.train.recipes import register_recipes
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def sync(worker: TrainWorker, engine: HFEngine, bucket_bytes: int, everything: bool) -> float:

@@ -3,7 +3,6 @@ and waiting until it answers."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import requests
@@ -11,6 +10,7 @@ from ray import serve
 
 from rl.rm_service.app import build_app
 from rl.rm_service.config import ServiceConfig
+from step3vl_train.train.distributed import free_port
 
 
 def start_service(config: ServiceConfig, raw: dict, token: str, ready_timeout_s: float = 300.0) -> str:
@@ -26,12 +26,6 @@ def start_service(config: ServiceConfig, raw: dict, token: str, ready_timeout_s:
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{port}"
     wait_healthy(url, ready_timeout_s)
     return url
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

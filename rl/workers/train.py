@@ -24,6 +24,7 @@ from rl.sync import RaySender, VLLMSender
 from step3vl_train.cli import quiet_known_warnings
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.value import Step3VLForValue
+from step3vl_train.train.distributed import close_distributed, init_distributed
 from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
 
 
@@ -43,8 +44,7 @@ class TrainWorker:
             RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
         )  # fmt: skip
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        init_distributed()
         self.rank = rank
         self.cfg = RLConfig.from_dict(config)
         self.model_config = Step3VLConfig.from_dict(self.cfg.model)
@@ -233,5 +233,4 @@ class TrainWorker:
         return os.getpid()
 
     def close(self) -> None:
-        dist.barrier()
-        dist.destroy_process_group()
+        close_distributed()

@@ -14,15 +14,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +33,7 @@ from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.train.config import TrainJobConfig
+from step3vl_train.train.distributed import close_distributed, init_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.metrics import MetricsLog
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
@@ -50,24 +48,6 @@ REPO = Path(__file__).resolve().parents[2]
 class Progress:
     step: int = 0
     tokens: int = 0  # real (non-padding) tokens trained on, all ranks
-
-
-def init_distributed() -> None:
-    """The process group torchrun describes in the environment. Started without torchrun (no `RANK`), the
-    script is one rank of one, as `torchrun --nproc-per-node 1` would start it (DeepSpeed would otherwise
-    look for MPI)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def agreed_run_dir(output_dir: str) -> Path:
@@ -259,8 +239,7 @@ class Trainer:
         return line
 
     def close(self) -> None:
-        """Tears the process group down before exit: gloo's threads otherwise abort some exits."""
-        dist.destroy_process_group()
+        close_distributed()
 
     def report_skips(self) -> None:
         """The run's skipped samples by reason, over all ranks: distinct bad samples, and how often they were

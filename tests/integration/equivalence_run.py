@@ -22,6 +22,7 @@ from step3vl_train.model import Step3VLConfig
 from step3vl_train.model.compute import ComputeConfig
 from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.train.config import OptimConfig
+from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.sequence_parallel import data_parallel_rank
 from step3vl_train.train.trainer import backward_global_batch
@@ -72,7 +73,7 @@ def main() -> None:
     results = {split: gradients(model_config, split, rank) for split in SPLITS}
     if rank == 0:
         torch.save(results, Path(sys.argv[1]) / "grads.pt")
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.compute import ComputeConfig
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.config import OptimConfig
+from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.sequence_parallel import data_parallel_rank
 from step3vl_train.train.trainer import backward_global_batch, supervised_tokens
@@ -85,8 +86,7 @@ def main() -> None:
             "engine": (ds.engine.sequence_parallel_size, ds.engine.dp_world_size, ds.engine.seq_dp_world_size),
         }
         torch.save(result, Path(sys.argv[1]) / "result.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

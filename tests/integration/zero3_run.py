@@ -17,6 +17,7 @@ from PIL import Image
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.train.config import OptimConfig
+from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ def main() -> None:
     dtypes = [str(optimizer.gradient_accumulation_dtype), str(optimizer.communication_data_type)]
     result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

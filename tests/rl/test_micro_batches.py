@@ -8,7 +8,6 @@ python -m tests.rl.test_micro_batches RANK PORT OUT_DIR
 
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from rl.algos.losses import AGGREGATIONS, GlobalCounts, policy_loss
 from rl.experience import Completion, Prompt, Response, sequence_batch
 from rl.micro_batches import count_micro_batches, padded_tokens, split_micro_batches
+from step3vl_train.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,12 +217,6 @@ def rank_main(rank: int, port: int, out: Path) -> None:
             del engine.backward  # the class's again
     torch.save(results, out / f"rank{rank}.pt")
     worker.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from ray import serve
 from rl.rewards.rm_client import RewardModelClient, ServiceClientConfig, ServiceRefused
 from rl.rewards.types import RewardRequest
 from rl.rm_service.config import ServiceConfig, read_token
-from rl.rm_service.launch import free_port, start_service
+from rl.rm_service.launch import start_service
+from step3vl_train.train.distributed import free_port
 from step3vl_train.usage import UsageError
 from tests.conftest import REPO
 
@@ -177,7 +178,7 @@ def test_a_wrong_token_stops_the_client_with_a_message(service):
 
 def test_an_unreachable_service_is_retried_until_the_deadline(service):
     started = time.monotonic()
-    dead = f"http://127.0.0.1:{free_port('127.0.0.1')}"
+    dead = f"http://127.0.0.1:{free_port()}"
     results = client(dead, deadline_s=1.5, backoff_s=0.1).score([request("x"), request("y")])
     assert [r.status for r in results] == ["timeout", "timeout"]
     assert time.monotonic() - started < 4
@@ -255,7 +256,7 @@ def test_an_rl_run_checks_the_service_and_its_token_before_it_starts(service, mo
     monkeypatch.setenv("STEP3VL_RM_TOKEN", TOKEN)
     check_reward_service(config(service))
     with pytest.raises(PreflightError, match="does not answer"):
-        check_reward_service(config(f"http://127.0.0.1:{free_port('127.0.0.1')}"))
+        check_reward_service(config(f"http://127.0.0.1:{free_port()}"))
     monkeypatch.setenv("STEP3VL_RM_TOKEN", "wrong-token-0123456789")
     with pytest.raises(PreflightError, match="refuses the token in STEP3VL_RM_TOKEN"):
         check_reward_service(config(service))

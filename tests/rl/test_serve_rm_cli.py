@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from rl.rm_service.launch import free_port
+from step3vl_train.train.distributed import free_port
 from tests.conftest import REPO
 
 TOKEN = "cli-token-0123456789abcdef"
@@ -27,7 +27,7 @@ def serve_rm(*overrides, token=None):
 
 
 def test_it_serves_until_ctrl_c(tiny_reward_model):
-    port = free_port("127.0.0.1")
+    port = free_port()
     process = serve_rm(f"rm.scalar.model={tiny_reward_model}", "rm.scalar.processor=configs/processor/tiny.yaml",
                        f"port={port}", "replica_cpus=0", token=TOKEN)  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from step3vl_train.processing.processor import collate
+from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.predictions import answer_prompts
 from step3vl_train.train.sequence_parallel import DataParallelRank
 from step3vl_train.train.trainer import backward_global_batch
@@ -59,7 +60,7 @@ def collectives_on_device(monkeypatch):
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     yield reduced
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def image_batches(processor, count=2):

@@ -19,6 +19,7 @@ from step3vl_train.model import Step3VLForConditionalGeneration
 from step3vl_train.model.checkpoint import read_released_tensors
 from step3vl_train.model.value import Step3VLForValue, last_token_scores
 from step3vl_train.processing.processor import ProcessedSample, collate
+from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.engine import load_released_into
 from step3vl_train.train.recipes import register_recipes
 from step3vl_train.train.reward_data import PairDataConfig, PairLoader
@@ -183,7 +184,7 @@ def toy_pairs(count):
 def one_rank():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def test_the_loss_is_the_mean_over_the_global_batch_however_it_is_split(one_rank):
