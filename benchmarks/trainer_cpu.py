@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def batches(count: int, seq_len: int):
     folder = tempfile.mkdtemp()
     write_corpus("pretrain", folder, num=160, seed=0, shard_size=20)
-    recipe = OmegaConf.load(REPO / "recipes" / "phase1.yaml").data
+    recipe = OmegaConf.load(REPO / "recipes" / "pretrain.yaml").data
     cfg = DataConfig.from_dict(
         OmegaConf.merge(recipe, {"root": folder, "num_workers": 0, "packing": {"seq_len": seq_len}})
     )

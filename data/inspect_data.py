@@ -2,10 +2,12 @@
 
 python data/inspect_data.py configs/data/synthetic_pretrain.yaml [data.key=value ...]
 python data/inspect_data.py recipes/sft_stage1.yaml data.root=outputs/synthetic/sft
+python data/inspect_data.py recipes/pretrain.yaml --phase phase2 data.root=outputs/synthetic/pretrain
 python data/inspect_data.py 'shards/train-{000000..000009}.tar' [--seq-len 4096] [--workers 2]
 
-A YAML is a data config, or a recipe (its `data:` block is used); anything else is read as shard paths
-of one webdataset source. Shows samples/s, tokens/s, packing efficiency and skips as it goes; then
+A YAML is a data config, or a recipe (its `data:` block is used; `--phase NAME`, one of its `phases`,
+takes that phase's mixture weights, a source it leaves out not read); anything else is read as shard
+paths of one webdataset source. Shows samples/s, tokens/s, packing efficiency and skips as it goes; then
 prints each source's realised token share beside its target (its weight, normalised), each skip reason's
 distinct samples and encounters, and, last, one line holding all of them as a JSON object (`share/` and
 `target/<source>`, `skipped/` encounters and `skipped_unique/<reason>` distinct samples).
@@ -29,6 +31,9 @@ def data_config(inputs: list[str], overrides: list[str], args: argparse.Namespac
     if len(inputs) == 1 and inputs[0].endswith((".yaml", ".yml")):
         loaded = OmegaConf.load(inputs[0])
         values = loaded.data if "data" in loaded else loaded
+        if args.phase:
+            weights = loaded.phases[args.phase].weights
+            values.sources = [{**s, "weight": weights[s.name]} for s in values.sources if weights.get(s.name, 0) > 0]
     else:
         values = OmegaConf.create({"sources": [{"name": "shards", "paths": inputs}]})
     cli = OmegaConf.from_dotlist([o.removeprefix("data.") for o in overrides])
@@ -40,6 +45,7 @@ def data_config(inputs: list[str], overrides: list[str], args: argparse.Namespac
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="a data config or recipe YAML, or shard paths; then data.key=value")
+    parser.add_argument("--phase", help="a later phase of the recipe (a `phases` key): its mixture")
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--epochs", type=int, default=1, help="passes over each source (0: forever)")

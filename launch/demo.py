@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> None:
 
     corpus = Path(cfg.output_dir) / "synthetic" / "pretrain"
     write_corpus("pretrain", str(corpus), num=cfg.synthetic_samples, seed=cfg.seed, shard_size=4)
-    recipe = OmegaConf.load(Path(__file__).parents[1] / "recipes" / "phase1.yaml").data
+    recipe = OmegaConf.load(Path(__file__).parents[1] / "recipes" / "pretrain.yaml").data
     data_cfg = DataConfig.from_dict(
         OmegaConf.merge(recipe, {"root": str(corpus), "packing": {"seq_len": cfg.packed_seq_len}})
     )

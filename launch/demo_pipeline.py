@@ -81,7 +81,7 @@ def commands(out: Path, train_steps: int | None, rl_steps: int | None) -> dict[s
         "synthetic_pretrain": f"{synthetic} --kind pretrain --out {corpus / 'pretrain'} --num 400",
         "synthetic_sft": f"{synthetic} --kind sft --out {corpus / 'sft'} --num 420",
         "synthetic_rl": f"{synthetic} --kind rl --out {corpus / 'rl'} --num 240",
-        "pretrain": train("pretrain.py", "phase1", "pretrain", "pretrain"),
+        "pretrain": train("pretrain.py", "pretrain", "pretrain", "pretrain"),
         "export_pretrain": export("pretrain"),
         "sft": train("sft.py", "sft_stage1", "sft", "sft", "pretrain_hf"),
         "export_sft": export("sft"),

@@ -295,9 +295,9 @@ class Driver:
             ray.get([e.sleep.remote() if sleep else e.wake_up.remote() for e in self.engines])
 
     def save(self) -> None:
-        tag = f"step_{self.step}"
-        step_dir = self.checkpointer.root / tag
-        ray.get([worker.save.remote(str(step_dir)) for worker in self.workers])
+        """The workers' shards and `driver.pt` into a partial directory, published once all is on disk."""
+        partial = self.checkpointer.begin(self.step)
+        ray.get([worker.save.remote(str(partial)) for worker in self.workers])
         state = {"step": self.step, "prompts": self.loader.state_dict(), "rng": rng_state()}
-        torch.save(state, step_dir / "driver.pt")
-        self.checkpointer.publish(tag)
+        torch.save(state, partial / "driver.pt")
+        self.checkpointer.commit(self.step)

@@ -5,7 +5,7 @@ python benchmarks/gpu/check.py --out DIR         # the same, wherever the wheels
 python benchmarks/gpu/check.py --out DIR --smoke # the CPU: the tiny model and short rows (a test runs it)
 
 Stages, each timed, with its results beside launch/estimate_memory.py's prediction for the same config:
-1. `pretrain_4k`: launch/pretrain.py +recipe=phase1 on synthetic pre-training shards, 4,096-token packs.
+1. `pretrain_4k`: launch/pretrain.py +recipe=pretrain on synthetic pre-training shards, 4,096-token packs.
 2. `sft_32k`: launch/sft.py +recipe=sft_stage1 on synthetic SFT shards, 32,768-token packs: the chunked
    loss, the vision tower in chunks, flash or flex attention.
 3. `rl`: one RLVR iteration with the transformers engine (benchmarks/gpu/rl_iteration.py).
@@ -74,7 +74,7 @@ def train_run(name: str, launcher: str, recipe: str, seq_len: int, steps: int, d
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = rows[args.warmup :] or rows
     result = {"seconds": seconds, "steps": len(rows), "last_loss": rows[-1]["loss"]}
-    for key in ("tokens_per_s", "tflops_per_s", "mfu", "mfu/vit", "mfu/decoder", "memory/peak_gib"):
+    for key in ("tokens_per_s", "tflops_per_s", "mfu", "mfu/causal", "mfu/vit", "mfu/decoder", "memory/peak_gib"):
         if all(key in row for row in timed):
             result[key] = statistics.median(row[key] for row in timed)
     cluster = ClusterConfig(gpus=1, gpu_memory_gb=args.gpu_memory_gb)
@@ -121,13 +121,16 @@ def device_name() -> str:
 
 def summary(results: dict) -> str:
     lines = [f"GPU check on {results['device']} ({time.strftime('%Y-%m-%d')}), {results['seconds']:.0f} s in all", ""]
-    lines += ["| stage | tokens/s | MFU (ViT / decoder) | peak GiB (estimate) | s |", "|---|---|---|---|---|"]
+    header = "| stage | tokens/s | MFU torchtitan; causal (ViT / decoder) | peak GiB (estimate) | s |"
+    lines += [header, "|---|---|---|---|---|"]
     for name in ("pretrain_4k", "sft_32k"):
         r = results[name]
         if "failed" in r:
             lines.append(f"| {name} | failed: see {name}.log | | | {r['seconds']:.0f} |")
             continue
-        mfu = f"{r['mfu']:.1%} ({r['mfu/vit']:.1%} / {r['mfu/decoder']:.1%})" if "mfu" in r else "n/a"
+        mfu = "n/a"
+        if "mfu" in r:
+            mfu = f"{r['mfu']:.1%}; {r['mfu/causal']:.1%} ({r['mfu/vit']:.1%} / {r['mfu/decoder']:.1%})"
         peak = f"{r['memory/peak_gib']:.1f}" if "memory/peak_gib" in r else "n/a"
         tokens = f"{r.get('tokens_per_s', 0):,.0f}"
         lines.append(f"| {name} | {tokens} | {mfu} | {peak} ({r['estimate_gib']:.1f}) | {r['seconds']:.0f} |")
@@ -158,7 +161,8 @@ def main() -> None:
     pretrain = corpus("pretrain", args.out, 120 if args.smoke else 400)
     sft = corpus("sft", args.out, 120 if args.smoke else 600)
     results = {"device": device_name()}
-    results["pretrain_4k"] = train_run("pretrain_4k", "launch/pretrain.py", "phase1", short, args.steps, pretrain, args)
+    steps = args.steps
+    results["pretrain_4k"] = train_run("pretrain_4k", "launch/pretrain.py", "pretrain", short, steps, pretrain, args)
     results["sft_32k"] = train_run("sft_32k", "launch/sft.py", "sft_stage1", long, max(args.steps // 2, 2), sft, args)
     results["rl"] = rl_run(args)
     results["seconds"] = time.perf_counter() - started

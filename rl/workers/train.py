@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -24,6 +25,7 @@ from rl.sync import RaySender, VLLMSender
 from step3vl_train.cli import quiet_known_warnings
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.value import Step3VLForValue
+from step3vl_train.train.checkpoint import fsync_tree
 from step3vl_train.train.distributed import close_distributed, init_distributed
 from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
 
@@ -222,6 +224,7 @@ class TrainWorker:
         self.policy.engine.save_checkpoint(step_dir, tag="policy", save_latest=False)
         if self.critic is not None:
             self.critic.engine.save_checkpoint(step_dir, tag="critic", save_latest=False)
+        fsync_tree(Path(step_dir))  # each machine flushes what it wrote before the driver publishes
         dist.barrier()
 
     def load(self, step_dir: str) -> None:

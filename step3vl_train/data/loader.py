@@ -29,14 +29,23 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 class PackedLoader:
-    def __init__(self, cfg: DataConfig, processor: Step3VLProcessor, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        processor: Step3VLProcessor,
+        rank: int = 0,
+        world_size: int = 1,
+        phase_weights: list[dict[str, float]] | None = None,
+    ):
+        """`phase_weights`: the mixture's weights by source name in each phase of a run in phases
+        (train/phases.py); by default one phase of the sources' own weights."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         pad = processor.tokenizer.pad_token_id
-        self.stream = PackedStream(cfg, processor, rank, world_size)
+        self.stream = PackedStream(cfg, processor, rank, world_size, phase_weights)
         self.loader = StatefulDataLoader(
             self.stream,
             batch_size=cfg.micro_batch_size,
@@ -58,6 +67,17 @@ class PackedLoader:
             if packed.batch is not None:
                 yield packed
         self.skip_log.flush()
+
+    @property
+    def phase(self) -> int:
+        return self.stream.phase
+
+    def enter_phase(self, phase: int) -> None:
+        """From the next iteration on, each worker draws in `phase`'s weights once its current window is
+        packed. The workers restart from the last batch handed out: drop any iterator over this loader."""
+        state = self.loader.state_dict()
+        self.stream.phase = phase
+        self.loader.load_state_dict(state)
 
     def stats(self) -> DataStats:
         """This rank's totals over its workers, up to the last batch handed out; `skipped_unique` counts

@@ -19,9 +19,10 @@ class TokenMixture:
         self.tokens = dict.fromkeys(names, 0)
 
     def pick(self, active: Collection[str]) -> str:
-        """The active source furthest behind its share; ties go to the one listed first."""
+        """The active source furthest behind its share; ties go to the one listed first. A source of
+        weight 0 is never picked."""
         total = sum(self.tokens.values())
-        candidates = [name for name in self.names if name in active]
+        candidates = [name for name in self.names if name in active and self.targets[name] > 0]
         if not candidates:
             raise ValueError("no active source to draw from")
         return max(

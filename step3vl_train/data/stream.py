@@ -42,6 +42,7 @@ class WindowStart:
     mixture: dict[str, int]  # the mixture's token counts
     filled: dict  # skip and truncation counts (a DataStats state)
     exhausted: list[str]  # sources that had run out
+    phase: int = 0  # the mixture phase the window was drawn in (states before phases have none)
 
 
 @dataclass
@@ -51,11 +52,23 @@ class Progress:
     index: int = 0
     filled: DataStats = field(default_factory=DataStats)
     exhausted: list[str] = field(default_factory=list)
+    phase: int = 0
 
 
 class PackedStream(IterableDataset):
-    def __init__(self, cfg: DataConfig, processor: Step3VLProcessor, rank: int, world_size: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        processor: Step3VLProcessor,
+        rank: int,
+        world_size: int,
+        phase_weights: list[dict[str, float]] | None = None,
+    ):
+        """`phase_weights`: the mixture's weights by source name in each phase of the run (default: one
+        phase, the sources' own weights); `phase` (set between iterations) is the one new windows use."""
         self.cfg = cfg
+        self.phase_weights = phase_weights or [{source.name: source.weight for source in cfg.sources}]
+        self.phase = 0
         self.encoder = SampleEncoder(processor, cfg.packing)
         self.rank = rank
         self.world_size = world_size
@@ -86,8 +99,8 @@ class PackedStream(IterableDataset):
             )
             for source in self.cfg.sources
         ]
-        mixture = TokenMixture([s.name for s in self.cfg.sources], [s.weight for s in self.cfg.sources])
-        progress, emitted, delivered = Progress(), DataStats(), 0
+        mixture = self._mixture(self.phase)
+        progress, emitted, delivered = Progress(phase=self.phase), DataStats(), 0
         skipped: list[SkipRecord] = []  # met since the last pack out
         if self._restored:
             state = self._restored
@@ -96,8 +109,11 @@ class PackedStream(IterableDataset):
             start = WindowStart(**state["window"])
             for source_reader in readers:
                 source_reader.restore(SourceCursor(**start.cursors[source_reader.source.name]))
+            mixture = self._mixture(start.phase)
             mixture.load_state_dict(start.mixture)
-            progress = Progress(start.index, DataStats.from_state_dict(start.filled), list(start.exhausted))
+            progress = Progress(
+                start.index, DataStats.from_state_dict(start.filled), list(start.exhausted), start.phase
+            )
             emitted, delivered = DataStats.from_state_dict(state["emitted"]), state["delivered"]
         while True:
             start = WindowStart(
@@ -106,8 +122,9 @@ class PackedStream(IterableDataset):
                 mixture.state_dict(),
                 progress.filled.state_dict(),
                 list(progress.exhausted),
+                progress.phase,
             )
-            samples = self._fill(readers, mixture, progress, skipped)
+            samples = self._fill(readers, mixture, progress, skipped, emitted)
             if not samples:  # the sources are done; an empty pack carries the last counts to the loader
                 yield Pack([], [], reader, progress.filled.merge(emitted), skipped)
                 return
@@ -133,9 +150,20 @@ class PackedStream(IterableDataset):
                     skipped = []
             delivered = 0
             progress.index += 1
+            if self.phase > progress.phase:  # the next window draws in the new phase, its shares from zero
+                progress.phase, mixture = self.phase, self._mixture(self.phase)
+
+    def _mixture(self, phase: int) -> TokenMixture:
+        weights = self.phase_weights[phase]
+        return TokenMixture([s.name for s in self.cfg.sources], [weights[s.name] for s in self.cfg.sources])
 
     def _fill(
-        self, readers: list[SourceReader], mixture: TokenMixture, progress: Progress, skipped: list[SkipRecord]
+        self,
+        readers: list[SourceReader],
+        mixture: TokenMixture,
+        progress: Progress,
+        skipped: list[SkipRecord],
+        emitted: DataStats,
     ) -> list[EncodedSample]:
         """Draws samples in mixture order until they hold `packing.window` packs' worth of tokens; skips
         are counted in progress.filled and appended to `skipped`."""
@@ -143,7 +171,7 @@ class PackedStream(IterableDataset):
         samples: list[EncodedSample] = []
         budget, tokens = self.cfg.packing.window * self.cfg.packing.seq_len, 0
         while tokens < budget:
-            active = [name for name in by_name if name not in progress.exhausted]
+            active = [name for name in by_name if name not in progress.exhausted and mixture.targets[name] > 0]
             if not active:
                 break
             name = mixture.pick(active)
@@ -160,7 +188,7 @@ class PackedStream(IterableDataset):
             except SkippedSample as skip:
                 progress.filled.skips[skip.reason] += 1
                 skipped.append(skip.record(name))
-                if source_reader.cursor.epoch > epoch and not mixture.tokens[name]:
+                if source_reader.cursor.epoch > epoch and not (mixture.tokens[name] or emitted.source_tokens[name]):
                     logger.error("source %s gave no usable sample in a whole pass; dropping it", name)
                     progress.exhausted.append(name)
                 continue

@@ -2,7 +2,10 @@
 
 Counted as 3x the forward matmuls (forward, and backward for activations and weights): 6 FLOPs per
 weight per position it is applied at, plus attention's two matmuls. The ViT attends over all patches of
-a view; the decoder attends causally within each packed sample, about half of the full square.
+a view; the decoder attends causally within each packed sample, about half of the full square: the work
+a step needs. Published MFU figures (torchtitan, OLMo-core) count the decoder's attention as the full
+square of the whole row, 6N + 12·L·H·Q·T FLOPs a token with T the row's length: `decoder_dense`, which
+the trainer's `mfu` uses so that it compares with theirs (`mfu/causal` is ours).
 """
 
 from __future__ import annotations
@@ -18,23 +21,35 @@ from step3vl_train.model.config import Step3VLConfig
 @dataclass
 class StepFlops:
     vit: float  # vision tower, downsamplers and projector
-    decoder: float
+    decoder: float  # causal attention within each packed sample
+    decoder_dense: float = 0.0  # full attention over each whole row, as torchtitan counts
 
     @property
     def total(self) -> float:
         return self.vit + self.decoder
 
 
-# Dense bf16 peak FLOP/s by device name, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak FLOP/s by the exact name CUDA reports (NVIDIA's datasheets, half the sparse figure). The
+# form factors differ: an H100 PCIe or NVL card is not an SXM one.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+}
 
 
 def device_peak_flops() -> float | None:
-    """The current CUDA device's dense bf16 peak, or None where it is unknown (or on the CPU)."""
+    """The current CUDA device's dense bf16 peak, or None where its name is not in the table (or on the
+    CPU): set trainer.peak_flops_per_device for MFU there."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name())
 
 
 def vit_flops(config: Step3VLConfig, side: int, views: int = 1) -> float:
@@ -72,13 +87,16 @@ def batch_flops(
     view_sides: list[int],
 ) -> StepFlops:
     """FLOPs of one micro-batch: sample lengths from restarting position ids (packed) or the mask."""
+    rows = attention_mask.sum(dim=1).tolist()  # padding sits after the real tokens
     if position_ids is not None:
-        starts = position_ids == 0
         lengths = []
-        for row_starts, row_mask in zip(starts, attention_mask, strict=True):
-            real = int(row_mask.sum())  # padding sits after the real tokens
+        for row_starts, real in zip(position_ids == 0, rows, strict=True):
             edges = [start for start in row_starts.nonzero().flatten().tolist() if start < real] + [real]
             lengths += [b - a for a, b in zip(edges, edges[1:], strict=False)]
     else:
-        lengths = attention_mask.sum(dim=1).tolist()
-    return StepFlops(sum(vit_flops(config, side) for side in view_sides), decoder_flops(config, lengths))
+        lengths = rows
+    return StepFlops(
+        sum(vit_flops(config, side) for side in view_sides),
+        decoder_flops(config, lengths),
+        decoder_flops(config, rows, causal=False),
+    )

@@ -47,6 +47,34 @@ class ScheduleConfig:
 
 
 @dataclass
+class DecayConfig:
+    """A later phase's leg of the learning rate: from the factor the run has reached at the phase's start,
+    `shape` down to peak * min_lr_ratio at `decay_tokens` (counted from the run's start), then flat;
+    `constant` holds the factor reached."""
+
+    shape: str = "linear"
+    decay_tokens: int = 1
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.shape not in SCHEDULE_SHAPES:
+            raise UsageError(f"a phase's schedule.shape must be one of {SCHEDULE_SHAPES}, not {self.shape!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"a phase's schedule.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+
+
+@dataclass
+class PhaseConfig:
+    """`phases.NAME`: from `start_tokens` trained (all ranks) on, the data mixture takes these `weights`
+    (by `data.sources` name; a source left out is not read in this phase) and the learning rate `schedule`.
+    The run's first phase is `data.sources` with `optim.schedule`."""
+
+    start_tokens: int = MISSING
+    weights: dict[str, float] = field(default_factory=dict)
+    schedule: DecayConfig = field(default_factory=DecayConfig)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.95)
@@ -71,6 +99,13 @@ class TrainerConfig:
     max_tokens: int | None = None  # tokens trained on, all ranks (the paper's unit)
     init_from: str | None = None  # a released-format model directory (or an export) to start from
     requires_init_from: bool = False  # a later stage: starting it from random weights is a mistake
+    from_scratch: bool = False  # says that random weights are meant where requires_init_from is set
+    # A run directory whose latest checkpoint this run starts from, as a resume would: weights, optimizer,
+    # data position and progress (phase 2 from phase 1). Only a run with no checkpoint of its own uses it.
+    continue_from: str | None = None
+    start_phase: str | None = None  # a later phase (`phases` key) this run must start at the start of
+    # With start_phase: start from init_from's weights alone, with a new optimizer and data from the start.
+    fresh_optimizer: bool = False
     grad_accum: int = 1  # micro-batches a step, per rank
     grad_clip: float = 1.0
     bf16: bool | None = None  # None: bf16 where CUDA is available, fp32 on the CPU
@@ -84,12 +119,17 @@ class TrainerConfig:
     predict_every: int = 0  # steps between greedy answers to `predict_prompts` (0: never)
     predict_prompts: list[dict] = field(default_factory=list)  # {"image": path or null, "text": question}
     predict_max_new_tokens: int = 32
+    log_sample_keys: bool = False  # each rank's sample keys by step in samples/rank{R}.jsonl
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise UsageError("trainer needs max_steps or max_tokens")
         if self.sequence_parallel < 1:
             raise UsageError(f"trainer.sequence_parallel must be at least 1, not {self.sequence_parallel}")
+        if self.fresh_optimizer and not self.start_phase:
+            raise UsageError("trainer.fresh_optimizer starts a later phase from weights alone: set trainer.start_phase")
+        if self.continue_from and self.init_from:
+            raise UsageError("set trainer.continue_from (a run to carry on) or trainer.init_from (weights), not both")
 
 
 @dataclass
@@ -105,3 +145,4 @@ class TrainJobConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    phases: dict[str, PhaseConfig] = field(default_factory=dict)  # the run's later phases, by name

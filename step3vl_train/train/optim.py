@@ -30,6 +30,21 @@ class ParamGroup:
     warmup_tokens: int
 
 
+def hyperparameters(cfg: OptimConfig) -> dict[str, dict]:
+    """Each param group's settings by group name, as the optimizer's groups carry them: the schedule reads
+    `peak_lr` and `warmup_tokens`; unset fields take the optimizer's values."""
+    return {
+        group.name: {
+            "peak_lr": group.lr if group.lr is not None else cfg.lr,
+            "weight_decay": group.weight_decay if group.weight_decay is not None else cfg.weight_decay,
+            "warmup_tokens": group.warmup_tokens if group.warmup_tokens is not None else cfg.schedule.warmup_tokens,
+            "betas": tuple(cfg.betas),
+            "eps": cfg.eps,
+        }
+        for group in cfg.param_groups
+    }
+
+
 def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
     patterns = [(group, re.compile(group.pattern)) for group in cfg.param_groups]
     claimed: dict[str, list[tuple[str, nn.Parameter]]] = {group.name: [] for group in cfg.param_groups}
@@ -47,14 +62,15 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[ParamGroup]:
         problems = [f"group(s) {empty} claim no trainable parameter"] if empty else []
         problems += [f"no group claims {unclaimed[:5]}{' ...' if len(unclaimed) > 5 else ''}"] if unclaimed else []
         raise ParamGroupError("optim.param_groups: " + "; ".join(problems))
+    settings = hyperparameters(cfg)
     return [
         ParamGroup(
             name=group.name,
             params=[param for _, param in claimed[group.name]],
             names=[name for name, _ in claimed[group.name]],
-            lr=group.lr if group.lr is not None else cfg.lr,
-            weight_decay=group.weight_decay if group.weight_decay is not None else cfg.weight_decay,
-            warmup_tokens=group.warmup_tokens if group.warmup_tokens is not None else cfg.schedule.warmup_tokens,
+            lr=settings[group.name]["peak_lr"],
+            weight_decay=settings[group.name]["weight_decay"],
+            warmup_tokens=settings[group.name]["warmup_tokens"],
         )
         for group in cfg.param_groups
     ]
@@ -78,3 +94,11 @@ def build_optimizer(groups: list[ParamGroup], cfg: OptimConfig) -> torch.optim.A
         betas=tuple(cfg.betas),
         eps=cfg.eps,
     )
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Writes the config's settings over the optimizer's groups, by group name: DeepSpeed restores an
+    optimizer state with the settings it was saved with, and a resumed run follows its current config."""
+    settings = hyperparameters(cfg)
+    for group in optimizer.param_groups:
+        group.update(settings[group["name"]])

@@ -57,6 +57,10 @@ class RewardJobConfig(TrainJobConfig):
     trainer: RewardTrainerConfig = field(default_factory=RewardTrainerConfig)
     rm: RMLossConfig = field(default_factory=RMLossConfig)
 
+    def __post_init__(self) -> None:
+        if self.phases:
+            raise UsageError("phases: a reward model trains in one phase, on one mixture of pairs")
+
 
 def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
     """(P,) scores and losses -> the float64 sums named by SUMS."""
@@ -201,7 +205,7 @@ class RewardModelTrainer(Trainer):
         counted = super().flops(batch.batch)
         text = self.model_config.text_config
         head = 6 * text.hidden_size * (text.vocab_size - 1) * int(batch.batch.attention_mask.sum())
-        return StepFlops(counted.vit, counted.decoder - head)
+        return StepFlops(counted.vit, counted.decoder - head, counted.decoder_dense - head)
 
     def state_dict(self) -> dict:
         stats = asdict(self.reward_stats) if self.reward_stats is not None else None

@@ -32,16 +32,20 @@ from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.flops import StepFlops, batch_flops, device_peak_flops
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, load_processor
 from step3vl_train.train.checkpoint import Checkpointer
-from step3vl_train.train.config import TrainJobConfig
+from step3vl_train.train.config import TrainerConfig, TrainJobConfig
+from step3vl_train.train.config_changes import changes_since_checkpoint
 from step3vl_train.train.distributed import close_distributed, init_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
-from step3vl_train.train.metrics import MetricsLog
+from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
+from step3vl_train.train.optim import apply_hyperparameters
+from step3vl_train.train.phases import Phase, phase_at, phase_named, run_phases, schedule_legs
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
 from step3vl_train.train.schedule import apply_schedule
 from step3vl_train.train.sequence_parallel import DataParallelRank, data_parallel_rank
 from step3vl_train.usage import UsageError, build
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG_FILE = "config.yaml"  # the resolved config, in the run directory and in each checkpoint
 
 
 @dataclass
@@ -90,6 +94,39 @@ def backward_global_batch(engine, micro: list[Batch], data: DataParallelRank) ->
     return torch.cat([loss_sum[None], counts])
 
 
+def starting_checkpoint(own: Checkpointer, trainer: TrainerConfig, phases: list[Phase]) -> Checkpointer | None:
+    """Where a run's state comes from: its own latest checkpoint, or a fresh run's `continue_from`'s; None
+    for a fresh start (init_from's weights, or random ones). Refuses a start the recipe rules out."""
+    index = phase_named(phases, trainer.start_phase) if trainer.start_phase else 0
+    if own.latest() is not None:
+        return own
+    if trainer.continue_from:
+        source = Checkpointer(trainer.continue_from, keep_last=0)
+        latest = source.latest()
+        if latest is None:
+            raise UsageError(f"trainer.continue_from={trainer.continue_from} has no checkpoint to continue")
+        if trainer.start_phase:
+            tokens = torch.load(latest / "trainer_rank0.pt", weights_only=True)["progress"]["tokens"]
+            if phase_at(phases, tokens) != index:
+                raise UsageError(
+                    f"{latest} has trained {tokens:,} tokens and phase {trainer.start_phase} starts at "
+                    f"{phases[index].start_tokens:,}: resume that run to the end of the phase before it"
+                )
+        return source
+    if trainer.start_phase and not trainer.fresh_optimizer:
+        raise UsageError(
+            f"phase {trainer.start_phase} carries on the run before it: set trainer.continue_from to that run's "
+            "directory (its optimizer state and data position go on), or trainer.init_from to an export "
+            "with trainer.fresh_optimizer=true (a new optimizer, and the data read again from the start)"
+        )
+    if trainer.requires_init_from and not trainer.init_from and not trainer.from_scratch:
+        raise UsageError(
+            "this recipe starts from trained weights: set trainer.init_from to them (the earlier stage's "
+            "export), or trainer.from_scratch=true for random ones"
+        )
+    return None
+
+
 class Trainer:
     job_config: type[TrainJobConfig] = TrainJobConfig
     data_config: type = DataConfig
@@ -119,12 +156,12 @@ class Trainer:
             self.trainer.grad_clip,
             torch.cuda.is_available() if self.trainer.bf16 is None else self.trainer.bf16,
         )
+        self.phases = run_phases(data.sources, job.phases)
         self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
-        # A run with a checkpoint resumes from it; only a fresh one starts from init_from.
-        fresh = self.checkpointer.latest() is None
-        if fresh and self.trainer.requires_init_from and not self.trainer.init_from:
-            raise UsageError("this recipe continues an earlier stage: set trainer.init_from to that stage's export")
-        init_from = self.trainer.init_from if fresh else None
+        # A run with a checkpoint resumes from it; a fresh one starts from continue_from's, or init_from.
+        self.source = starting_checkpoint(self.checkpointer, self.trainer, self.phases)
+        self.config_changes = self.check_config_changes()
+        init_from = self.trainer.init_from if self.source is None else None
         self.ds = build_engine(
             model_config,
             self.optim,
@@ -139,18 +176,52 @@ class Trainer:
             self.ds.model.gradient_checkpointing_enable()
         self.loader = self.build_loader(data)
         self.progress = Progress()
+        self.step_keys: list[str] = []  # this step's sample keys, for trainer.log_sample_keys
+        self.peak_flops = self.trainer.peak_flops_per_device or device_peak_flops()
+        if self.device.type == "cuda" and not self.peak_flops:
+            self.say(f"no MFU: {torch.cuda.get_device_name()} has no known peak; set trainer.peak_flops_per_device")
+        self.step_keys: list[str] = []
+
+    def check_config_changes(self) -> list[str]:
+        """The changed keys a resume applies (refused ones raise), against the checkpoint's config."""
+        latest = self.source.latest() if self.source is not None else None
+        if latest is None or not (latest / CONFIG_FILE).is_file():
+            return []
+        saved = OmegaConf.to_container(OmegaConf.load(latest / CONFIG_FILE))
+        tokens = torch.load(latest / "trainer_rank0.pt", weights_only=True)["progress"]["tokens"]
+        return changes_since_checkpoint(saved, OmegaConf.to_container(self.cfg, resolve=True), tokens)
 
     def build_loader(self, data: DataConfig) -> PackedLoader:
         # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
-        return PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world)
+        weights = [phase.weights for phase in self.phases]
+        return PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world, weights)
 
     def micro_batches(self) -> Iterator[Batch]:
-        """This rank's micro-batches, in order, for `backward`."""
-        return (packed.batch for packed in self.loader)
+        """This rank's micro-batches, in order, for `backward`; their sample keys go to `step_keys`."""
+        for packed in self.loader:
+            self.step_keys += [key for row in packed.keys for key in row]
+            yield packed.batch
+
+    def enter_phase(self) -> bool:
+        """Hands the loader the phase the run's tokens are in; whether that changed it."""
+        index = phase_at(self.phases, self.progress.tokens)
+        if len(self.phases) == 1 or index == self.loader.phase:
+            return False
+        self.loader.enter_phase(index)
+        phase = self.phases[index]
+        self.say(f"phase {phase.name} from {self.progress.tokens:,} tokens (it starts at {phase.start_tokens:,})")
+        return True
 
     def resume(self) -> None:
-        latest = self.checkpointer.latest()
-        saved_world = len(list(latest.glob("trainer_rank*.pt"))) if latest is not None else self.world
+        if self.source is None:
+            if self.trainer.fresh_optimizer:
+                start = self.phases[phase_named(self.phases, self.trainer.start_phase)].start_tokens
+                self.progress = Progress(tokens=start)
+                self.say(f"starting at phase {self.trainer.start_phase} with a new optimizer, data from the start")
+            self.enter_phase()
+            return
+        latest = self.source.latest()
+        saved_world = len(list(latest.glob("trainer_rank*.pt")))
         if saved_world != self.world:
             raise UsageError(
                 f"{latest} was written by {saved_world} ranks and this run has {self.world}: resume with "
@@ -158,16 +229,21 @@ class Trainer:
                 f"checkpoint={latest} out=DIR, then trainer.init_from=DIR), which keeps the weights but not the "
                 "optimizer state or the data position"
             )
-        state = self.checkpointer.load(self.ds.engine)
-        if state is not None:
-            self.load_state_dict(state)
-            self.say(f"resumed from {self.position()}: {latest}")
+        self.load_state_dict(self.source.load(self.ds.engine))
+        apply_hyperparameters(self.ds.engine.optimizer, self.optim)
+        for change in self.config_changes:
+            self.say(f"changed since the checkpoint, applied: {change}")
+        self.say(f"resumed from {self.position()}: {latest}")
+        self.enter_phase()
 
     def run(self) -> None:
         self.resume()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            OmegaConf.save(self.cfg, self.run_dir / CONFIG_FILE, resolve=True)
+        if self.trainer.log_sample_keys:
+            self.sample_keys_path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self.sample_keys_path, self.progress.step)
         if self.finished():
             self.say(f"{self.run_dir} has already finished: {self.position()}. Raise trainer.max_steps to go on.")
             return
@@ -192,6 +268,9 @@ class Trainer:
         self.ds.engine.train()
         try:
             while not self.finished():
+                if self.enter_phase():  # the workers restart in the new phase: a new iterator
+                    batches.close()
+                    batches = self.micro_batches()
                 started = time.perf_counter()
                 micro = list(itertools.islice(batches, self.trainer.grad_accum))
                 # With data.max_epochs set, a rank can run out first; every rank stops together.
@@ -206,6 +285,7 @@ class Trainer:
                         self.save()
                     break
                 row = self.train_step(micro)
+                self.write_sample_keys()
                 row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"], refresh=False)
                 bar.update(1)
@@ -224,6 +304,17 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+
+    @property
+    def sample_keys_path(self) -> Path:
+        return self.run_dir / "samples" / f"rank{self.rank}.jsonl"
+
+    def write_sample_keys(self) -> None:
+        """This rank's sample keys of the step just taken, with trainer.log_sample_keys."""
+        if self.trainer.log_sample_keys:
+            with self.sample_keys_path.open("a") as handle:
+                handle.write(json.dumps({"step": self.progress.step, "keys": self.step_keys}) + "\n")
+        self.step_keys = []
 
     def say(self, line: str) -> None:
         """One line from rank 0, between progress-bar refreshes."""
@@ -280,15 +371,16 @@ class Trainer:
     def train_step(self, micro: list[Batch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches per rank."""
         started = time.perf_counter()
-        lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule)
+        legs = schedule_legs(self.phases)
+        lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule, legs)
+        phase = {"phase": self.loader.phase} if len(self.phases) > 1 else {}
         step_totals = self.backward(micro)
         self.ds.engine.step()
         flops = [self.flops(batch) for batch in micro] if self.data_rank.counts else [StepFlops(0.0, 0.0)]
         data = self.loader.stats().summary() if self.data_rank.counts else {"samples": 0, "skipped_samples": 0}
+        flop_sums = [sum(f.vit for f in flops), sum(f.decoder for f in flops), sum(f.decoder_dense for f in flops)]
         totals = torch.tensor(
-            [data["samples"], data["skipped_samples"], sum(f.vit for f in flops), sum(f.decoder for f in flops)],
-            dtype=torch.float64,
-            device=self.device,
+            [data["samples"], data["skipped_samples"], *flop_sums], dtype=torch.float64, device=self.device
         )
         dist.all_reduce(totals)
         # The first read of device values waits for the GPU: the step's time includes its work.
@@ -305,10 +397,11 @@ class Trainer:
             **{f"lr/{name}": lr for name, lr in lrs.items()},
             "grad_norm": float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else None,
             "tokens": self.progress.tokens,
+            **phase,
             **figures,
             "samples": int(totals[0]),
             "skipped_samples": int(totals[1]),
-            **self.utilisation(float(totals[2]), float(totals[3]), seconds),
+            **self.utilisation(StepFlops(*totals[2:]), seconds),
             **self.memory(),
         }
 
@@ -326,13 +419,20 @@ class Trainer:
             "memory/reserved_gib": torch.cuda.memory_reserved(self.device) / 2**30,
         }
 
-    def utilisation(self, vit: float, decoder: float, seconds: float) -> dict:
-        """FLOP/s of the step, the ViT's apart, and MFU where the device's peak is known."""
+    def utilisation(self, flops: StepFlops, seconds: float) -> dict:
+        """FLOP/s of the step, the ViT's apart, and MFU where the device's peak is known: `mfu` as torchtitan
+        counts (the decoder's attention over whole rows, full square), `mfu/causal` and its parts as we do
+        (causal attention within each sample: model/flops.py)."""
+        vit, decoder = flops.vit, flops.decoder
         row = {"flops/vit": vit, "flops/decoder": decoder, "tflops_per_s": round((vit + decoder) / seconds / 1e12, 4)}
-        peak = self.trainer.peak_flops_per_device or device_peak_flops()
-        if peak:
-            budget = peak * self.world * seconds
-            row |= {"mfu": (vit + decoder) / budget, "mfu/vit": vit / budget, "mfu/decoder": decoder / budget}
+        if self.peak_flops:
+            budget = self.peak_flops * self.world * seconds
+            row |= {
+                "mfu": (vit + flops.decoder_dense) / budget,
+                "mfu/causal": (vit + decoder) / budget,
+                "mfu/vit": vit / budget,
+                "mfu/decoder": decoder / budget,
+            }
         return row
 
     def state_dict(self) -> dict:
@@ -344,4 +444,5 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
 
     def save(self) -> None:
-        self.checkpointer.save(self.ds.engine, self.progress.step, self.state_dict())
+        config = OmegaConf.to_yaml(self.cfg, resolve=True)
+        self.checkpointer.save(self.ds.engine, self.progress.step, self.state_dict(), files={CONFIG_FILE: config})

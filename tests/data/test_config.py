@@ -11,7 +11,7 @@ def config(**overrides):
 
 
 def test_recipes_and_defaults_load():
-    for recipe in ("phase1", "phase2", "sft_stage1", "sft_stage2"):
+    for recipe in ("pretrain", "sft_stage1", "sft_stage2"):
         cfg = DataConfig.from_dict(OmegaConf.load(REPO / "recipes" / f"{recipe}.yaml").data)
         assert cfg.sources and cfg.packing.seq_len in (4096, 131072)
     stage1 = DataConfig.from_dict(OmegaConf.load(REPO / "recipes" / "sft_stage1.yaml").data)
@@ -39,7 +39,7 @@ def test_bad_configs_name_the_field(overrides, error, match):
 
 
 def test_train_shards_replace_the_recipes_mixture():
-    recipe = OmegaConf.load(REPO / "recipes" / "phase1.yaml").data
+    recipe = OmegaConf.load(REPO / "recipes" / "pretrain.yaml").data
     cfg = DataConfig.from_dict(OmegaConf.merge(recipe, {"train": "/data/mine/shard-{000000..000009}.tar"}))
     assert [(s.name, s.paths) for s in cfg.sources] == [("train", ["/data/mine/shard-{000000..000009}.tar"])]
     assert cfg.packing.seq_len == 4096  # the recipe's packing stays

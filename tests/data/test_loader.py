@@ -126,6 +126,39 @@ def test_resume_in_process_without_workers(pretrain_corpus, tiny_processor):
     assert second.stats().packs == 8
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_phase_switch_changes_the_mix_after_the_window_and_reads_nothing_twice(
+    pretrain_corpus, tiny_processor, num_workers
+):
+    """Phase 2 reads text alone. The switch after 3 batches keeps every reader where it was; a loader
+    resumed from the state of batch 3 and put in phase 2 goes on exactly as the switched one did."""
+    cfg = pretrain_config(pretrain_corpus, num_workers=num_workers, packing={"seq_len": 512, "window": 2})
+    phases = [{source.name: source.weight for source in cfg.sources}, {"text": 1.0}]
+    phases[1] |= {name: 0.0 for name in phases[0] if name != "text"}
+
+    def keys(batches):
+        return [key for packed in batches for row in packed.keys for key in row]
+
+    def sources(keys):  # a key is <shard path>:<task>-<index>
+        return {key.rsplit(":", 1)[-1].split("-")[0] for key in keys}
+
+    switched = PackedLoader(cfg, tiny_processor, phase_weights=phases)
+    head = drain(switched, limit=3)
+    state = switched.state_dict()
+    switched.enter_phase(1)
+    tail = drain(switched)
+    resumed = PackedLoader(cfg, tiny_processor, phase_weights=phases)
+    resumed.load_state_dict(state)
+    resumed.enter_phase(1)
+    assert keys(drain(resumed)) == keys(tail)
+    read = keys(head) + keys(tail)
+    assert len(read) == len(set(read))  # one pass (max_epochs=1): nothing twice across the switch
+    assert sources(keys(head)) != {"text"}
+    assert sources(keys(tail[-5:])) == {"text"}  # the window drained, text alone
+    text = [key for key in read if sources([key]) == {"text"}]
+    assert len(text) == 20  # the text source read to its end, none of it again
+
+
 def test_pixels_leave_a_worker_as_one_shared_buffer(pretrain_corpus, tiny_processor):
     def first_batches(num_workers):
         cfg = pretrain_config(pretrain_corpus, num_workers=num_workers, packing={"seq_len": 1024, "window": 4})

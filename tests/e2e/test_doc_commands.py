@@ -120,7 +120,8 @@ def test_help_lists_only_the_groups_recipes_and_cpu_forms_that_apply():
     assert pretrain.startswith("Pre-training.") and rl.startswith("RL.")
     assert "  trainer " in pretrain and "  data " in pretrain and "  rollout " not in pretrain
     assert "  rollout    hf, vllm (default: hf)" in rl and "  data " not in rl
-    assert "+recipe    phase1, phase2, sft_stage1, sft_stage2 " in pretrain and "+recipe    pacore, rlhf, rlvr " in rl
+    assert "+recipe    phase1, phase2, pretrain, sft_stage1, sft_stage2 " in pretrain
+    assert "+recipe    pacore, rlhf, rlvr " in rl
     assert "+cpu       pretrain, sft " in pretrain and "+cpu       pacore, rlhf, rlvr " in rl
     reward_model, service = usage("train_rm", "RM."), usage("serve_rm", "Service.")
     assert "+recipe    rm " in reward_model and "+cpu       rm " in reward_model and "  data " not in reward_model

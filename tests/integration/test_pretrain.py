@@ -8,22 +8,25 @@ import time
 
 import pytest
 
+from step3vl_train.data.synthetic.tasks import write_corpus
 from tests.conftest import REPO
+from tests.train.wandb_history import current_offline_run, logged_steps
 
-# The phase-1 recipe, switched to the tiny model with short sequences, one micro-batch a step and a flat
-# learning rate, as the CPU runs it.
+# The pre-training recipe, switched to the tiny model from random weights with short sequences, one
+# micro-batch a step and a flat learning rate, as the CPU runs it.
 TINY = [
-    "+recipe=phase1", "model=tiny", "processor=tiny", "tokenizer=tiny", "data.packing.seq_len=512",
+    "trainer.from_scratch=true", "model=tiny", "processor=tiny", "tokenizer=tiny",
+    "data.packing.seq_len=512",
     "data.packing.window=4", "data.num_workers=1", "optim.lr=1e-3", "optim.schedule.shape=constant",
     "optim.schedule.warmup_tokens=0", "trainer.grad_accum=1", "trainer.gradient_checkpointing=false",
     "logging.mode=disabled",
 ]  # fmt: skip
 
 
-def command(corpus, out, *overrides):
+def command(corpus, out, *overrides, recipe="pretrain"):
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launch" / "pretrain.py"),
-        *TINY, f"data.root={corpus}", f"trainer.output_dir={out}", *overrides,
+        f"+recipe={recipe}", *TINY, f"data.root={corpus}", f"trainer.output_dir={out}", *overrides,
     ]  # fmt: skip
 
 
@@ -37,44 +40,78 @@ def losses(out):
     return [(row["step"], row["loss"]) for row in rows]
 
 
-def run(corpus, out, *overrides):
+def run(corpus, out, *overrides, recipe="pretrain"):
     done = subprocess.run(
-        command(corpus, out, *overrides), capture_output=True, text=True, timeout=600, env=environment()
+        command(corpus, out, *overrides, recipe=recipe), capture_output=True, text=True, timeout=600, env=environment()
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return losses(out)
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_run_writes_the_same_losses(pretrain_corpus, tmp_path):
-    settings = ["trainer.max_steps=8", "trainer.save_every=3", "logging.mode=offline"]
-    straight = run(pretrain_corpus, tmp_path / "straight", *settings)
-    assert [step for step, _ in straight] == list(range(1, 9))
-    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["flops/decoder"] > 0 and row["tflops_per_s"] > 0 and "mfu" not in row for row in rows)
-    assert any(row["flops/vit"] > 0 for row in rows)  # no MFU on the CPU: no known peak
+@pytest.fixture(scope="module")
+def large_corpus(tmp_path_factory):
+    """80 samples a source: 10 steps of both phases read none twice."""
+    out = tmp_path_factory.mktemp("synthetic") / "pretrain"
+    write_corpus("pretrain", str(out), num=640, seed=0, shard_size=20)
+    return out
 
-    out = tmp_path / "killed"
+
+def killed(corpus, out, *overrides, recipe, at_step):
+    """The run SIGKILLed once its metrics show `at_step` (torchrun starts each rank in a session of its own)."""
     process = subprocess.Popen(
-        command(pretrain_corpus, out, *settings), env=environment(), start_new_session=True,
+        command(corpus, out, *overrides, recipe=recipe), env=environment(), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(step >= 5 for step, _ in losses(out)):
+        if (out / "metrics.jsonl").exists() and any(step >= at_step for step, _ in losses(out)):
             break
         time.sleep(0.05)
-    # between the checkpoints of steps 3 and 6; torchrun starts each rank in a session of its own
     subprocess.run(["pkill", "-KILL", "-f", f"trainer.output_dir={out}"])
     process.wait()
-    assert (out / "checkpoints" / "latest").read_text() in ("step_3", "step_6")
+    return (out / "checkpoints" / "latest").read_text()
 
-    run_id = (out / "wandb_id").read_text()
-    resumed = run(pretrain_corpus, out, *settings)
-    assert resumed == straight
-    assert (out / "wandb_id").read_text() == run_id  # the same W&B run carries on (offline here: no key)
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 2
+
+def sample_keys(out):
+    """Each rank's sample keys, step by step."""
+    return [
+        [(row["step"], row["keys"]) for row in map(json.loads, (out / "samples" / f"rank{rank}.jsonl").open())]
+        for rank in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_phase1_then_phase2_killed_in_each_is_the_one_uninterrupted_run(large_corpus, tmp_path):
+    """`+recipe=pretrain` straight through the switch to a text-only phase 2, against `+recipe=phase1` and
+    `+recipe=phase2 trainer.continue_from=...`, each SIGKILLed once and resumed: the same losses, the same
+    samples (none read twice), and a W&B history of one row per step."""
+    text_only = "{text:1,caption:0,interleaved:0,ocr:0,grounding:0,counting:0,chart:0,math:0}"
+    settings = [
+        "trainer.max_steps=10", "trainer.save_every=2", "phases.phase2.start_tokens=4000",
+        f"phases.phase2.weights={text_only}", "trainer.log_sample_keys=true", "logging.mode=offline",
+    ]  # fmt: skip
+    straight = run(large_corpus, tmp_path / "straight", *settings)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    switch = next(row["step"] for row in rows if row["phase"] == 1)
+    assert 3 <= switch <= 8 and [row["phase"] for row in rows] == [0] * (switch - 1) + [1] * (11 - switch)
+    assert all(row["flops/decoder"] > 0 and row["tflops_per_s"] > 0 and "mfu" not in row for row in rows)
+    straight_keys = sample_keys(tmp_path / "straight")
+    every_key = [key for rank in straight_keys for _, keys in rank for key in keys]
+    assert len(every_key) == len(set(every_key))
+    assert {key.rsplit(":", 1)[1].split("-")[0] for _, keys in straight_keys[0][-2:] for key in keys} == {"text"}
+
+    first, second = tmp_path / "phase1", tmp_path / "phase2"
+    latest = killed(large_corpus, first, *settings, recipe="phase1", at_step=switch - 2)
+    assert latest in [f"step_{n}" for n in range(2, switch, 2)]
+    run(large_corpus, first, *settings, recipe="phase1")
+    phase2 = [f"trainer.continue_from={first}", *settings]
+    assert killed(large_corpus, second, *phase2, recipe="phase2", at_step=switch + 2).startswith("step_")
+    resumed = run(large_corpus, second, *phase2, recipe="phase2")
+
+    assert losses(first) + resumed == straight
+    assert [a + b for a, b in zip(sample_keys(first), sample_keys(second), strict=True)] == straight_keys
+    for out in (first, second):  # the resumed W&B run holds each step once
+        assert logged_steps(current_offline_run(out)) == [step for step, _ in losses(out)]
 
 
 @pytest.mark.slow

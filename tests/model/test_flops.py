@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from step3vl_train.model.flops import batch_flops, decoder_flops, vit_flops
+from step3vl_train.model.flops import batch_flops, decoder_flops, device_peak_flops, vit_flops
 
 
 def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -36,3 +36,30 @@ def test_packed_samples_attend_within_themselves(tiny_config):
     assert flops.vit == vit_flops(tiny_config, 224) + vit_flops(tiny_config, 168)
     padded = batch_flops(tiny_config, torch.zeros(2, 4), None, torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), [])
     assert padded.decoder == decoder_flops(tiny_config, [3, 2]) and padded.vit == 0
+
+
+def test_the_dense_count_is_torchtitans_over_whole_rows(tiny_config):
+    """6N + 12·L·H·Q·T a token (T the row's real length, N the decoder's weights with the head and without
+    the embedding), whatever the samples packed in the row."""
+    text = tiny_config.text_config
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    flops = batch_flops(tiny_config, torch.zeros(1, 8), positions, mask, view_sides=[])
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    layer = text.hidden_size * (2 * q + 2 * kv) + 3 * text.hidden_size * text.intermediate_size
+    weights = text.num_hidden_layers * layer + text.hidden_size * text.vocab_size
+    per_token = 6 * weights + 12 * text.num_hidden_layers * q * 5
+    assert flops.decoder_dense == pytest.approx(5 * per_token)
+    assert flops.decoder < flops.decoder_dense
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None)],
+)  # fmt: skip
+def test_the_peak_is_the_exact_models(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
+    assert device_peak_flops() == peak
