@@ -149,6 +149,8 @@ def main() -> None:
 
     window = min(3, len(rlvr))
     evaluated = [str(r["step"]) for r in rm if "eval/accuracy" in r]
+    switch = next((r for r in pretrain if r.get("phase")), None)
+    phase2 = f" Pre-training's phase 2 took over at step {switch['step']}." if switch else ""
     lines = [
         "# The tiny pipeline on the CPU", "",
         "| stage | steps | first | last | seconds | figure |", "|---|---|---|---|---|---|",
@@ -165,7 +167,7 @@ def main() -> None:
         f"{figure(inference['pacore_accuracy'])} | | reward_mean |", "",
         "Pre-training, SFT and the reward model: the first and the last step's figure (the reward model's at "
         f"its evaluations, steps {', '.join(evaluated)}). RLVR, RLHF and PaCoRe training: the mean of the first "
-        f"{window} and of the last {window} iterations.", "",
+        f"{window} and of the last {window} iterations.{phase2}", "",
         *(f"- `{key}`: {meaning}." for key, meaning in MEANINGS.items()), "",
         "SeRe: the first round's 8 rollouts of each held-out `choice` prompt, by the PaCoRe-trained policy; "
         "PaCoRe: its synthesis of their conclusions (`pacore_inference/results.jsonl`).", "",

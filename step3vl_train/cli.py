@@ -47,7 +47,8 @@ def usage(config_name: str, doc: str) -> str:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         keys = leaf_keys(OmegaConf.to_container(compose(config_name)))
     recipes = [name for name in register_recipes() if covered(keys_set_by(RECIPES / f"{name}.yaml"), keys)]
-    cpu = [path.stem for path in sorted((CONFIGS / "cpu").glob("*.yaml")) if covered(keys_set_by(path), keys)]
+    forms = sorted((CONFIGS / "cpu").glob("[!_]*.yaml"))  # `_name.yaml`: a part the forms include
+    cpu = [path.stem for path in forms if covered(keys_set_by(path), keys)]
     lines = [doc.strip(), "", "Config groups (group=option):"]
     for group, default in config_groups(config_name):
         options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
@@ -88,7 +89,7 @@ def keys_set_by(path: Path) -> set[str]:
     composed config holds as a free-form mapping (`model`, `reward.service.server`) covers all below it."""
     config = OmegaConf.to_container(OmegaConf.load(path))
     defaults = config.pop("defaults", [])
-    included = [entry for entry in defaults if isinstance(entry, str)]
+    included = [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
     return leaf_keys(config) | {key for name in included for key in keys_set_by(path.parent / f"{name}.yaml")}
 
 

@@ -66,8 +66,8 @@ class DecayConfig:
 @dataclass
 class PhaseConfig:
     """`phases.NAME`: from `start_tokens` trained (all ranks) on, the data mixture takes these `weights`
-    (by `data.sources` name; a source left out is not read in this phase) and the learning rate `schedule`.
-    The run's first phase is `data.sources` with `optim.schedule`."""
+    (by `data.sources` name; a source left out is not read in this phase; none: the mixture goes on as it
+    was) and the learning rate `schedule`. The run's first phase is `data.sources` with `optim.schedule`."""
 
     start_tokens: int = MISSING
     weights: dict[str, float] = field(default_factory=dict)

@@ -34,12 +34,15 @@ def run_phases(sources: list[SourceConfig], phases: dict[str, PhaseConfig]) -> l
     for name, phase in sorted(phases.items(), key=lambda item: item[1].start_tokens):
         unknown = sorted(set(phase.weights) - set(names))
         if unknown:
-            raise UsageError(f"phases.{name}.weights names {unknown}, which are not data sources: {names}")
-        if any(weight < 0 for weight in phase.weights.values()) or not any(phase.weights.values()):
+            raise UsageError(
+                f"phases.{name}.weights names {unknown}, which are not data sources: {names}. Weigh these "
+                f"sources in phases.{name}.weights, or run without the phase: ~phases.{name}"
+            )
+        if phase.weights and (any(w < 0 for w in phase.weights.values()) or not any(phase.weights.values())):
             raise UsageError(f"phases.{name}.weights needs a positive weight and none negative: {phase.weights}")
         if phase.start_tokens <= ordered[-1].start_tokens:
             raise UsageError(f"phases.{name}.start_tokens must be positive and unlike any other phase's")
-        weights = {source: phase.weights.get(source, 0.0) for source in names}
+        weights = {source: phase.weights.get(source, 0.0) for source in names} if phase.weights else ordered[-1].weights
         ordered.append(Phase(name, phase.start_tokens, weights, phase.schedule))
     return ordered
 

@@ -17,7 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -156,7 +156,10 @@ class Trainer:
             self.trainer.grad_clip,
             torch.cuda.is_available() if self.trainer.bf16 is None else self.trainer.bf16,
         )
-        self.phases = run_phases(data.sources, job.phases)
+        phases = job.phases
+        if data.train:  # the user's shards, one source, replace every phase's mixture; the lr legs stay
+            phases = {name: replace(phase, weights={}) for name, phase in phases.items()}
+        self.phases = run_phases(data.sources, phases)
         self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
         # A run with a checkpoint resumes from it; a fresh one starts from continue_from's, or init_from.
         self.source = starting_checkpoint(self.checkpointer, self.trainer, self.phases)
@@ -183,9 +186,20 @@ class Trainer:
         self.step_keys: list[str] = []
 
     def check_config_changes(self) -> list[str]:
-        """The changed keys a resume applies (refused ones raise), against the checkpoint's config."""
+        """The changed keys a resume applies (refused ones raise), against the checkpoint's config, once
+        the checkpoint is known to be this world size's."""
         latest = self.source.latest() if self.source is not None else None
-        if latest is None or not (latest / CONFIG_FILE).is_file():
+        if latest is None:
+            return []
+        saved_world = len(list(latest.glob("trainer_rank*.pt")))
+        if saved_world != self.world:
+            raise UsageError(
+                f"{latest} was written by {saved_world} ranks and this run has {self.world}: resume with "
+                f"{saved_world} ranks, or start a new run from its export (python launch/export_hf.py "
+                f"checkpoint={latest} out=DIR, then trainer.init_from=DIR), which keeps the weights but not the "
+                "optimizer state or the data position"
+            )
+        if not (latest / CONFIG_FILE).is_file():
             return []
         saved = OmegaConf.to_container(OmegaConf.load(latest / CONFIG_FILE))
         tokens = torch.load(latest / "trainer_rank0.pt", weights_only=True)["progress"]["tokens"]
@@ -221,14 +235,6 @@ class Trainer:
             self.enter_phase()
             return
         latest = self.source.latest()
-        saved_world = len(list(latest.glob("trainer_rank*.pt")))
-        if saved_world != self.world:
-            raise UsageError(
-                f"{latest} was written by {saved_world} ranks and this run has {self.world}: resume with "
-                f"{saved_world} ranks, or start a new run from its export (python launch/export_hf.py "
-                f"checkpoint={latest} out=DIR, then trainer.init_from=DIR), which keeps the weights but not the "
-                "optimizer state or the data position"
-            )
         self.load_state_dict(self.source.load(self.ds.engine))
         apply_hyperparameters(self.ds.engine.optimizer, self.optim)
         for change in self.config_changes:

@@ -101,6 +101,8 @@ def check_demo(out: Path, ran: set[str], stdout: str, documented: set[str]) -> N
     for stage in ("pretrain", "sft", "sft2"):
         loss = metric(out / stage, "loss")
         assert loss[-1] < loss[0] - 1.0, (stage, loss)
+    phases, lr = metric(out / "pretrain", "phase"), metric(out / "pretrain", "lr")
+    assert phases[0] == 0 and phases[-1] == 1 and lr[-1] < lr[0] / 2  # phase 2 took over, its lr leg going down
     reward = metric(out / "rlvr", "reward_mean")
     first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
     assert last >= first + 0.08, reward

@@ -32,7 +32,7 @@ def main() -> None:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose(
             "pretrain",
-            [*TINY, f"data.root={corpus}", f"trainer.output_dir={out}", "trainer.max_steps=2"],
+            ["+recipe=pretrain", *TINY, f"data.root={corpus}", f"trainer.output_dir={out}", "trainer.max_steps=2"],
         )
     trainer = Trainer(cfg)
     trainer.run()

@@ -184,7 +184,7 @@ def test_the_loss_falls_to_near_zero_on_four_documents(tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     losses_by_step = run(
         tmp_path, tmp_path / "run", f"data.sources=[{{name:docs,kind:jsonl,paths:[{tmp_path / 'docs.jsonl'}]}}]",
-        "data.packing.seq_len=256", "data.packing.window=1", "data.num_workers=0", "optim.lr=3e-3",
+        "~phases.phase2", "data.packing.seq_len=256", "data.packing.window=1", "data.num_workers=0", "optim.lr=3e-3",
         "trainer.gradient_checkpointing=true", "trainer.max_steps=60", "trainer.save_every=1000",
         "trainer.predict_every=30", "trainer.predict_max_new_tokens=4", "logging.mode=offline",
     )  # fmt: skip

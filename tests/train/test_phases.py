@@ -18,6 +18,11 @@ def two_phases(**phase2):
     return {"phase2": PhaseConfig(**{"start_tokens": 900, "weights": {"text": 1.0}, **phase2})}
 
 
+def test_a_phase_without_weights_keeps_the_mixture_and_changes_the_learning_rate():
+    phases = run_phases(SOURCES, {"cooldown": PhaseConfig(500)})
+    assert phases[1].weights == phases[0].weights == {"text": 0.6, "caption": 0.4}
+
+
 def test_phases_in_order_with_every_source_weighed():
     phases = run_phases(SOURCES, {"late": PhaseConfig(1500, {"caption": 1.0}), **two_phases()})
     assert [(p.name, p.start_tokens) for p in phases] == [("first", 0), ("phase2", 900), ("late", 1500)]
@@ -28,7 +33,7 @@ def test_phases_in_order_with_every_source_weighed():
 @pytest.mark.parametrize(
     ("phase2", "match"),
     [
-        ({"weights": {"ocr": 1.0}}, r"names \['ocr'\], which are not data sources"),
+        ({"weights": {"ocr": 1.0}}, r"names \['ocr'\], which are not data sources.*~phases.phase2"),
         ({"weights": {"text": 0.0}}, "needs a positive weight"),
         ({"weights": {"text": -1.0, "caption": 2.0}}, "none negative"),
         ({"start_tokens": 0}, "start_tokens must be positive"),
