@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="tiny")
     parser.add_argument("--processor", help="processor YAML (default: the released processor)")
     parser.add_argument("--quiet", action="store_true", help="do not log each skipped sample")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # data.key=value before or after the flags
     args.epochs = args.epochs or None
     inputs = [a for a in args.inputs if "=" not in a]
     overrides = [a for a in args.inputs if "=" in a]

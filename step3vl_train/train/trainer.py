@@ -163,7 +163,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.trainer.keep_last)
         # A run with a checkpoint resumes from it; a fresh one starts from continue_from's, or init_from.
         self.source = starting_checkpoint(self.checkpointer, self.trainer, self.phases)
-        self.config_changes = self.check_config_changes()
+        self.config_changes = self.check_starting_checkpoint()
         init_from = self.trainer.init_from if self.source is None else None
         self.ds = build_engine(
             model_config,
@@ -183,11 +183,10 @@ class Trainer:
         self.peak_flops = self.trainer.peak_flops_per_device or device_peak_flops()
         if self.device.type == "cuda" and not self.peak_flops:
             self.say(f"no MFU: {torch.cuda.get_device_name()} has no known peak; set trainer.peak_flops_per_device")
-        self.step_keys: list[str] = []
 
-    def check_config_changes(self) -> list[str]:
-        """The changed keys a resume applies (refused ones raise), against the checkpoint's config, once
-        the checkpoint is known to be this world size's."""
+    def check_starting_checkpoint(self) -> list[str]:
+        """That the checkpoint the run starts from was written by this many ranks, and the changed config
+        keys a resume from it applies (refused ones raise), against the config it was written with."""
         latest = self.source.latest() if self.source is not None else None
         if latest is None:
             return []
