@@ -6,12 +6,13 @@ applied from the current config and logged, or refused with one message naming e
 - Applied: the optimizer's hyper-parameters (`optim.lr`, `betas`, `eps`, `weight_decay`, `schedule.*`,
   a param group's `lr`, `weight_decay`, `warmup_tokens`), which are written over the ones DeepSpeed
   restores with the optimizer state; `trainer.grad_clip`, `grad_accum`, the run's length, saving, logging,
-  `compute.*`, `deepspeed.*`; a phase that has not begun; anything else not listed below.
+  `compute.*`, `deepspeed.*` but the ZeRO stage; a phase that has not begun; anything else not listed below.
 - Refused, because the checkpoint's state belongs to them: the model, processor and tokenizer (the
   weights and the encoded data); how data is read and packed (`data.sources`, `packing`, `seed`,
   `max_epochs`, `micro_batch_size`, `num_workers`, `train`, `trainer.sequence_parallel`: the readers'
   positions are positions in that stream); the param groups' names and patterns (the optimizer state is
-  per group); `trainer.bf16` (the saved states' dtype); and the mixture and start of a phase already begun.
+  per group); `trainer.bf16` and the ZeRO stage (the saved states' dtype and partitioning); and the
+  mixture and start of a phase already begun.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ REFUSED = {
     "data.num_workers": "each reader's position belongs to a (rank, worker)",
     "trainer.sequence_parallel": "each reader's position belongs to a data-parallel rank",
     "trainer.bf16": "the saved states are in the old dtype",
+    "deepspeed.zero_optimization.stage": "the saved states are partitioned for it",
     "optim.param_groups.*.name": "the optimizer state is kept by group",
     "optim.param_groups.*.pattern": "the optimizer state is kept by group",
 }

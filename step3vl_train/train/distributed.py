@@ -24,10 +24,12 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def close_distributed() -> None:
-    """Tears the process group down once every rank has finished its collectives: a rank whose peer has
-    already closed its gloo pairs aborts ("terminate called without an active exception")."""
-    dist.barrier()
+def close_distributed(wait_for_peers: bool = True) -> None:
+    """Tears the process group down, by default once every rank has finished its collectives: a rank whose
+    peer has already closed its gloo pairs aborts ("terminate called without an active exception"). A rank
+    leaving on an error must not wait (the others are in a collective of their own, and would hang)."""
+    if wait_for_peers:
+        dist.barrier()
     dist.destroy_process_group()
 
 

@@ -251,7 +251,11 @@ class Trainer:
             truncate_jsonl(self.sample_keys_path, self.progress.step)
         if self.finished():
             self.say(f"{self.run_dir} has already finished: {self.position()}. Raise trainer.max_steps to go on.")
-            return
+        else:
+            self.train_to_the_end()
+        dist.barrier()  # every rank past its last collective before `close` tears the group down
+
+    def train_to_the_end(self) -> None:
         metrics = None
         if self.rank == 0:
             metrics = MetricsLog(
@@ -265,7 +269,6 @@ class Trainer:
         self.report_skips()
         latest = self.checkpointer.latest()
         self.say(f"finished: {self.position()}" + (f"; the last checkpoint is {latest}" if latest else ""))
-        dist.barrier()
 
     def loop(self, metrics: MetricsLog | None) -> None:
         batches = self.micro_batches()
@@ -335,7 +338,9 @@ class Trainer:
         return line
 
     def close(self) -> None:
-        close_distributed()
+        """`run` ends with a barrier when it succeeds; a rank that fails leaves without waiting for the
+        others, which torchrun then stops."""
+        close_distributed(wait_for_peers=False)
 
     def report_skips(self) -> None:
         """The run's skipped samples by reason, over all ranks: distinct bad samples, and how often they were

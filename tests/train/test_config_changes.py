@@ -17,6 +17,7 @@ SAVED = {
     "optim": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "schedule": {"warmup_tokens": 100},
               "param_groups": [{"name": "all", "pattern": ".*", "lr": None}]},
     "trainer": {"grad_clip": 1.0, "max_steps": 10, "sequence_parallel": 1},
+    "deepspeed": {"zero_optimization": {"stage": 3}},
     "data": {"seed": 0, "packing": {"seq_len": 512}, "sources": [{"name": "text", "weight": 1.0}]},
     "phases": {"phase2": {"start_tokens": 500, "weights": {"text": 1.0}}, "phase3": {"start_tokens": 900}},
 }  # fmt: skip
@@ -47,12 +48,13 @@ def test_the_data_stream_the_groups_and_a_begun_phase_are_refused_by_name():
     current = changed(
         optim__lr=5e-4, data__seed=1, data__packing__seq_len=1024, trainer__sequence_parallel=2,
         optim__param_groups=[{"name": "every", "pattern": ".*", "lr": None}], phases__phase2__weights__text=0.5,
+        deepspeed__zero_optimization__stage=2,
     )  # fmt: skip
     with pytest.raises(UsageError) as refused:
         changes_since_checkpoint(SAVED, current, tokens=600)
     message = str(refused.value)
     for key in ("data.seed", "data.packing.seq_len", "trainer.sequence_parallel", "optim.param_groups.0.name",
-                "phases.phase2.weights.text"):  # fmt: skip
+                "phases.phase2.weights.text", "deepspeed.zero_optimization.stage"):  # fmt: skip
         assert key in message
     assert "optim.lr" not in message  # applied, not refused
     # a phase not yet begun may change; so may one a run moves later than where it stands
