@@ -24,7 +24,7 @@ LATEST = "latest"
 COMPLETE = re.compile(r"step_(\d+)")
 PARTIAL = ".partial"  # being written
 DISCARDED = ".discarded"  # being deleted: renamed first, so that a half-deleted one never looks complete
-LATEST_TEMPORARY = f".{LATEST}.tmp"
+LATEST_TEMPORARY = f".{LATEST}.tmp"  # write_atomically's, left by a kill before its replace
 
 
 def rng_state() -> dict:
@@ -53,6 +53,18 @@ def fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or what it held before, whenever the process dies: the text goes to a
+    hidden temporary beside it, fsynced, replaces it, and the directory entry is fsynced."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_path(path.parent)
 
 
 def fsync_tree(root: Path) -> None:
@@ -131,7 +143,7 @@ class Checkpointer:
         os.rename(partial, final)
         fsync_path(self.root)
         self.fault("renamed")
-        self._point_latest_at(final.name)
+        write_atomically(self.root / LATEST, final.name)
         self.fault("published")
         self._prune(step)
         return final
@@ -156,15 +168,6 @@ class Checkpointer:
         published = self.latest()
         if published == self.complete(step):
             raise ValueError(f"{published} is the published checkpoint; it is never rewritten")
-
-    def _point_latest_at(self, name: str) -> None:
-        temporary = self.root / LATEST_TEMPORARY
-        with temporary.open("w") as handle:
-            handle.write(name)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.root / LATEST)
-        fsync_path(self.root)
 
     def _prune(self, published: int) -> None:
         """Keeps the newest `keep_last` complete checkpoints up to the published one (which always stays).

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from step3vl_train.train.checkpoint import write_atomically
 from step3vl_train.train.config import LoggingConfig
 
 logger = log.getLogger("step3vl_train.train")
@@ -66,7 +67,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
     any moment leaves either the old file or the new one."""
     if path.exists():
         kept = [line for line in _whole_lines(path) if json.loads(line)["step"] <= step]
-        _write_atomically(path, "".join(line + "\n" for line in kept))
+        write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _whole_lines(path: Path) -> list[str]:
@@ -74,20 +75,6 @@ def _whole_lines(path: Path) -> list[str]:
     if not path.exists():
         return []
     return [line for line in path.read_text().split("\n")[:-1] if line]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 @dataclass(frozen=True)
@@ -101,7 +88,7 @@ class WandbRun:
         return WandbRun(**json.loads(path.read_text())) if path.exists() else None
 
     def write(self, run_dir: Path) -> None:
-        _write_atomically(run_dir / WANDB_RUN, json.dumps(asdict(self)) + "\n")
+        write_atomically(run_dir / WANDB_RUN, json.dumps(asdict(self)) + "\n")
 
 
 def _start_wandb(run_dir: Path, resume_step: int, logging: LoggingConfig, config: dict):

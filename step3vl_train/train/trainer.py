@@ -94,6 +94,11 @@ def backward_global_batch(engine, micro: list[Batch], data: DataParallelRank) ->
     return torch.cat([loss_sum[None], counts])
 
 
+def trained_tokens(checkpoint: Path) -> int:
+    """The tokens a run had trained when it wrote `checkpoint` (every rank's progress is the same)."""
+    return torch.load(checkpoint / "trainer_rank0.pt", weights_only=True)["progress"]["tokens"]
+
+
 def starting_checkpoint(own: Checkpointer, trainer: TrainerConfig, phases: list[Phase]) -> Checkpointer | None:
     """Where a run's state comes from: its own latest checkpoint, or a fresh run's `continue_from`'s; None
     for a fresh start (init_from's weights, or random ones). Refuses a start the recipe rules out."""
@@ -106,7 +111,7 @@ def starting_checkpoint(own: Checkpointer, trainer: TrainerConfig, phases: list[
         if latest is None:
             raise UsageError(f"trainer.continue_from={trainer.continue_from} has no checkpoint to continue")
         if trainer.start_phase:
-            tokens = torch.load(latest / "trainer_rank0.pt", weights_only=True)["progress"]["tokens"]
+            tokens = trained_tokens(latest)
             if phase_at(phases, tokens) != index:
                 raise UsageError(
                     f"{latest} has trained {tokens:,} tokens and phase {trainer.start_phase} starts at "
@@ -201,8 +206,8 @@ class Trainer:
         if not (latest / CONFIG_FILE).is_file():
             return []
         saved = OmegaConf.to_container(OmegaConf.load(latest / CONFIG_FILE))
-        tokens = torch.load(latest / "trainer_rank0.pt", weights_only=True)["progress"]["tokens"]
-        return changes_since_checkpoint(saved, OmegaConf.to_container(self.cfg, resolve=True), tokens)
+        current = OmegaConf.to_container(self.cfg, resolve=True)
+        return changes_since_checkpoint(saved, current, trained_tokens(latest))
 
     def build_loader(self, data: DataConfig) -> PackedLoader:
         # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
