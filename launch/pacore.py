@@ -19,19 +19,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from step3vl_train.cli import launch
+from step3vl_train.cli import expand_shortcuts, launch
 
-# `model` and `data` are config groups in configs/ (other scripts'), so Hydra would look `model=DIR` up as
-# a group's option: the shortcuts become the keys they stand for before Hydra reads the command line.
 SHORTCUTS = {"model": "chat.model", "data": "data.paths"}
-
-
-def expand_shortcuts(arguments: list[str]) -> list[str]:
-    expanded = []
-    for argument in arguments:
-        key, equals, value = argument.partition("=")
-        expanded.append(f"{SHORTCUTS[key]}={value}" if equals and key in SHORTCUTS else argument)
-    return expanded
 
 
 def infer(cfg: DictConfig) -> None:
@@ -56,5 +46,5 @@ def infer(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = expand_shortcuts(sys.argv[1:])
+    sys.argv[1:] = expand_shortcuts(sys.argv[1:], SHORTCUTS)
     launch(infer, "pacore", __doc__)

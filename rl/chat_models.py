@@ -1,6 +1,6 @@
 """A chat model that answers requests (chat messages with images) with text, behind one small interface, so
-that its users (the GenRM's judge, `rl/rewards/genrm.py`; PaCoRe inference, `rl/pacore/inference.py`)
-neither know nor care where it runs.
+that its users (the GenRM's judge, `rl/rewards/genrm.py`; PaCoRe inference, `rl/pacore/inference.py`;
+benchmark evaluation, `rl/evaluation/`) neither know nor care where it runs.
 
 - `openai`: any OpenAI-compatible endpoint (vLLM, SGLang, a hosted API), through the verifier's client
   settings (`VerifierConfig`: its URL, model, key variable, timeout, retries and concurrency). Images go as
@@ -16,6 +16,7 @@ A chat model never raises for one bad request: a timeout or a failed call is tha
 from __future__ import annotations
 
 import base64
+import copy
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,10 @@ class ChatReply:
 class ChatModel(Protocol):
     def complete(self, requests: list[ChatRequest], n: int = 1, seed: int = 0) -> list[list[ChatReply]]:
         """`n` replies to each request, in order. `seed` seeds the `hf` engine's sampling."""
+
+    def limited(self, max_new_tokens: int) -> ChatModel:
+        """This model (the same engine or client) with replies of at most `max_new_tokens`: one loaded model
+        serves lengths that differ by use (evaluation's SeRe and PaCoRe). Close the model it came from."""
 
     def close(self) -> None: ...
 
@@ -142,6 +147,11 @@ class OpenAIChatModel:
         """`seed` is not used: see the module's docstring."""
         futures = [[self.threads.submit(self.complete_one, request) for _ in range(n)] for request in requests]
         return [[future.result() for future in group] for group in futures]  # each bounded by timeout and retries
+
+    def limited(self, max_new_tokens: int) -> OpenAIChatModel:
+        view = copy.copy(self)
+        view.config = replace(self.config, max_new_tokens=max_new_tokens)
+        return view
 
     def complete_one(self, request: ChatRequest) -> ChatReply:
         from openai import APIError, APITimeoutError
@@ -233,6 +243,11 @@ class EngineChatModel:
                     for c in group
                 ]
         return replies  # type: ignore[return-value]
+
+    def limited(self, max_new_tokens: int) -> EngineChatModel:
+        view = copy.copy(self)
+        view.sampling = replace(self.sampling, max_new_tokens=max_new_tokens)
+        return view
 
     def prompt(self, request: ChatRequest, key: str) -> Prompt:
         images = [load_image(data, key) for data in request.images]

@@ -31,10 +31,30 @@ class PromptsConfig:
     prompts_per_step: int = 512
     max_prompt_tokens: int = 4096  # a longer prompt is skipped (too_long) and counted
     seed: int = 0
+    eval: list[SourceConfig] = field(default_factory=list)  # held-out prompts for validation; `weight` unused
+    eval_max_prompts: int | None = None  # the first this many of each eval source; None: all of it
 
     def __post_init__(self) -> None:
         if self.train:
             self.sources = [SourceConfig(name="train", paths=[self.train])]
+        if self.eval_max_prompts is not None and self.eval_max_prompts < 1:
+            raise ValueError(f"prompts.eval_max_prompts must be positive or null, not {self.eval_max_prompts}")
+
+
+@dataclass
+class EvalSamplingConfig:
+    """Validation's sampling (rl/validation.py). The paper evaluates at temperature 1, top-p 1, top-k off,
+    with several samples a problem (spec 5.8)."""
+
+    n: int = 4  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"rollout.eval.n must be at least 1, not {self.n}")
 
 
 @dataclass
@@ -55,6 +75,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6  # vllm
     tensor_parallel_size: int = 1  # vllm
     enforce_eager: bool = False  # vllm
+    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)  # validation's sampling
 
     @property
     def weight_transfer(self) -> str:
@@ -123,6 +144,8 @@ class RLTrainerConfig:
     num_gpus_per_rank: float = 0.0  # Ray resources: 1 on a GPU cluster, 0 on the CPU
     max_restarts: int = 3  # times a run replaces dead actors and goes on from its latest checkpoint
     log_responses: int = 4  # responses an iteration whose text goes to rollouts.jsonl
+    eval_every: int = 0  # validation on prompts.eval every this many iterations and at the last; 0: never
+    eval_before_train: bool = False  # and once before the first iteration (its own row, step 0)
 
     @property
     def use_bf16(self) -> bool:
@@ -172,6 +195,10 @@ class RLConfig:
             self.rollout.num_engines > self.trainer.world_size or not self.trainer.num_gpus_per_rank
         ):
             raise ValueError("rollout.colocate puts engine i on training rank i's GPU: num_engines <= world_size, GPUs")
+        if self.trainer.eval_every < 0:
+            raise ValueError(f"trainer.eval_every must be 0 (never) or positive, not {self.trainer.eval_every}")
+        if (self.trainer.eval_every or self.trainer.eval_before_train) and not self.prompts.eval:
+            raise ValueError("trainer.eval_every and eval_before_train need held-out prompts: prompts.eval is empty")
         responses = self.prompts.prompts_per_step * self.rollout.n
         if responses % (self.algo.minibatches * self.trainer.world_size):
             raise ValueError(

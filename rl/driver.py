@@ -1,7 +1,8 @@
 """The RL loop (one process, the Ray driver): prompts -> rollouts -> rewards -> the trainer's log-probs
-and values -> advantages -> policy and critic updates -> weight sync, then a checkpoint every
-`trainer.save_every` iterations. A run re-started with the same command resumes from its latest checkpoint;
-a training or rollout actor that dies mid-run is replaced, and the run goes on from that checkpoint."""
+and values -> advantages -> policy and critic updates -> weight sync, then validation on held-out prompts
+every `trainer.eval_every` iterations (rl/validation.py) and a checkpoint every `trainer.save_every`. A run
+re-started with the same command resumes from its latest checkpoint; a training or rollout actor that dies
+mid-run is replaced, and the run goes on from that checkpoint."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from tqdm import tqdm
 
 from rl.algos.advantages import uniform_groups
 from rl.config import RLConfig
-from rl.engines import engine_options
+from rl.engines import SamplingParams, engine_options
 from rl.experience import Prompt, Response
 from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
 from rl.prompts import prompt_loader
 from rl.rewards import RewardScorer
+from rl.validation import EVAL_SEED, Validation, evaluated_before_training, validation_metrics
 from rl.workers.group import start_rollout_engines, start_train_group
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -61,6 +63,7 @@ class Driver:
         self.scorer = RewardScorer(config.reward, service_url, service_token)
         self.checkpointer = Checkpointer(self.run_dir, config.trainer.keep_last)
         self.sampling = sampling_params(config, self.processor)
+        self.validation = Validation(config, self.processor)  # checks the eval sources now
         self.stop_token_ids = self.sampling.stop_token_ids
         self.step = 0
         self.workers: list = []
@@ -158,11 +161,15 @@ class Driver:
             logger.info("%s has already finished: step %d (of %d). Raise trainer.max_steps to go on.",
                         self.run_dir, self.step, self.cfg.trainer.max_steps)  # fmt: skip
             return
+        if self.step == 0 and self.validation.due(0) and not evaluated_before_training(self.run_dir):
+            metrics.write({"step": 0, **self.evaluate()})
         progress = tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc=f"{self.cfg.stage}", unit="it")
         try:
             while self.step < self.cfg.trainer.max_steps:
                 self.step += 1
                 row = self.iteration()
+                if self.validation.due(self.step):  # before the step's checkpoint: a resume does not redo it
+                    row |= self.evaluate()
                 metrics.write(row | self.start_sync)
                 self.start_sync = {}
                 reward, length = f"{row['reward_mean']:.3f}", f"{row['response_len_mean']:.0f}"
@@ -219,7 +226,7 @@ class Driver:
         timings["time/rollout"] = timings["time/reward"] = 0.0
         for round_ in range(cfg.algo.max_sampling_rounds if cfg.algo.drop_uniform_groups else 1):
             prompts = self.loader.next_batch((target - len(kept)) // n, self.step)
-            responses = self.rollout(prompts, seed=self.step * 1000 + round_, timings=timings)
+            responses = self.rollout(prompts, self.sampling, self.step * 1000 + round_, timings)
             tick = time.perf_counter()
             score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
             timings["time/reward"] += time.perf_counter() - tick
@@ -238,17 +245,25 @@ class Driver:
             response.group = index // n
         return kept, {"dropped_groups": dropped, "prompts_skipped": sum(self.loader.skips.values()), **service}
 
-    def rollout(self, prompts: list[Prompt], seed: int, timings: dict) -> list[Response]:
+    def rollout(self, prompts: list[Prompt], sampling: SamplingParams, seed: int, timings: dict) -> list[Response]:
         tick = time.perf_counter()
         share = -(-len(prompts) // len(self.engines))
         parts = [prompts[i : i + share] for i in range(0, len(prompts), share)]
         calls = [
-            e.generate.remote(p, self.sampling, seed * 97 + i)
+            e.generate.remote(p, sampling, seed * 97 + i)
             for i, (e, p) in enumerate(zip(self.engines, parts, strict=False))
         ]
         completions = [c for part, _ in ray.get(calls) for c in part]
         timings["time/rollout"] += time.perf_counter() - tick
         return group_responses(prompts, completions)
+
+    def evaluate(self) -> dict:
+        """Validation's figures for the step's row; its responses end here, outside the update."""
+        tick = time.perf_counter()
+        prompts = self.validation.prompts()
+        responses = self.rollout(prompts, self.validation.sampling, EVAL_SEED, {"time/rollout": 0.0})
+        score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
+        return validation_metrics(responses) | {"time/eval": time.perf_counter() - tick}
 
     def log_rollouts(self, responses: list[Response]) -> None:
         """`rollouts.jsonl`: every prompt of the iteration with its rewards, and the text of the first

@@ -11,9 +11,10 @@ STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "
 
 
 def plot_rewards(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Mean reward (top) and each task's and reward component's (bottom: `reward/*`, e.g. RLHF's reward
-    model score `rm` and its penalties) against the iteration, from `RUN_DIR/metrics.jsonl`. A reward is
-    the mean score of an iteration's responses, 0-1."""
+    """Mean reward (top, with the held-out prompts' `eval/reward` where the run validates) and each task's
+    and reward component's (bottom: `reward/*`, e.g. RLHF's reward model score `rm` and its penalties)
+    against the iteration, from `RUN_DIR/metrics.jsonl`. A reward is the mean score of an iteration's
+    responses, 0-1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,8 +24,11 @@ def plot_rewards(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tasks = sorted({key for row in rows for key in row if key.startswith("reward/")})
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True)
-    steps = [row["step"] for row in rows]
-    top.plot(steps, [row["reward_mean"] for row in rows], color="black", linewidth=2, marker="o", label="mean")
+    trained = [(row["step"], row["reward_mean"]) for row in rows if "reward_mean" in row]  # step 0: validation only
+    top.plot(*zip(*trained, strict=True), color="black", linewidth=2, marker="o", label="mean")
+    held_out = [(row["step"], row["eval/reward"]) for row in rows if row.get("eval/reward") is not None]
+    if held_out:
+        top.plot(*zip(*held_out, strict=True), color="tab:red", linestyle="--", marker="s", label="held-out (eval)")
     top.set_title(f"{run_dir.name}: mean reward of each iteration's responses (0-1)")
     for index, task in enumerate(tasks):
         points = [(row["step"], row[task]) for row in rows if task in row]

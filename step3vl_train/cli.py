@@ -126,6 +126,16 @@ def check_arguments(arguments: list[str], renamed: dict[str, str]) -> None:
         raise UsageError("give +cpu=... after +recipe=...: the recipe would otherwise override its CPU settings")
 
 
+def expand_shortcuts(arguments: list[str], shortcuts: dict[str, str]) -> list[str]:
+    """`model=DIR` as `chat.model=DIR` and the like: a script's shortcut becomes the key it stands for before
+    Hydra reads the command line, which would take `model` or `data` for a config group of configs/."""
+    expanded = []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        expanded.append(f"{shortcuts[key]}={value}" if equals and key in shortcuts else argument)
+    return expanded
+
+
 @contextmanager
 def silenced_stderr(silent: bool):
     """Ranks other than 0 say nothing while Hydra composes: a bad override would be reported once a rank."""

@@ -41,6 +41,7 @@ def released_processor():
 def pretrain_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "pretrain"
     write_corpus("pretrain", str(out), num=160, seed=0, shard_size=5)
+    write_corpus("pretrain", str(out / "heldout"), num=24, seed=1, shard_size=5)  # +cpu=pretrain validates on it
     return out
 
 

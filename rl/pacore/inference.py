@@ -55,6 +55,14 @@ class ProblemsConfig:
     paths: Any = MISSING
     image_dir: str | None = None  # JSONL: where its `images` are; default: beside the file
 
+    def check(self) -> None:
+        """`paths` as a list. Called by the config that holds this one: a default of a nested dataclass is
+        built with its paths still missing."""
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        if not self.paths or not all(isinstance(path, str) for path in self.paths):
+            raise ValueError(f"data must be a path or a list of paths, not {self.paths!r}")
+
 
 @dataclass
 class InferenceConfig:
@@ -67,10 +75,7 @@ class InferenceConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.data.paths, str):
-            self.data.paths = [self.data.paths]
-        if not self.data.paths or not all(isinstance(path, str) for path in self.data.paths):
-            raise ValueError(f"data must be a path or a list of paths, not {self.data.paths!r}")
+        self.data.check()
         if self.batch_problems < 1:
             raise ValueError(f"batch_problems must be positive, not {self.batch_problems}")
         if self.max_problems is not None and self.max_problems < 1:
@@ -134,23 +139,31 @@ def read_problem(sample: Sample, source: str) -> Problem:
 
 
 class PaCoReInference:
-    def __init__(self, config: InferenceConfig, model: ChatModel, tokenizer, scorer: RewardScorer):
-        self.config = config
+    def __init__(
+        self, pacore: PaCoReConfig, model: ChatModel, tokenizer, scorer: RewardScorer, reward_fn: str | None = None
+    ):
+        """`reward_fn` (reward.fn) scores every problem; None: each sample's own `reward`."""
+        self.pacore = pacore
         self.model = model
-        self.compactor = Compactor(config.pacore, tokenizer)
+        self.compactor = Compactor(pacore, tokenizer)
         self.scorer = scorer
-        self.widths = [*config.pacore.rounds, 1]
+        self.reward_fn = reward_fn
+        self.widths = [*pacore.rounds, 1]
         self.calls = 0
 
     def run(self, problems: list[Problem], batch: int) -> list[dict[str, Any]]:
         """The problems' results (results.jsonl lines), in order; `batch` seeds the `hf` engine's sampling."""
+        return [self.result(trace) for trace in self.traces(problems, batch)]
+
+    def traces(self, problems: list[Problem], batch: int) -> list[Trace]:
+        """The problems through the rounds, scored; `batch` seeds the `hf` engine's sampling."""
         traces = [Trace(problem, problem.sample.messages) for problem in problems]
         for round_index, width in enumerate(self.widths):
             active = [trace for trace in traces if trace.skipped is None]
             if not active:
                 break
             requests = [ChatRequest(trace.messages, trace.problem.sample.images) for trace in active]
-            seed = random.Random(f"{self.config.pacore.seed}:{batch}:{round_index}").randrange(2**31)
+            seed = random.Random(f"{self.pacore.seed}:{batch}:{round_index}").randrange(2**31)
             replies = self.model.complete(requests, width, seed)
             self.calls += width * len(requests)
             for trace, group in zip(active, replies, strict=True):
@@ -158,17 +171,17 @@ class PaCoReInference:
                 if round_index < len(self.widths) - 1:
                     self.compact(trace, round_index)
         self.score(traces)
-        return [self.result(trace) for trace in traces]
+        return traces
 
     def compact(self, trace: Trace, round_index: int) -> None:
         """The next round's conversation from the last round's replies."""
         group, sample = trace.rounds[-1], trace.problem.sample
         rollouts = [Rollout(response_text(reply), reply.finish_reason) for reply in group]
-        if self.config.pacore.order == "official":
+        if self.pacore.order == "official":
             # The official order sorts every reply, failed ones as empty strings, by its content as returned.
             order = official_order([reply.text or "" for reply in group])
         else:
-            order = seeded_order(len(group), self.config.pacore.seed, record_key(sample.key), round_index)
+            order = seeded_order(len(group), self.pacore.seed, record_key(sample.key), round_index)
         problem = original_prompt(sample.messages)
         references = self.compactor.from_rollouts(problem, rollouts, order)
         trace.syntheses.append(
@@ -189,13 +202,14 @@ class PaCoReInference:
         reward, in one scorer call; a failed call is not scored."""
         jobs = []  # (trace, the rollout's position in the first round, or None for the synthesis, its request)
         for trace in traces:
-            if self.reward_name(trace) is None:
+            reward = self.reward_fn or trace.problem.sample.reward
+            if reward is None:
                 continue
             trace.sere_rewards = [None] * len(trace.rounds[0])
             for position, reply in enumerate(trace.rounds[0]):
-                jobs.append((trace, position, self.reward_request(trace, reply)))
+                jobs.append((trace, position, reward_request(trace.problem, reply, reward)))
             if trace.skipped is None:
-                jobs.append((trace, None, self.reward_request(trace, trace.rounds[-1][0])))
+                jobs.append((trace, None, reward_request(trace.problem, trace.rounds[-1][0], reward)))
         jobs = [job for job in jobs if job[2] is not None]
         results = self.scorer.score([request for _, _, request in jobs]) if jobs else []
         for (trace, position, _), result in zip(jobs, results, strict=True):
@@ -203,30 +217,6 @@ class PaCoReInference:
                 trace.pacore_reward = result
             else:
                 trace.sere_rewards[position] = result
-
-    def reward_name(self, trace: Trace) -> str | None:
-        return self.config.reward.fn or trace.problem.sample.reward
-
-    def reward_request(self, trace: Trace, reply: ChatReply) -> RewardRequest | None:
-        """As RLVR scores a rollout (rl/iteration.py, score_rewards), against the problem as stored (a
-        synthesis is judged as an answer to the problem, not to the template); None for a failed call."""
-        text = response_text(reply)
-        if text is None:
-            return None
-        sample = trace.problem.sample
-        return RewardRequest(
-            response=text,
-            reward=self.reward_name(trace),
-            answer=sample.answer,
-            boxes=sample.boxes,
-            points=sample.points,
-            image_size=trace.problem.image_size,
-            truncated=reply.finish_reason == "length",
-            prompt=question_text(sample.messages),
-            messages=sample.messages,
-            images=sample.images,
-            reference=sample.reference,
-        )
 
     def result(self, trace: Trace) -> dict[str, Any]:
         sample = trace.problem.sample
@@ -258,6 +248,29 @@ class PaCoReInference:
                 else reward_record(trace.pacore_reward, trace.rounds[-1][0])
             )
         return result
+
+
+def reward_request(problem: Problem, reply: ChatReply, reward: str) -> RewardRequest | None:
+    """`reply` to `problem` as RLVR scores a rollout (rl/iteration.py, score_rewards), by the reward named
+    `reward`, against the problem as stored (a synthesis is judged as an answer to the problem, not to the
+    template); None for a failed call."""
+    text = response_text(reply)
+    if text is None:
+        return None
+    sample = problem.sample
+    return RewardRequest(
+        response=text,
+        reward=reward,
+        answer=sample.answer,
+        boxes=sample.boxes,
+        points=sample.points,
+        image_size=problem.image_size,
+        truncated=reply.finish_reason == "length",
+        prompt=question_text(sample.messages),
+        messages=sample.messages,
+        images=sample.images,
+        reference=sample.reference,
+    )
 
 
 def reply_record(reply: ChatReply) -> dict[str, Any]:
@@ -324,7 +337,7 @@ def run_inference(config: InferenceConfig, model: ChatModel, tokenizer) -> dict[
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     scorer = RewardScorer(config.reward)
-    inference = PaCoReInference(config, model, tokenizer, scorer)
+    inference = PaCoReInference(config.pacore, model, tokenizer, scorer, config.reward.fn)
     summary = Summary()
     progress = tqdm(total=config.max_problems, desc="problems", unit="problem")
     try:

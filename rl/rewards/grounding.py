@@ -94,6 +94,15 @@ def pointing_reward(request: RewardRequest, coords: str = "norm1000", radius: fl
     return matched_score(scores)
 
 
+def point_in_box_reward(request: RewardRequest, coords: str = "norm1000") -> float:
+    """GUI grounding's hit, as ScreenSpot scores it: 1 when the answer's first point `[x, y]` lies inside a
+    reference box (the target element), else 0. A benchmark asks for one point: later ones are not read."""
+    if not request.boxes:
+        raise ValueError("point_in_box needs reference boxes (the target elements)")
+    x, y = to_pixels(answer_coordinates(request, 2)[0], request, coords)
+    return float(any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in request.boxes))
+
+
 def _reaches(request: RewardRequest, radius: float) -> list[float]:
     if request.boxes:
         if len(request.boxes) != len(request.points):

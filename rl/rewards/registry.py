@@ -22,6 +22,7 @@ REWARDS: dict[str, RewardSpec] = {
     "numeric": RewardSpec(verifiable.numeric_reward, boxed=True),
     "grounding": RewardSpec(grounding.grounding_reward, boxed=False),
     "pointing": RewardSpec(grounding.pointing_reward, boxed=False),
+    "point_in_box": RewardSpec(grounding.point_in_box_reward, boxed=False),
 }
 # Scored by a model behind an OpenAI-compatible endpoint (`verifier.py`), not in the process pool.
 VERIFIER = "verifier"

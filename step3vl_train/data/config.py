@@ -45,22 +45,31 @@ class DataConfig:
     # A shortcut: webdataset shards (paths, globs, brace ranges) read as the only source, in place of
     # the recipe's mixture; e.g. data.train='/data/mine/shard-{000000..000099}.tar'.
     train: str | None = None
+    # Validation sets (train/validation.py), read under `root` like `sources`; their `weight` is unused.
+    eval: list[SourceConfig] = field(default_factory=list)
+    eval_max_samples: int | None = None  # the first this many samples of each eval source; None: all of it
 
     def __post_init__(self) -> None:
         if self.train:
             self.sources = [SourceConfig(name="train", paths=[self.train])]
         if not self.sources:
             raise ValueError("data.sources is empty")
-        names = [source.name for source in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data.sources has repeated names: {names}")
+        for group, sources in (("sources", self.sources), ("eval", self.eval)):
+            names = [source.name for source in sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.{group} has repeated names: {names}")
+            for source in sources:
+                if source.kind not in SOURCE_KINDS:
+                    raise ValueError(
+                        f"data.{group}.{source.name}.kind must be one of {SOURCE_KINDS}, not {source.kind!r}"
+                    )
+                if not source.paths:
+                    raise ValueError(f"data.{group}.{source.name}.paths is empty")
         for source in self.sources:
-            if source.kind not in SOURCE_KINDS:
-                raise ValueError(f"data.sources.{source.name}.kind must be one of {SOURCE_KINDS}, not {source.kind!r}")
             if source.weight <= 0:
                 raise ValueError(f"data.sources.{source.name}.weight must be positive, not {source.weight}")
-            if not source.paths:
-                raise ValueError(f"data.sources.{source.name}.paths is empty")
+        if self.eval_max_samples is not None and self.eval_max_samples < 1:
+            raise ValueError(f"data.eval_max_samples must be at least 1 (or null: all), not {self.eval_max_samples}")
         if self.packing.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"data.packing.overflow must be one of {OVERFLOW_POLICIES}, not {self.packing.overflow!r}")
 

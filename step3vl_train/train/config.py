@@ -120,10 +120,15 @@ class TrainerConfig:
     predict_prompts: list[dict] = field(default_factory=list)  # {"image": path or null, "text": question}
     predict_max_new_tokens: int = 32
     log_sample_keys: bool = False  # each rank's sample keys by step in samples/rank{R}.jsonl
+    # Steps between validations on data.eval, plus one at the run's last step; 0: none. (A reward model,
+    # train/reward_trainer.py, always evaluates its held-out pairs at the last step.)
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise UsageError("trainer needs max_steps or max_tokens")
+        if self.eval_every < 0:
+            raise UsageError(f"trainer.eval_every must be at least 0, not {self.eval_every}")
         if self.sequence_parallel < 1:
             raise UsageError(f"trainer.sequence_parallel must be at least 1, not {self.sequence_parallel}")
         if self.fresh_optimizer and not self.start_phase:

@@ -38,16 +38,12 @@ class RMLossConfig:
 
 @dataclass
 class RewardTrainerConfig(TrainerConfig):
-    eval_every: int = 0  # steps between held-out evaluations (data.eval); there is always one at the end
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.predict_every:
             raise UsageError("trainer.predict_every must be 0 for a reward model, which does not generate")
         if self.sequence_parallel != 1:
             raise UsageError("trainer.sequence_parallel must be 1 for a reward model: its rows are pairs, not packed")
-        if self.eval_every < 0:
-            raise UsageError(f"trainer.eval_every must be at least 0, not {self.eval_every}")
 
 
 @dataclass
@@ -134,6 +130,9 @@ class RewardModelTrainer(Trainer):
         rank, world = self.data_rank.rank, self.data_rank.world
         self.held_out = PairLoader(data, self.processor, rank, world, held_out=True) if data.eval else None
         return PairLoader(data, self.processor, rank, world)
+
+    def build_validation(self, data: PairDataConfig) -> None:
+        return None  # the held-out pairs (data.eval) are scored by `evaluate`, from `after_step`
 
     def micro_batches(self) -> Iterator[PairBatch]:
         return iter(self.loader)

@@ -1,12 +1,13 @@
 """The pre-training / SFT loop: packed batches -> DeepSpeed ZeRO-3 -> checkpoints and metrics.
 
 Rank roles, in one place: rank 0 decides the run directory, writes config.yaml, metrics.jsonl and the
-`latest` pointer; every rank reads its own slice of the data and saves its own loader and RNG state.
+`latest` pointer; every rank reads its own slice of the data and saves its own loader and RNG state, and
+validates its own share of the validation set (train/validation.py).
 
 A stage that trains another model on other batches with the same loop (the reward model,
 train/reward_trainer.py) subclasses `Trainer` and replaces its parts: the config classes, `model_class`,
-`build_loader`, `micro_batches`, `backward` with `step_metrics`, `after_step`, `flops` and the state
-kept in checkpoints.
+`build_loader`, `build_validation`, `micro_batches`, `backward` with `step_metrics`, `after_step`, `flops`
+and the state kept in checkpoints.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from step3vl_train.train.phases import Phase, phase_at, phase_named, run_phases,
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
 from step3vl_train.train.schedule import apply_schedule
 from step3vl_train.train.sequence_parallel import DataParallelRank, data_parallel_rank
+from step3vl_train.train.validation import Validation, summary
 from step3vl_train.usage import UsageError, build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +54,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config, in the run directory and in 
 class Progress:
     step: int = 0
     tokens: int = 0  # real (non-padding) tokens trained on, all ranks
+    evaluated: int = 0  # the last step validated: a resume that finds the data run out does not repeat it
 
 
 def agreed_run_dir(output_dir: str) -> Path:
@@ -183,6 +186,7 @@ class Trainer:
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
         self.loader = self.build_loader(data)
+        self.validation = self.build_validation(data)
         self.progress = Progress()
         self.step_keys: list[str] = []  # this step's sample keys, for trainer.log_sample_keys
         self.peak_flops = self.trainer.peak_flops_per_device or device_peak_flops()
@@ -213,6 +217,9 @@ class Trainer:
         # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
         weights = [phase.weights for phase in self.phases]
         return PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world, weights)
+
+    def build_validation(self, data: DataConfig) -> Validation | None:
+        return Validation(data, self.processor, self.trainer.eval_every) if data.eval else None
 
     def micro_batches(self) -> Iterator[Batch]:
         """This rank's micro-batches, in order, for `backward`; their sample keys go to `step_keys`."""
@@ -302,8 +309,9 @@ class Trainer:
                 row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"], refresh=False)
                 bar.update(1)
-                row |= self.after_step(final=self.finished())
-                if metrics is not None and self.progress.step % self.trainer.log_every == 0:
+                figures = self.after_step(final=self.finished())
+                row |= figures
+                if metrics is not None and (self.progress.step % self.trainer.log_every == 0 or figures):
                     metrics.write(row)
                 if self.trainer.predict_every and self.progress.step % self.trainer.predict_every == 0:
                     prompts = resolve_prompt_paths(self.trainer.predict_prompts, REPO)
@@ -380,8 +388,15 @@ class Trainer:
 
     def after_step(self, final: bool) -> dict:
         """Called on every rank after each step (`final`: the run's last), and once more with `final` when
-        the data runs out; before the step is logged and saved. Returns figures for its metrics row."""
-        return {}
+        the data runs out; before the step is logged and saved. Returns figures for its metrics row (a row
+        with any is written whatever trainer.log_every): here the validation's, when one is due."""
+        step = self.progress.step
+        if self.validation is None or not self.validation.due(step, final) or self.progress.evaluated == step:
+            return {}
+        figures = self.validation.run(self.ds.engine)
+        self.progress.evaluated = step
+        self.say(f"validation at step {step}: {summary(figures)}")
+        return figures
 
     def train_step(self, micro: list[Batch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches per rank."""

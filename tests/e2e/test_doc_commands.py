@@ -7,11 +7,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from launch.pacore import expand_shortcuts
+from launch.evaluate import SHORTCUTS as EVALUATE_SHORTCUTS
+from launch.pacore import SHORTCUTS as PACORE_SHORTCUTS
 from rl.config import RENAMED_KEYS, RLConfig
+from rl.evaluation.config import EvaluateConfig
 from rl.pacore.inference import InferenceConfig
 from rl.rm_service.config import ServiceConfig
-from step3vl_train.cli import CONFIGS, check_arguments
+from step3vl_train.cli import CONFIGS, check_arguments, expand_shortcuts
 from step3vl_train.data.config import DataConfig
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.train.config import TrainJobConfig
@@ -32,7 +34,9 @@ HYDRA_SCRIPTS = {
     "launch/train_rm.py": "train_rm",
     "rl/serve_rm.py": "serve_rm",
     "launch/pacore.py": "pacore",
+    "launch/evaluate.py": "evaluate",
 }
+SHORTCUTS = {"launch/pacore.py": PACORE_SHORTCUTS, "launch/evaluate.py": EVALUATE_SHORTCUTS}
 FILTERS = ("data/filter_difficulty.py", "data/filter_synthesis.py")  # argparse, then `--` and RL overrides
 GPU_COMMANDS = [c for c in commands() if c.gpu]
 
@@ -61,6 +65,8 @@ def check(config_name: str, overrides: list[str]) -> None:
             ServiceConfig.from_dict(config.reward.service.server, "reward.service.server.")
     elif config_name == "pacore":
         build(InferenceConfig, OmegaConf.to_container(cfg, resolve=True))
+    elif config_name == "evaluate":
+        build(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True))
     elif config_name == "serve_rm":
         raw = OmegaConf.to_container(cfg, resolve=True)
         raw.pop("ray")
@@ -78,8 +84,8 @@ def test_gpu_commands_compose_into_valid_configs(command: Command):
     assert (REPO / script).is_file(), command
     if script in FILTERS:
         check("rl", arguments[arguments.index("--") + 1 :])
-    elif script == "launch/pacore.py":
-        check("pacore", expand_shortcuts(arguments))
+    elif script in SHORTCUTS:
+        check(HYDRA_SCRIPTS[script], expand_shortcuts(arguments, SHORTCUTS[script]))
     else:
         check(HYDRA_SCRIPTS[script], arguments)
 

@@ -23,8 +23,8 @@ from step3vl_train.train.reward_model import load_reward_model, reward_conversat
 from tests.conftest import REPO
 from tests.e2e.docs import Command, commands, script_and_overrides
 
-WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/rlhf.md", "docs/pacore.md", "docs/data.md",
-               "docs/gpu.md"]  # fmt: skip
+WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/rlhf.md", "docs/pacore.md", "docs/evaluation.md",
+               "docs/data.md", "docs/gpu.md"]  # fmt: skip
 NOT_RUN = {"make test": "it runs this test"}
 VENV = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv"))
 RLHF_RISE = 0.15  # of the mean RM score (0-1), first 3 iterations to last 3
@@ -101,6 +101,8 @@ def check_demo(out: Path, ran: set[str], stdout: str, documented: set[str]) -> N
     for stage in ("pretrain", "sft", "sft2"):
         loss = metric(out / stage, "loss")
         assert loss[-1] < loss[0] - 1.0, (stage, loss)
+        validation = metric(out / stage, "eval/loss")  # held-out samples, the same at each validation
+        assert len(validation) >= 3 and validation[-1] < validation[0], (stage, validation)
     phases, lr = metric(out / "pretrain", "phase"), metric(out / "pretrain", "lr")
     assert phases[0] == 0 and phases[-1] == 1 and lr[-1] < lr[0] / 2  # phase 2 took over, its lr leg going down
     reward = metric(out / "rlvr", "reward_mean")
@@ -118,15 +120,20 @@ def check_demo(out: Path, ran: set[str], stdout: str, documented: set[str]) -> N
     assert f"| RLHF (RM score) | {len(score)} | {first:.3f} | {last:.3f} |" in summary
     for stage in ("rlvr", "rlhf", "pacore"):
         assert (out / stage / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
-    inference = json.loads((out / "pacore_inference" / "summary.json").read_text())
-    assert f"{inference['sere_accuracy']:.3f}" in summary and f"{inference['pacore_accuracy']:.3f}" in summary
+    benchmark = json.loads((out / "eval" / "synthetic" / "summary.json").read_text())["modes"]
+    for mode in ("sere", "pacore"):
+        low, high = benchmark[mode]["ci95"]
+        assert low <= benchmark[mode]["accuracy"] <= high and f"{benchmark[mode]['accuracy']:.3f} [" in summary
 
 
 def check_rl_run(demo: Path) -> None:
     """The demo's RLVR run, as docs/rl.md describes it, and its export (docs/rl.md's last CPU command)."""
     rows = [json.loads(line) for line in (demo / "rlvr" / "metrics.jsonl").read_text().splitlines()]
+    before, rows = rows[0], rows[1:]  # the held-out prompts before training: a row of its own, step 0
     steps = len(rows)
+    assert before["step"] == 0 and set(before) >= {"eval/reward", "eval/pass@1", "eval/reward/choice"}
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    assert [row["step"] for row in rows if "eval/reward" in row] == list(range(10, steps + 1, 10))
     for row in rows:
         assert row["logprob_mismatch/max_abs"] < 1e-4  # engine and trainer score the same tokens, every sync
         for key in ("pass_rate", "response_len_mean", "clip_fraction", "value_loss", "entropy", "reward/choice",
@@ -191,5 +198,5 @@ def check_pacore_runs(demo: Path) -> None:
     logged = [json.loads(line) for line in (demo / "pacore" / "rollouts.jsonl").read_text().splitlines()]
     assert all(4 <= len(row["messages"]) <= 8 for row in logged)
     results = [json.loads(line) for line in (demo / "pacore_inference" / "results.jsonl").read_text().splitlines()]
-    assert results and all(len(r["rounds"]) == 2 and len(r["rounds"][0]) == 8 for r in results)
+    assert len(results) == 4 and all(len(r["rounds"]) == 2 and len(r["rounds"][0]) == 8 for r in results)
     assert all(len(r["sere_rewards"]) == 8 and r["final"] is not None for r in results)

@@ -80,17 +80,29 @@ def sample_keys(out):
     ]
 
 
+def validations(out):
+    """Each validated step's `eval/*` figures."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: {k: v for k, v in row.items() if k.startswith("eval/")} for row in rows if "eval/loss" in row}
+
+
 @pytest.mark.slow
 def test_phase1_then_phase2_killed_in_each_is_the_one_uninterrupted_run(large_corpus, tmp_path):
     """`+recipe=pretrain` straight through the switch to a text-only phase 2, against `+recipe=phase1` and
     `+recipe=phase2 trainer.continue_from=...`, each SIGKILLed once and resumed: the same losses, the same
-    samples (none read twice), and a W&B history of one row per step."""
+    samples (none read twice), and a W&B history of one row per step. The straight run and phase 1
+    validate every 4 steps and at their last: the same figures at the same steps, none skipped or repeated
+    by the resume; phase 2 does not validate, and its losses are still the straight run's."""
     text_only = "{text:1,caption:0,interleaved:0,ocr:0,grounding:0,counting:0,chart:0,math:0}"
     settings = [
         "trainer.max_steps=10", "trainer.save_every=2", "phases.phase2.start_tokens=4000",
         f"phases.phase2.weights={text_only}", "trainer.log_sample_keys=true", "logging.mode=offline",
     ]  # fmt: skip
-    straight = run(large_corpus, tmp_path / "straight", *settings)
+    validation = [
+        "data.eval=[{name:text,paths:[text/*.tar]},{name:caption,paths:[caption/*.tar]}]",
+        "data.eval_max_samples=2", "trainer.eval_every=4",
+    ]  # fmt: skip
+    straight = run(large_corpus, tmp_path / "straight", *settings, *validation)
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     switch = next(row["step"] for row in rows if row["phase"] == 1)
     assert 3 <= switch <= 8 and [row["phase"] for row in rows] == [0] * (switch - 1) + [1] * (11 - switch)
@@ -100,15 +112,23 @@ def test_phase1_then_phase2_killed_in_each_is_the_one_uninterrupted_run(large_co
     assert len(every_key) == len(set(every_key))
     assert {key.rsplit(":", 1)[1].split("-")[0] for _, keys in straight_keys[0][-2:] for key in keys} == {"text"}
 
+    evaluated = validations(tmp_path / "straight")
+    assert list(evaluated) == [4, 8, 10] and len({figures["eval/tokens"] for figures in evaluated.values()}) == 1
+    assert all(figures["eval/samples"] == 4 and figures["eval/loss/caption"] > 0 for figures in evaluated.values())
+
     first, second = tmp_path / "phase1", tmp_path / "phase2"
-    latest = killed(large_corpus, first, *settings, recipe="phase1", at_step=switch - 2)
+    latest = killed(large_corpus, first, *settings, *validation, recipe="phase1", at_step=switch - 2)
     assert latest in [f"step_{n}" for n in range(2, switch, 2)]
-    run(large_corpus, first, *settings, recipe="phase1")
+    run(large_corpus, first, *settings, *validation, recipe="phase1")
+    first_evaluated = validations(first)
+    assert list(first_evaluated) == sorted({step for step in (4,) if step < switch - 1} | {switch - 1})
+    assert all(first_evaluated[step] == evaluated[step] for step in first_evaluated if step in evaluated)
     phase2 = [f"trainer.continue_from={first}", *settings]
     assert killed(large_corpus, second, *phase2, recipe="phase2", at_step=switch + 2).startswith("step_")
     resumed = run(large_corpus, second, *phase2, recipe="phase2")
 
-    assert losses(first) + resumed == straight
+    assert losses(first) + resumed == straight  # phase 2 unvalidated; the straight run validated at step 8
+    assert validations(second) == {}
     assert [a + b for a, b in zip(sample_keys(first), sample_keys(second), strict=True)] == straight_keys
     for out in (first, second):  # the resumed W&B run holds each step once
         assert logged_steps(current_offline_run(out)) == [step for step, _ in losses(out)]

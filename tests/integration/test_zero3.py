@@ -15,7 +15,11 @@ SCRIPT = Path(__file__).with_name("zero3_run.py")
 @pytest.mark.slow
 def test_ranks_with_different_batch_kinds_never_hang(tmp_path):
     """Text-only, image-with-crops and global-only batches on different ranks at the same step, in bf16:
-    the ViT runs for both view kinds on every rank every step, so ZeRO-3's gathers stay in step."""
+    the ViT runs for both view kinds on every rank every step, so ZeRO-3's gathers stay in step. So does a
+    validation whose ranks hold different numbers and kinds of batches: its sums are those of every batch
+    run on one rank, the stand-ins adding nothing."""
+    import torch
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path), "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -27,6 +31,9 @@ def test_ranks_with_different_batch_kinds_never_hang(tmp_path):
         # bf16 weights; gradients summed over micro-steps and reduced over ranks in fp32
         assert result["param_dtype"] == "torch.bfloat16"
         assert result["grad_dtypes"] == ["torch.float32", "torch.float32"]
+        sums, reference = torch.tensor(result["eval_sums"]), torch.tensor(result["eval_reference"])
+        torch.testing.assert_close(sums, reference, rtol=1e-6, atol=0)
+        assert (sums[:, 1] > 0).all()
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """One rank of a bf16 ZeRO-3 run on the CPU whose ranks hold different kinds of batch at every step.
 
 torchrun --nproc_per_node 2 zero3_run.py OUT_DIR STEPS
-Each rank writes OUT_DIR/rank{R}.json: its losses, how far the vision weights moved, and the dtypes
-DeepSpeed accumulates and reduces gradients in.
+Each rank writes OUT_DIR/rank{R}.json: its losses, how far the vision weights moved, the dtypes
+DeepSpeed accumulates and reduces gradients in, and a validation's sums (train/validation.py: `evaluate`)
+over batches of two sources that differ between the ranks in number and kind, with the same sums taken by
+every rank over all of those batches.
 """
 
 import json
@@ -19,6 +21,7 @@ from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.train.config import OptimConfig
 from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
+from step3vl_train.train.validation import SourceBatch, evaluate, stand_in_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,8 +62,30 @@ def main() -> None:
     optimizer = ds.engine.optimizer
     dtypes = [str(optimizer.gradient_accumulation_dtype), str(optimizer.communication_data_type)]
     result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype)}
+    result |= validation(ds.engine, kinds, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     close_distributed()
+
+
+def validation(engine, kinds, rank: int) -> dict:
+    """Rank 0 holds three batches (text and image-with-crops for source 0, text for source 1), rank 1 one
+    (a global-view-only image for source 1): rank 1 runs stand-ins while rank 0 goes on."""
+    text, crops, small = kinds
+    held = [
+        [SourceBatch(0, text, []), SourceBatch(0, crops, []), SourceBatch(1, text, [])],
+        [SourceBatch(1, small, [])],
+    ]
+    engine.eval()
+    with torch.no_grad():
+        sums = evaluate(engine, held[rank], stand_in_batch(0), num_sources=2)
+        reference = torch.zeros(2, 2, dtype=torch.float64)  # every batch on every rank, summed here
+        for item in held[0] + held[1]:
+            inputs = item.batch.model_inputs(pixel_dtype=torch.bfloat16)
+            loss = engine(**inputs, num_items_in_batch=1).loss
+            targets = int((item.batch.labels[:, 1:] != -100).sum())
+            reference[item.source] += torch.tensor([loss.item(), targets], dtype=torch.float64)
+    engine.train()
+    return {"eval_sums": sums.tolist(), "eval_reference": reference.tolist()}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 from rl.prompts import PromptLoader
 from tests.conftest import REPO
 from tests.rl.compose import compose_rl
+from tests.rl.test_validation import HELD_OUT, write_held_out
 
 TINY = ["model=tiny", "processor=tiny", "tokenizer=tiny", "logging.mode=disabled"]
 # The secret-digit task: 8 prompts x 8 responses an iteration, 2 minibatches over 2 ranks.
@@ -98,16 +99,27 @@ def test_a_killed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
 
 
 @pytest.mark.slow
-def test_critic_free_grpo_with_dynamic_sampling(secret_task, tmp_path):
+def test_critic_free_grpo_with_dynamic_sampling_and_validation(secret_task, tmp_path):
+    """GRPO with dynamic sampling, validated on held-out prompts (tests/rl/test_validation.py) before training,
+    at step 2 and at the last step, 2 responses of at most 12 tokens each: its rollouts stay out of the batch."""
     prompts, model = secret_task
     metrics = run(tmp_path / "run", *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}",
                   "algo.estimator=grpo", "critic.enabled=false", "algo.drop_uniform_groups=true", "rollout.n=4",
-                  "policy.micro_batch_tokens=512", "trainer.max_steps=3")  # fmt: skip
-    assert [row["step"] for row in metrics] == [1, 2, 3]
-    assert all(row["value_loss"] is None and row["explained_variance"] is None for row in metrics)
+                  "policy.micro_batch_tokens=512", "trainer.max_steps=3", write_held_out(tmp_path / "held_out"),
+                  "trainer.eval_every=2", "trainer.eval_before_train=true", "rollout.eval.n=2",
+                  "rollout.eval.max_new_tokens=12")  # fmt: skip
+    assert [row["step"] for row in metrics] == [0, 1, 2, 3]
+    trained = metrics[1:]
+    assert all(row["value_loss"] is None and row["explained_variance"] is None for row in trained)
     # two in three groups of 4 guesses at 1 in 10 all fail: they are dropped and more prompts drawn
-    assert sum(row["dropped_groups"] for row in metrics) > 0
+    assert sum(row["dropped_groups"] for row in trained) > 0
     logged = rows(tmp_path / "run" / "rollouts.jsonl")
     assert len(logged) == 3 * 8  # the batch is refilled (from set-aside groups after the last round)
+    assert all(row["samples"] == 8 for row in trained) and not any("held-" in row["key"] for row in logged)
     mixed = sum(len(set(row["rewards"])) > 1 for row in logged)
-    assert mixed > sum(row["dropped_groups"] == 0 for row in metrics)  # more mixed groups than chance leaves
+    assert mixed > sum(row["dropped_groups"] == 0 for row in trained)  # more mixed groups than chance leaves
+    evaluated = [row for row in metrics if "eval/pass@1" in row]
+    assert [row["step"] for row in evaluated] == [0, 2, 3] and "reward_mean" not in metrics[0]
+    for row in evaluated:
+        assert (row["eval/prompts"], row["eval/responses"]) == (5, 10) and row["eval/response_len_mean"] <= 12
+        assert all(0 <= row[f"eval/{figure}/{source}"] <= 1 for figure in ("reward", "pass@1") for source in HELD_OUT)
