@@ -42,8 +42,8 @@ MEANINGS = {
     "`</think>` scores 0)",
     "eval/reward": "RLVR's reward on held-out `choice` prompts, 4 samples each at temperature 1",
     "accuracy": "`launch/evaluate.py` on the last export: the share of held-out `choice` problems answered "
-    "right, averaged over each problem's samples, with a 95% interval; SeRe samples one answer, PaCoRe "
-    "synthesises 8 rollouts' conclusions into one",
+    "right, averaged over its 4 samples, with a 95% interval over problems; a SeRe sample is one answer, a "
+    "PaCoRe sample the synthesis of 8 rollouts' conclusions",
     "eval/accuracy": "the reward model's share of held-out preference pairs it ranks right, 0-1 (chance: 0.5)",
     "pacore/synthesis_reward": "the verifier's score of the synthesis given the messages, 0-1; "
     "`pacore/message_reward`: the mean score of those messages when the RLVR policy wrote them",
@@ -171,7 +171,7 @@ def main() -> None:
         result = benchmark[mode]
         interval = " [{:.3f}, {:.3f}]".format(*result["ci95"]) if result["ci95"] else ""
         took = f"{seconds[stage]:.0f}" if stage else ""
-        return (f"| {name} | {result['problems']} problems x {result['samples']} | | "
+        return (f"| {name} | {result['problems']} problems, {result['samples']} answers | | "
                 f"{figure(result['accuracy'])}{interval} | {took} | accuracy |")  # fmt: skip
 
     window = min(3, len(metric(rlvr, "reward_mean")))
@@ -194,7 +194,7 @@ def main() -> None:
         evaluated("sere", "final export, SeRe (held-out benchmark)", "evaluate"),
         evaluated("pacore", "final export, PaCoRe [8] (held-out benchmark)"), "",
         "Pre-training, SFT and the reward model: the first and the last step's figure, and the first and the "
-        "last validation (every 10 steps and at the end; the reward model's at steps "
+        "last validation (pre-training's every 10 steps, SFT's every 20; the reward model's at steps "
         f"{', '.join(rm_evaluations)}). RLVR, RLHF and PaCoRe training: the mean of the first {window} and of "
         f"the last {window} iterations; RLVR's held-out reward before training and at its last validation."
         f"{phase2}", "",

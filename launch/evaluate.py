@@ -27,21 +27,13 @@ SHORTCUTS = {"model": "chat.model", "data": "bench.data.paths"}
 
 
 def score_checkpoint(cfg: DictConfig) -> None:
-    from rl.chat_models import build_chat_model  # here: --help need not wait for torch and the engines
+    from rl.chat_models import build_chat_model, pacore_tokenizer  # here: --help need not wait for torch
     from rl.evaluation.config import EvaluateConfig
     from rl.evaluation.run import evaluate, table
-    from step3vl_train.processing.tokenizer import load_tokenizer
-    from step3vl_train.usage import UsageError, build
+    from step3vl_train.usage import build
 
     config = build(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True))
-    tokenizer = None
-    if "pacore" in config.modes:
-        if not config.chat.tokenizer_source:
-            raise UsageError(
-                "chat.tokenizer is not set (nor model=DIR, whose tokenizer it would be): PaCoRe counts the "
-                "tokens of messages with the model's tokenizer; give its directory, or tiny"
-            )
-        tokenizer = load_tokenizer(config.chat.tokenizer_source)
+    tokenizer = pacore_tokenizer(config.chat) if "pacore" in config.modes else None
     model = build_chat_model(config.chat, "chat")
     try:
         summary = evaluate(config, model, tokenizer)

@@ -25,18 +25,12 @@ SHORTCUTS = {"model": "chat.model", "data": "data.paths"}
 
 
 def infer(cfg: DictConfig) -> None:
-    from rl.chat_models import build_chat_model  # here: --help need not wait for torch and the engines
+    from rl.chat_models import build_chat_model, pacore_tokenizer  # here: --help need not wait for torch
     from rl.pacore.inference import InferenceConfig, run_inference
-    from step3vl_train.processing.tokenizer import load_tokenizer
-    from step3vl_train.usage import UsageError, build
+    from step3vl_train.usage import build
 
     config = build(InferenceConfig, OmegaConf.to_container(cfg, resolve=True))
-    if not config.chat.tokenizer_source:
-        raise UsageError(
-            "chat.tokenizer is not set (nor model=DIR, whose tokenizer it would be): PaCoRe counts the tokens "
-            "of messages with the model's tokenizer; give its directory, or tiny"
-        )
-    tokenizer = load_tokenizer(config.chat.tokenizer_source)
+    tokenizer = pacore_tokenizer(config.chat)
     model = build_chat_model(config.chat, "chat")
     try:
         summary = run_inference(config, model, tokenizer)

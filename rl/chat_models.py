@@ -30,6 +30,7 @@ from rl.experience import Prompt
 from rl.rewards.verifier import VerifierConfig, openai_client
 from step3vl_train.processing.images import load_image
 from step3vl_train.processing.processor import load_processor
+from step3vl_train.processing.tokenizer import load_tokenizer
 from step3vl_train.usage import UsageError
 
 BACKENDS = ("openai", "hf", "vllm")
@@ -98,6 +99,17 @@ class ChatModelConfig:
         if self.backend == "vllm":
             settings = {**(settings or {}), "crop_rule": "vllm"}
         return settings or None
+
+
+def pacore_tokenizer(config: ChatModelConfig, key: str = "chat"):
+    """The model's tokenizer, with which PaCoRe counts the tokens of messages: `tokenizer`, else the model
+    directory's own."""
+    if not config.tokenizer_source:
+        raise UsageError(
+            f"{key}.tokenizer is not set (nor model=DIR, whose tokenizer it would be): PaCoRe counts the tokens "
+            "of messages with the model's tokenizer; give its directory, or tiny"
+        )
+    return load_tokenizer(config.tokenizer_source)
 
 
 def build_chat_model(config: ChatModelConfig, key: str = "chat") -> ChatModel:

@@ -21,6 +21,20 @@ class SourceConfig:
     split: str = "train"  # hf: the split of a saved DatasetDict
 
 
+def check_sources(group: str, sources: list[SourceConfig], weighted: bool = True) -> None:
+    """`data.<group>`'s sources: distinct names, known kinds, paths, and positive weights where they weigh."""
+    names = [source.name for source in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.{group} has repeated names: {names}")
+    for source in sources:
+        if source.kind not in SOURCE_KINDS:
+            raise ValueError(f"data.{group}.{source.name}.kind must be one of {SOURCE_KINDS}, not {source.kind!r}")
+        if not source.paths:
+            raise ValueError(f"data.{group}.{source.name}.paths is empty")
+        if weighted and source.weight <= 0:
+            raise ValueError(f"data.{group}.{source.name}.weight must be positive, not {source.weight}")
+
+
 @dataclass
 class PackingConfig:
     seq_len: int = 4096  # tokens per packed sequence
@@ -54,20 +68,8 @@ class DataConfig:
             self.sources = [SourceConfig(name="train", paths=[self.train])]
         if not self.sources:
             raise ValueError("data.sources is empty")
-        for group, sources in (("sources", self.sources), ("eval", self.eval)):
-            names = [source.name for source in sources]
-            if len(set(names)) != len(names):
-                raise ValueError(f"data.{group} has repeated names: {names}")
-            for source in sources:
-                if source.kind not in SOURCE_KINDS:
-                    raise ValueError(
-                        f"data.{group}.{source.name}.kind must be one of {SOURCE_KINDS}, not {source.kind!r}"
-                    )
-                if not source.paths:
-                    raise ValueError(f"data.{group}.{source.name}.paths is empty")
-        for source in self.sources:
-            if source.weight <= 0:
-                raise ValueError(f"data.sources.{source.name}.weight must be positive, not {source.weight}")
+        check_sources("sources", self.sources)
+        check_sources("eval", self.eval, weighted=False)
         if self.eval_max_samples is not None and self.eval_max_samples < 1:
             raise ValueError(f"data.eval_max_samples must be at least 1 (or null: all), not {self.eval_max_samples}")
         if self.packing.overflow not in OVERFLOW_POLICIES:

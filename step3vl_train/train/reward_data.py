@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from step3vl_train.data.config import SOURCE_KINDS, SourceConfig
+from step3vl_train.data.config import SourceConfig, check_sources
 from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
 from step3vl_train.data.skips import SkippedSample
@@ -41,15 +41,8 @@ class PairDataConfig:
             self.sources = [SourceConfig(name="train", paths=[self.train])]
         if not self.sources:
             raise ValueError("data.sources is empty")
-        for group, sources in (("sources", self.sources), ("eval", self.eval)):
-            names = [source.name for source in sources]
-            if len(set(names)) != len(names):
-                raise ValueError(f"data.{group} has repeated names: {names}")
-            for source in sources:
-                if source.kind not in SOURCE_KINDS:
-                    raise ValueError(f"data.{group}.{source.name}.kind must be one of {SOURCE_KINDS}")
-                if source.weight <= 0 or not source.paths:
-                    raise ValueError(f"data.{group}.{source.name} needs paths and a positive weight")
+        check_sources("sources", self.sources)
+        check_sources("eval", self.eval, weighted=False)
         if self.micro_batch_size < 1 or self.max_tokens < 1:
             raise ValueError("data.micro_batch_size and data.max_tokens must be at least 1")
 
