@@ -130,6 +130,10 @@ class ModelRoleConfig:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     enabled: bool = True  # the critic: off for critic-free estimators
+    # The frozen vision tower's features of each image prompt, kept for the iteration (rl/feature_cache.py)
+    # up to this much memory a rank; prompts beyond it run the tower in each forward. 0: off. The critic
+    # reads the policy's when their towers hold the same weights.
+    image_feature_cache_mb: float = 1024.0
 
 
 @dataclass
@@ -206,8 +210,24 @@ class RLConfig:
                 f"algo.minibatches={self.algo.minibatches} x trainer.world_size={self.trainer.world_size} equal parts"
             )
         for name, role in (("policy", self.policy), ("critic", self.critic)):
-            if (name == "policy" or self.uses_critic) and role.micro_batch_tokens < 1:
+            if name == "critic" and not self.uses_critic:
+                continue
+            if role.micro_batch_tokens < 1:
                 raise ValueError(f"{name}.micro_batch_tokens must be positive, not {role.micro_batch_tokens}")
+            if role.image_feature_cache_mb < 0:
+                raise ValueError(f"{name}.image_feature_cache_mb must be 0 (off) or positive")
+            if role.image_feature_cache_mb and not any("vision_model.".startswith(p) for p in role.freeze):
+                raise ValueError(
+                    f"{name}.image_feature_cache_mb={role.image_feature_cache_mb} keeps the vision tower's features "
+                    f"for an iteration, which needs the tower frozen: {name}.freeze={role.freeze} does not hold "
+                    f"vision_model.; add it, or set {name}.image_feature_cache_mb=0"
+                )
+
+    @property
+    def on_policy_update(self) -> bool:
+        """One minibatch, one epoch: the update's one forward of each response is under the policy that
+        wrote it, so that forward's log-probs are the old ones and no scoring pass computes them."""
+        return self.algo.minibatches == 1 and self.algo.epochs == 1
 
     @property
     def minibatch_per_rank(self) -> int:

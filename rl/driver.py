@@ -21,7 +21,15 @@ from rl.algos.advantages import uniform_groups
 from rl.config import RLConfig
 from rl.engines import SamplingParams, engine_options
 from rl.experience import Prompt, Response
-from rl.iteration import advantages, group_responses, minibatches, sampling_params, score_rewards
+from rl.iteration import (
+    advantages,
+    group_responses,
+    logprob_metrics,
+    minibatches,
+    rank_shares,
+    sampling_params,
+    score_rewards,
+)
 from rl.prompts import prompt_loader
 from rl.rewards import RewardScorer
 from rl.validation import EVAL_SEED, Validation, evaluated_before_training, validation_metrics
@@ -198,6 +206,9 @@ class Driver:
         sync = self.sync_weights(False)
         timings["time/sync"] = time.perf_counter() - tick
         valid_tokens = sum(c.tokens for c in counts)
+        if cfg.on_policy_update:  # no scoring pass gave the old log-probs: the update's forward did
+            entropy, mismatch = (sum(s[key] for s in sums) for key in ("entropy_sum", "mismatch_sum"))
+            row |= logprob_metrics(entropy, mismatch, max(s["mismatch_max"] for s in sums), row["tokens"])
         row |= {
             "step": self.step,
             "policy_loss": sum(s["policy_loss"] for s in sums) / len(counts),  # mean over minibatches
@@ -206,6 +217,7 @@ class Driver:
             "approx_kl": sum(s["approx_kl"] for s in sums) / max(valid_tokens, 1),
             "grad_norm": sums[0]["policy_grad_norm"],
             **sampling_stats,
+            **self.image_cache,
             **{f"sync/{k.removeprefix('sync_')}": v for k, v in sync.items()},
             **timings,
             "time/step": time.perf_counter() - started,
@@ -289,16 +301,16 @@ class Driver:
 
     def score_with_models(self, responses: list[Response], timings: dict) -> None:
         tick = time.perf_counter()
-        per_rank = len(responses) // len(self.workers)
-        parts = [responses[r * per_rank : (r + 1) * per_rank] for r in range(len(self.workers))]
+        parts = rank_shares(responses, len(self.workers))
         stats = ray.get(
             [w.score.remote(p, self.cfg.rollout.temperature) for w, p in zip(self.workers, parts, strict=True)]
         )
         for part, stat in zip(parts, stats, strict=True):
             for index, response in enumerate(part):
-                response.old_logprobs = stat.old_logprobs[index]
+                response.old_logprobs = stat.old_logprobs[index] if stat.old_logprobs is not None else None
                 response.values = stat.values[index] if stat.values is not None else None
         self.entropy_sum = sum(s.entropy_sum for s in stats)
+        self.image_cache = {key: sum(s.image_cache[key] for s in stats) for key in stats[0].image_cache}
         timings["time/score"] = time.perf_counter() - tick
 
     def sync_weights(self, everything: bool) -> dict:

@@ -79,8 +79,9 @@ def score_rewards(scorer: RewardScorer, responses: list[Response], decode, stop_
 
 
 def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> dict:
-    """Advantages and returns into the responses; the iteration's reward, length and mismatch metrics.
-    `entropy_sum`: the policy's entropy summed over the valid response tokens."""
+    """Advantages and returns into the responses; the iteration's reward and length metrics, and where the
+    scoring pass gave old log-probs (not in an on-policy update, `RLConfig.on_policy_update`) the entropy
+    and mismatch ones. `entropy_sum`: the policy's entropy summed over the valid response tokens."""
     length = max(r.length for r in responses)
     mask = torch.zeros(len(responses), length)
     for i, r in enumerate(responses):
@@ -99,9 +100,6 @@ def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> 
     for i, r in enumerate(responses):
         r.advantages = advantage[i, : r.length]
         r.returns = returns[i, : r.length] if returns is not None else torch.zeros(r.length)
-    engine = torch.cat([torch.tensor(r.completion.logprobs) for r in responses if r.valid] or [torch.zeros(0)])
-    trainer = torch.cat([r.old_logprobs for r in responses if r.valid] or [torch.zeros(0)])
-    gap = (engine - trainer).abs()
     tokens = int(mask.sum())
     row = {
         "reward_mean": float(rewards[valid].mean()) if valid.any() else 0.0,
@@ -109,9 +107,6 @@ def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> 
         "response_len_mean": float(np.mean([r.length for r in responses])),
         "response_len_max": max(r.length for r in responses),
         "truncated_fraction": float(np.mean([r.completion.finish_reason == "length" for r in responses])),
-        "entropy": entropy_sum / max(tokens, 1),
-        "logprob_mismatch/mean_abs": float(gap.mean()) if len(gap) else 0.0,
-        "logprob_mismatch/max_abs": float(gap.max()) if len(gap) else 0.0,
         "explained_variance": explained_variance(values, returns, mask) if values is not None else None,
         "tokens": tokens,
         "samples": len(responses) // cfg.rollout.n,
@@ -124,7 +119,22 @@ def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> 
     row |= component_means(responses)
     row |= synthesis_metrics(responses)
     row |= {f"reward_status/{k}": v for k, v in sorted(Counter(r.status for r in responses).items())}
+    if all(r.old_logprobs is not None for r in responses if r.valid):
+        engine = torch.cat([torch.tensor(r.completion.logprobs) for r in responses if r.valid] or [torch.zeros(0)])
+        trainer = torch.cat([r.old_logprobs for r in responses if r.valid] or [torch.zeros(0)])
+        gap = (engine - trainer).abs()
+        row |= logprob_metrics(entropy_sum, float(gap.sum()), float(gap.max()) if len(gap) else 0.0, tokens)
     return row
+
+
+def logprob_metrics(entropy_sum: float, mismatch_sum: float, mismatch_max: float, tokens: int) -> dict[str, float]:
+    """The policy's mean entropy and its log-probs' distance from the engine's, from sums over the `tokens`
+    valid response tokens: of the entropy, and of |engine - trainer| log-prob (and its largest)."""
+    return {
+        "entropy": entropy_sum / max(tokens, 1),
+        "logprob_mismatch/mean_abs": mismatch_sum / tokens if tokens else 0.0,
+        "logprob_mismatch/max_abs": mismatch_max,
+    }
 
 
 # Components of the reward-model service's rewards that are not 0-1 parts of a reward, and their metric names.
@@ -167,22 +177,33 @@ def synthesis_metrics(responses: list[Response]) -> dict[str, float]:
     return row
 
 
+def rank_shares(responses: list[Response], world: int) -> list[list[Response]]:
+    """Each training rank's responses for the whole iteration, scoring and update: equal consecutive runs,
+    so that a prompt's responses (consecutive) sit on as few ranks as possible, each of which computes the
+    prompt's image features once (rl/feature_cache.py)."""
+    per_rank = len(responses) // world
+    return [responses[rank * per_rank : (rank + 1) * per_rank] for rank in range(world)]
+
+
 def minibatches(
     cfg: RLConfig, responses: list[Response], step: int, world: int
 ) -> tuple[list[list[Response]], list[GlobalCounts]]:
-    """Responses shuffled (seeded by the run's seed and `step`), cut into minibatches, each minibatch split
-    evenly over the `world` ranks; with the global counts of valid tokens and responses of each."""
-    order = list(responses)
-    random.Random(cfg.trainer.seed * 1_000_003 + step).shuffle(order)
-    size = len(order) // cfg.algo.minibatches
+    """Each rank's share (`rank_shares`) shuffled (seeded by the run's seed and `step`) and cut into
+    `algo.minibatches` equal slices; minibatch m is the m-th slice of every rank, so a rank trains on the
+    responses it scored, as verl's ranks do. Returns each rank's slices in order (every epoch's), and the
+    global counts of valid tokens and responses of each minibatch."""
+    rng = random.Random(cfg.trainer.seed * 1_000_003 + step)
+    shares = [list(share) for share in rank_shares(responses, world)]
+    for share in shares:
+        rng.shuffle(share)
+    per_rank = len(responses) // (cfg.algo.minibatches * world)
     shards: list[list[Response]] = [[] for _ in range(world)]
     counts = []
     for _ in range(cfg.algo.epochs):
         for m in range(cfg.algo.minibatches):
-            minibatch = order[m * size : (m + 1) * size]
-            valid = [r for r in minibatch if r.valid]
+            slices = [share[m * per_rank : (m + 1) * per_rank] for share in shares]
+            valid = [r for part in slices for r in part if r.valid]
             counts.append(GlobalCounts(tokens=sum(r.length for r in valid), sequences=len(valid)))
-            per_rank = size // world
-            for rank in range(world):
-                shards[rank] += minibatch[rank * per_rank : (rank + 1) * per_rank]
+            for rank, part in enumerate(slices):
+                shards[rank] += part
     return shards, counts

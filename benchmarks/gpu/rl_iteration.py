@@ -67,7 +67,7 @@ def main(out: Path, overrides: list[str]) -> None:
     tick = time.perf_counter()
     stats = worker.score(responses, config.rollout.temperature)
     for index, response in enumerate(responses):
-        response.old_logprobs = stats.old_logprobs[index]
+        response.old_logprobs = stats.old_logprobs[index] if stats.old_logprobs is not None else None
         response.values = stats.values[index] if stats.values is not None else None
     timings["time/score"] = time.perf_counter() - tick
     row = advantages(config, responses, stats.entropy_sum)

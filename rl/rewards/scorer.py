@@ -26,7 +26,9 @@ class RewardConfig:
     num_workers: int = 2  # reward processes
     timeout_s: float = 10.0  # per response; a reward still running then is killed and counted as a timeout
     require_reasoning: bool = True  # a response with no `</think>` (or nothing before it) scores 0
-    truncated_score: float = 0.0  # a response cut at the length limit scores this, whatever its answer
+    # A response cut at the length limit scores this, whatever its answer; None: its reward runs on it as on
+    # any other (TRL's and verl's behaviour). `truncated_fraction` counts them either way.
+    truncated_score: float | None = 0.0
     fn: str | None = None  # one reward for every sample, overriding their `reward` fields (`pkg.mod:fn`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # keyword arguments by reward name
     # Rewards whose unreadable answers ("no_answer") go to the verifier, as the paper did with GPT-OSS-120B
@@ -38,7 +40,7 @@ class RewardConfig:
 
 def guard(request: RewardRequest, config: RewardConfig, boxed: bool) -> RewardResult | None:
     """The result for a response that must not reach its reward, or None."""
-    if request.truncated:
+    if request.truncated and config.truncated_score is not None:
         return RewardResult(config.truncated_score, "truncated")
     reasoning, final = split_reasoning(request.response)
     if config.require_reasoning and not (reasoning and reasoning.strip()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import deepspeed
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from rl.algos.losses import GlobalCounts, policy_loss, value_loss
 from rl.config import ModelRoleConfig, RLConfig
 from rl.experience import Response, SequenceBatch, sequence_batch
+from rl.feature_cache import ImageFeatureCache, same_tower
 from rl.micro_batches import agreed_micro_batches
 from rl.sync import RaySender, VLLMSender
 from step3vl_train.cli import quiet_known_warnings
@@ -34,9 +35,10 @@ from step3vl_train.train.engine import Engine, build_engine, deepspeed_config
 class ResponseStats:
     """Per response, from the models before the update."""
 
-    old_logprobs: list[torch.Tensor]
+    old_logprobs: list[torch.Tensor] | None  # None in an on-policy update: its own forward gives them
     values: list[torch.Tensor] | None
     entropy_sum: float  # summed over valid response tokens
+    image_cache: dict[str, float] = field(default_factory=dict)  # ImageFeatureCache.stats
 
 
 class TrainWorker:
@@ -58,6 +60,32 @@ class TrainWorker:
         self.critic = None
         if self.cfg.uses_critic:
             self.critic = self._build(self.cfg.critic, self.cfg.critic.init_from or self.cfg.policy.init_from, True)
+        self._feature_caches()
+
+    def _feature_caches(self) -> None:
+        """The caches of tower features each model reads (rl/feature_cache.py), None where off: the critic
+        reads the policy's where both towers hold the same weights (the same init_from), else its own.
+        A collective (the towers' comparison)."""
+        policy, critic = self.cfg.policy, self.cfg.critic
+        self.policy_features = (
+            ImageFeatureCache(self.policy.model, policy.image_feature_cache_mb, "policy")
+            if policy.image_feature_cache_mb
+            else None
+        )
+        self.critic_features = None
+        if self.critic is not None and critic.image_feature_cache_mb:
+            device = self.critic.engine.device
+            if self.policy_features is not None and same_tower(self.policy.model, self.critic.model, device):
+                self.critic_features = self.policy_features
+            else:
+                self.critic_features = ImageFeatureCache(self.critic.model, critic.image_feature_cache_mb, "critic")
+
+    def _caches(self) -> list[ImageFeatureCache]:
+        """Each distinct cache once, the policy's first: every rank fills them in the same order."""
+        caches = [self.policy_features]
+        if self.critic_features is not self.policy_features:
+            caches.append(self.critic_features)
+        return [cache for cache in caches if cache is not None]
 
     def _build(self, role: ModelRoleConfig, init_from: str | None, critic: bool = False) -> Engine:
         # Micro-batches vary in rows and in number (a token budget, rl/micro_batches.py), so DeepSpeed's own
@@ -80,43 +108,58 @@ class TrainWorker:
     # ---- scoring before the update -------------------------------------------------------------------
 
     def score(self, responses: list[Response], temperature: float) -> ResponseStats:
-        """The trainer's log-probs of each response token (and the critic's values), without gradients.
-        A collective: every rank holds the same number of responses."""
-        logprobs: list = [None] * len(responses)
+        """The trainer's log-probs of each response token (and the critic's values), without gradients;
+        in an on-policy update (`RLConfig.on_policy_update`) no log-probs: the update's forward gives them.
+        First the tower features of the responses' image prompts, once each, for this iteration's forwards.
+        A collective: every rank holds the same number of responses (the same ones as in `update`)."""
+        engine = self.policy.engine
+        for cache in self._caches():
+            cache.reset()
+            cache.fill(responses, engine.device, engine.module.dtype)
+        logprobs: list | None = None
         entropy_sum = 0.0
-        for group in self._micro_batches(responses, self.cfg.policy.micro_batch_tokens):
-            chunk = [responses[i] for i in group]
-            sequences = self._sequences(chunk)
-            with torch.no_grad():
-                token_logprobs, token_entropy = self._scores(sequences, temperature, with_entropy=True)
-            for index, row in zip(group, sequences.gather(token_logprobs.cpu()), strict=True):
-                logprobs[index] = row
-            token_entropy = token_entropy.cpu() * sequences.response_mask
-            entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
+        if not self.cfg.on_policy_update:
+            logprobs = [None] * len(responses)
+            for group in self._micro_batches(responses, self.cfg.policy.micro_batch_tokens):
+                chunk = [responses[i] for i in group]
+                sequences = self._sequences(chunk)
+                with torch.no_grad():
+                    token_logprobs, token_entropy = self._scores(sequences, chunk, temperature, with_entropy=True)
+                for index, row in zip(group, sequences.gather(token_logprobs.cpu()), strict=True):
+                    logprobs[index] = row
+                token_entropy = token_entropy.cpu() * sequences.response_mask
+                entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
         values: list | None = None
         if self.critic is not None:
             values = [None] * len(responses)
             for group in self._micro_batches(responses, self.cfg.critic.micro_batch_tokens):
-                sequences = self._sequences([responses[i] for i in group])
+                chunk = [responses[i] for i in group]
+                sequences = self._sequences(chunk)
                 with torch.no_grad():
-                    rows = sequences.gather(self.critic.engine(**self._inputs(sequences))[:, :-1].cpu())
-                for index, row in zip(group, rows, strict=True):
+                    out = self.critic.engine(**self._inputs(sequences, chunk, self.critic_features))
+                for index, row in zip(group, sequences.gather(out[:, :-1].cpu()), strict=True):
                     values[index] = row
-        return ResponseStats(logprobs, values, entropy_sum)
+        cache = self.policy_features or self.critic_features
+        return ResponseStats(logprobs, values, entropy_sum, cache.stats() if cache is not None else {})
 
     # ---- the update -----------------------------------------------------------------------------------
 
     def update(self, responses: list[Response], counts: list[GlobalCounts]) -> dict[str, float]:
         """One optimizer step of the policy (and the critic) per minibatch: this rank's share of each of
-        `len(counts)` minibatches, in order. Returns sums over this rank, for the driver to add up."""
+        `len(counts)` minibatches, in order, the responses it scored. Returns sums over this rank, for the
+        driver to add up; in an on-policy update also the entropy and log-prob mismatch sums that the
+        scoring pass gives otherwise (`mismatch_max` a maximum)."""
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
+        sums |= {"entropy_sum": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
         for index, minibatch_counts in enumerate(counts):
             minibatch = responses[index * self.minibatch_per_rank : (index + 1) * self.minibatch_per_rank]
             for name, value in self._policy_step(minibatch, minibatch_counts).items():
-                sums[name] += value
+                sums[name] = max(sums[name], value) if name == "mismatch_max" else sums[name] + value
             if self.critic is not None:
                 sums["value_loss"] += self._critic_step(minibatch, minibatch_counts)
         sums["policy_grad_norm"] = float(self.policy.engine.get_global_grad_norm() or 0.0)
+        for cache in self._caches():
+            cache.reset()  # the memory goes back before the next rollout (colocated engines wake up)
         return sums
 
     def _train_micro_batches(
@@ -136,17 +179,29 @@ class TrainWorker:
 
     def _policy_step(self, minibatch: list[Response], counts: GlobalCounts) -> dict[str, float]:
         algo, world, engine = self.cfg.algo, dist.get_world_size(), self.policy.engine
+        on_policy = self.cfg.on_policy_update
         out = {"policy_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
+        out |= {"entropy_sum": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
         for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.policy.micro_batch_tokens):
             mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
-            token_logprobs, _ = self._scores(sequences, self.cfg.rollout.temperature)
+            token_logprobs, token_entropy = self._scores(sequences, chunk, self.cfg.rollout.temperature, on_policy)
             device = token_logprobs.device
+            mask = mask.to(device)
+            rollout = sequences.scatter([torch.tensor(r.completion.logprobs) for r in chunk]).to(device)
+            if on_policy:  # the policy has not moved since the rollout: these are the old log-probs
+                old = token_logprobs.detach()
+                gap = (rollout - old).abs() * mask
+                out["entropy_sum"] += float((token_entropy * mask).sum())
+                out["mismatch_sum"] += float(gap.sum())
+                out["mismatch_max"] = max(out["mismatch_max"], float(gap.max()))
+            else:
+                old = sequences.scatter([r.old_logprobs for r in chunk]).to(device)
             loss, stats = policy_loss(
                 token_logprobs,
-                sequences.scatter([r.old_logprobs for r in chunk]).to(device),
-                sequences.scatter([torch.tensor(r.completion.logprobs) for r in chunk]).to(device),
+                old,
+                rollout,
                 sequences.scatter([r.advantages for r in chunk]).to(device),
-                mask.to(device),
+                mask,
                 counts,
                 algo.clip_low,
                 algo.clip_high,
@@ -163,7 +218,7 @@ class TrainWorker:
         world, engine, total = dist.get_world_size(), self.critic.engine, 0.0
         for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.critic.micro_batch_tokens):
             mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
-            values = engine(**self._inputs(sequences))[:, :-1]
+            values = engine(**self._inputs(sequences, chunk, self.critic_features))[:, :-1]
             device = values.device
             loss = value_loss(
                 values,
@@ -182,21 +237,26 @@ class TrainWorker:
         return sequence_batch([(r.prompt.sample, r.completion.token_ids) for r in responses], self.pad_token_id)
 
     def _scores(
-        self, sequences: SequenceBatch, temperature: float, with_entropy: bool = False
+        self, sequences: SequenceBatch, responses: list[Response], temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The policy's log-probs (and entropy) of the response tokens, (B, L-1) aligned with
         `response_mask`: the head runs on response positions only, `compute.loss_chunk` at a time."""
         out = self.policy.engine(
-            **self._inputs(sequences),
+            **self._inputs(sequences, responses, self.policy_features),
             labels=sequences.response_labels().to(self.policy.engine.device),
             logprobs_temperature=temperature,
             return_entropy=with_entropy,
         )
         return out.logprobs[:, :-1], out.entropy[:, :-1] if with_entropy else None
 
-    def _inputs(self, sequences: SequenceBatch) -> dict:
+    def _inputs(self, sequences: SequenceBatch, responses: list[Response], cache: ImageFeatureCache | None) -> dict:
+        """The model's inputs for these rows (`responses`, in order): the cached tower features of their
+        images in place of the pixels where `cache` has them all."""
         engine = self.policy.engine
-        return sequences.batch.model_inputs(with_labels=False, device=engine.device, pixel_dtype=engine.module.dtype)
+        features = cache.batch(responses) if cache is not None else None
+        batch = sequences.batch if features is None else replace(sequences.batch, pixels=None)
+        inputs = batch.model_inputs(with_labels=False, device=engine.device, pixel_dtype=engine.module.dtype)
+        return inputs if features is None else {**inputs, "image_features": features}
 
     # ---- weight sync ----------------------------------------------------------------------------------
 
@@ -231,6 +291,7 @@ class TrainWorker:
         self.policy.engine.load_checkpoint(step_dir, tag="policy")
         if self.critic is not None:
             self.critic.engine.load_checkpoint(step_dir, tag="critic")
+        self._feature_caches()  # the towers' weights are the checkpoint's now
 
     def pid(self) -> int:
         return os.getpid()

@@ -22,6 +22,7 @@ from step3vl_train.model.compute import ModelRuntime
 from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.model.sequence import IGNORE_INDEX, LocalSequence, local_sequence, shift_targets
 from step3vl_train.model.token_scores import chunk_count, token_scores
+from step3vl_train.model.view_features import ViewFeatures
 from step3vl_train.model.view_selection import ImageTokenMismatchError, ViewSelection
 from step3vl_train.model.vision import LayerScale, StepVisionEncoder, VisionAttention
 
@@ -85,8 +86,50 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Square views (N, 3, S, S) -> decoder-width tokens (N, (S/56)^2, hidden): 728 -> 169, 504 -> 81."""
-        features = self.vision_model.downsample(self.vision_model(pixel_values))
-        return self.vit_large_projector(features)
+        return self.vit_large_projector(self.vision_features(pixel_values))
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower without the projector: square views (N, 3, S, S) -> (N, (S/56)^2, 4 x vision width)."""
+        return self.vision_model.downsample(self.vision_model(pixel_values))
+
+    @torch.no_grad()
+    def precompute_view_features(
+        self,
+        pixel_values: torch.Tensor | None,
+        patch_pixel_values: torch.Tensor | None,
+        num_patches: list[int],
+        device: torch.device | None = None,
+    ) -> ViewFeatures:
+        """`vision_features` of these views, for `forward(image_features=...)` while the tower is frozen.
+        Shapes as in `image_embeddings`. A collective of `runtime.group`: every rank makes as many tower
+        calls as the rank that needs the most (`vision_calls`), zero stand-ins for those it has no view for."""
+        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view)
+        device = device if device is not None else self.vision_model.positional_embedding.device
+        calls = self.runtime.agree(list(self.vision_calls(selection)), device)
+        side = 4 * self.config.vision_config.patch_size
+        encoded = []
+        for views, count in zip((pixel_values, patch_pixel_values), calls, strict=True):
+            real = views.tensor_split(min(count, len(views))) if views is not None and len(views) else ()
+            encoded.append(torch.cat([self.vision_features(chunk) for chunk in real]) if real else None)
+            for _ in range(count - len(real)):
+                self.vision_features(torch.zeros(1, 3, side, side, device=device))
+        return ViewFeatures(*encoded)
+
+    def _project_features(
+        self, selection: ViewSelection, features: ViewFeatures | None, calls: int, zero: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The selected image tokens' tower features through the projector in one call (None without
+        features or tokens), then zero stand-in calls up to `calls`, the count agreed over the ranks."""
+        projector, embeds = self.vit_large_projector, None
+        if features is not None and selection.pieces:
+            tokens = selection.assemble(selection.globals_of(features.globals), selection.crops_of(features.crops))
+            embeds, calls = projector(tokens), calls - 1
+        for _ in range(calls):
+            # The model's dtype, read without touching the projector's weight: under ZeRO-3 that would gather
+            # it on this rank alone, outside the projector's call.
+            stand_in = torch.zeros(1, projector.in_features, device=zero.device, dtype=self.dtype)
+            zero = zero + projector(stand_in).sum() * 0
+        return embeds, zero
 
     def image_embeddings(
         self,
@@ -110,7 +153,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, token_range)
         if chunks is None:
-            chunks = self.vision_calls(selection, keep_alive=False)
+            chunks = self.vision_calls(selection)
         return self._embed_views(selection, pixel_values, patch_pixel_values, chunks, device)
 
     def _embed_views(
@@ -129,14 +172,12 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         crops, zero = self._encode_in_chunks(selection.crops_of(patch_pixel_values), chunks[1], zero)
         return selection.assemble(globals_, crops), zero
 
-    def vision_calls(self, selection: ViewSelection, keep_alive: bool) -> tuple[int, int]:
-        """Tower calls this rank needs for the selected global views and crops; with `keep_alive`, at least
-        one of each (a zero stand-in), so that the tower's gradients exist every step."""
+    def vision_calls(self, selection: ViewSelection) -> tuple[int, int]:
+        """Tower calls this rank needs for the selected global views and crops: none for a kind it has no
+        view of. Where no rank needs the tower the step makes no call of it; DeepSpeed then reduces zero
+        gradients for its weights, as it would the stand-ins' exact zeros."""
         size = self.runtime.compute.vision_chunk
-        return tuple(
-            max(int(keep_alive), math.ceil(n / size) if size else int(n > 0))
-            for n in (selection.num_globals, selection.num_crops)
-        )
+        return tuple(math.ceil(n / size) if size else int(n > 0) for n in (selection.num_globals, selection.num_crops))
 
     def _encode_in_chunks(
         self, views: torch.Tensor | None, calls: int, zero: torch.Tensor
@@ -188,6 +229,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
         logprobs_temperature: float | None = None,
         return_entropy: bool = False,
+        image_features: ViewFeatures | None = None,
         **kwargs,
     ) -> Step3VLOutput:
         """input_ids (B, L); labels (B, L) aligned with input_ids, -100 where no loss (shifted inside).
@@ -212,6 +254,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             num_patches,
             use_cache,
             targets,
+            image_features,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -247,6 +290,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         num_patches: list[int] | torch.Tensor | None,
         use_cache: bool | None,
         targets: torch.Tensor | None = None,
+        image_features: ViewFeatures | None = None,
         **kwargs,
     ):
         """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded, over this
@@ -265,8 +309,9 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 # a KV cache; with one, the samples would attend to each other.
                 use_cache = False
             local, embeds, head_calls = self._prefill_embeddings(
-                input_ids, attention_mask, position_ids, pixel_values, patch_pixel_values, num_patches, targets
-            )
+                input_ids, attention_mask, position_ids, pixel_values, patch_pixel_values, num_patches, targets,
+                image_features,
+            )  # fmt: skip
             attention_mask, position_ids = local.attention_mask, local.position_ids
         outputs = self.model(
             inputs_embeds=embeds,
@@ -290,8 +335,11 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         patch_pixel_values: torch.Tensor | None,
         num_patches: list[int] | torch.Tensor | None,
         targets: torch.Tensor | None,
+        image_features: ViewFeatures | None = None,
     ) -> tuple[LocalSequence, torch.Tensor, int]:
-        """This rank's part of a fresh batch, its embeddings with the images in, and the agreed head calls."""
+        """This rank's part of a fresh batch, its embeddings with the images in, and the agreed head calls.
+        With `image_features` (the frozen tower's output, rl/feature_cache.py) the pixels are not read and
+        this rank calls the tower only as a stand-in for other ranks, and the projector once."""
         runtime = self.runtime
         # Sequence parallelism in training only: in eval mode (generation) DeepSpeed's Ulysses wrapper steps
         # aside and each rank runs whole rows.
@@ -306,19 +354,24 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             shard=shard,
         )
         image_range = (local.image_tokens_before, local.image_tokens_before + local.image_tokens)
-        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, image_range)
-        keep_alive = self.training and torch.is_grad_enabled() and self._vision_is_trained()
+        if image_features is None:
+            selection = ViewSelection.of(
+                pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, image_range
+            )
+            encoded, projections = selection, 0  # the views the tower encodes; projector calls of given features
+        else:
+            selection = image_features.selection(num_patches, image_range)
+            encoded, projections = ViewSelection.of_views(0, 0, 0, 0, []), int(bool(selection.pieces))
         scored = int((local.targets != IGNORE_INDEX).sum()) if targets is not None else 0
-        wanted = [*self.vision_calls(selection, keep_alive), chunk_count(scored, runtime.compute.loss_chunk)]
+        wanted = [*self.vision_calls(encoded), chunk_count(scored, runtime.compute.loss_chunk), projections]
         device = local.input_ids.device
-        global_calls, crop_calls, head_calls = runtime.agree(wanted, device)
+        global_calls, crop_calls, head_calls, projections = runtime.agree(wanted, device)
         image_embeds, zero = self._embed_views(
-            selection, pixel_values, patch_pixel_values, (global_calls, crop_calls), device
+            encoded, pixel_values, patch_pixel_values, (global_calls, crop_calls), device
         )
+        projected, zero = self._project_features(selection, image_features, projections, zero)
+        image_embeds = image_embeds if projected is None else projected
         return local, self.embed(local.input_ids, image_embeds) + zero, head_calls
-
-    def _vision_is_trained(self) -> bool:
-        return any(param.requires_grad for param in self.vision_model.parameters())
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "4GB") -> None:
         """Writes `config.json` and sharded safetensors with `model.safetensors.index.json`, released names."""

@@ -8,6 +8,7 @@ from torch import nn
 
 from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
+from step3vl_train.model.view_features import ViewFeatures
 
 # Tensors of a policy checkpoint that the critic has no use for, and critic tensors no policy has.
 POLICY_ONLY = ("lm_head.",)
@@ -29,12 +30,14 @@ class Step3VLForValue(Step3VLForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         patch_pixel_values: torch.Tensor | None = None,
         num_patches: list[int] | torch.Tensor | None = None,
+        image_features: ViewFeatures | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """(B, L) float32: V(s_t) after each token."""
+        """(B, L) float32: V(s_t) after each token. `image_features`: as the policy's `forward` takes them."""
         outputs, _, _ = self.decode(
-            input_ids, attention_mask, position_ids, None, None, pixel_values, patch_pixel_values, num_patches, False
-        )
+            input_ids, attention_mask, position_ids, None, None, pixel_values, patch_pixel_values, num_patches, False,
+            image_features=image_features,
+        )  # fmt: skip
         hidden = outputs.last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 

@@ -39,13 +39,27 @@ class ViewSelection:
         """`tokens_per_view(side)`: image tokens of a square view of `side` pixels."""
         num_globals = pixel_values.shape[0] if pixel_values is not None else 0
         num_crops = patch_pixel_values.shape[0] if patch_pixel_values is not None else 0
+        global_tokens = tokens_per_view(pixel_values.shape[-1]) if num_globals else 0
+        crop_tokens = tokens_per_view(patch_pixel_values.shape[-1]) if num_crops else 0
+        return cls.of_views(num_globals, num_crops, global_tokens, crop_tokens, num_patches, token_range)
+
+    @classmethod
+    def of_views(
+        cls,
+        num_globals: int,
+        num_crops: int,
+        global_tokens: int,
+        crop_tokens: int,
+        num_patches: list[int] | torch.Tensor | None,
+        token_range: tuple[int, int] | None = None,
+    ) -> ViewSelection:
+        """As `of`, from the views' counts and their image tokens each (views already encoded have no
+        pixels to read them from)."""
         num_patches = [int(n) for n in num_patches] if num_patches is not None else [0] * num_globals
         if len(num_patches) != num_globals or sum(num_patches) != num_crops:
             raise ImageTokenMismatchError(
                 f"num_patches {num_patches} does not match {num_globals} global views and {num_crops} crops"
             )
-        global_tokens = tokens_per_view(pixel_values.shape[-1]) if num_globals else 0
-        crop_tokens = tokens_per_view(patch_pixel_values.shape[-1]) if num_crops else 0
         views, at, crop_index = [], 0, itertools.count()  # (is_global, index, first token, end token)
         for image, crops in enumerate(num_patches):
             for _ in range(crops):

@@ -62,6 +62,17 @@ def test_truncated_response_scores_the_configured_value(scorer):
     assert score(scorer, T + r"\boxed{3}", "math", "3", truncated=True) == (0.0, "truncated")
 
 
+def test_without_a_truncated_score_a_truncated_response_meets_its_reward():
+    """`reward.truncated_score: null`: scored as any other response, the other guards included."""
+    scorer = RewardScorer(RewardConfig(num_workers=1, truncated_score=None))
+    try:
+        assert score(scorer, T + r"\boxed{3}", "math", "3", truncated=True) == (1.0, "ok")
+        assert score(scorer, T + r"\boxed{4}", "math", "3", truncated=True) == (0.0, "ok")
+        assert score(scorer, r"\boxed{3}", "math", "3", truncated=True) == (0.0, "no_reasoning")
+    finally:
+        scorer.close()
+
+
 def test_reasoning_is_optional_when_configured():
     scorer = RewardScorer(RewardConfig(num_workers=1, require_reasoning=False))
     try:

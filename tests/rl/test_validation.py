@@ -135,7 +135,9 @@ class FakeWorker:
         self.driver, self.events, self.kill_at = driver, events, kill_at
 
     def score(self, responses, temperature):
-        return SimpleNamespace(old_logprobs=[torch.zeros(r.length) for r in responses], values=None, entropy_sum=0.0)
+        return SimpleNamespace(
+            old_logprobs=[torch.zeros(r.length) for r in responses], values=None, entropy_sum=0.0, image_cache={}
+        )
 
     def update(self, responses, counts):
         if self.driver.step == self.kill_at:
