@@ -1,0 +1,103 @@
+"""The peer of our RL iteration: TRL's GRPOTrainer on the task of peers_task.py, run in .venv-peers by
+`benchmarks/peers_cpu.py rl|reward`, one process (TRL generates with the policy itself, in-process).
+
+python benchmarks/peers/trl_grpo.py WORK MODEL_DIR OUT.json --steps 30 --prompts-per-step 4 --n 8 --max-new-tokens 4
+
+WORK holds what our side wrote: `tokenizer/` (our tiny tokenizer), `rl_prompts.jsonl` (each prompt as the
+exact text our processor renders, generation prompt included, and its kind). MODEL_DIR is a Qwen3ForCausalLM
+with our decoder's shape and starting weights. Every iteration is one generation and one optimizer step
+(exactly on-policy: TRL then skips its old-log-prob pass). OUT.json: the wall time between consecutive
+optimizer steps and TRL's logged reward mean of each.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peers_task import trl_reward
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.ends: list[float] = []
+        self.rewards: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.rewards.append(float(logs["reward"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--n", type=int, default=8, help="responses a prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.work / "tokenizer")
+    rows = [json.loads(line) for line in (args.work / "rl_prompts.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": r["prompt_text"], "answer": r["answer"]} for r in rows])
+    config = GRPOConfig(
+        output_dir=str(args.out.parent / "trl_run"),
+        per_device_train_batch_size=args.prompts_per_step * args.n,  # completions a step
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        num_generations=args.n,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,  # no reference model, as ours (no KL term)
+        epsilon=0.2,
+        loss_type="dapo",  # token-mean over the batch: our algo.loss_aggregation=token-mean
+        scale_rewards="group",  # our grpo_scale_by_std
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        max_steps=args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        seed=args.seed,
+        shuffle_dataset=False,  # the prompts in file order, as ours reads them: each batch holds 2 of each kind
+        dataloader_num_workers=0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    clock = StepClock()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=trl_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    trainer.train()
+    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
+    args.out.write_text(json.dumps({"step_s": steps, "rewards": clock.rewards, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
