@@ -11,14 +11,14 @@ weights as a Qwen3ForCausalLM. Rank 0 writes OUT.json: the wall time between con
 
 import argparse
 import json
-import time
 import warnings
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from step_clock import StepClock
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 
 class Rows(torch.utils.data.Dataset):
@@ -30,19 +30,6 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"input_ids": self.rows[index], "labels": self.rows[index]}
-
-
-class StepClock(TrainerCallback):
-    def __init__(self):
-        self.ends: list[float] = []
-        self.losses: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
 
 
 def main() -> None:
@@ -82,14 +69,14 @@ def main() -> None:
         seed=0,
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    clock = StepClock()
+    clock = StepClock("loss")
     rows = Rows(np.load(args.work / "pretrain_rows.npy"))
     trainer = Trainer(model=model, args=training, train_dataset=rows, callbacks=[clock])
     trainer.train()
     if torch.distributed.get_rank() == 0:
-        steps = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
+        steps = clock.step_seconds()
         stage = trainer.model_wrapped.zero_optimization_stage()
-        result = {"step_s": steps, "losses": clock.losses, "threads": torch.get_num_threads(), "zero_stage": stage}
+        result = {"step_s": steps, "losses": clock.values, "threads": torch.get_num_threads(), "zero_stage": stage}
         args.out.write_text(json.dumps(result))
 
 

@@ -12,27 +12,14 @@ optimizer steps and TRL's logged reward mean of each.
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peers_task import trl_reward
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from step_clock import StepClock
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
-
-
-class StepClock(TrainerCallback):
-    def __init__(self):
-        self.ends: list[float] = []
-        self.rewards: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
-            self.rewards.append(float(logs["reward"]))
 
 
 def main() -> None:
@@ -85,7 +72,7 @@ def main() -> None:
         dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    clock = StepClock()
+    clock = StepClock("reward")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=trl_reward,
@@ -95,8 +82,8 @@ def main() -> None:
         callbacks=[clock],
     )
     trainer.train()
-    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
-    args.out.write_text(json.dumps({"step_s": steps, "rewards": clock.rewards, "threads": torch.get_num_threads()}))
+    steps = clock.step_seconds()
+    args.out.write_text(json.dumps({"step_s": steps, "rewards": clock.values, "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,6 @@ tower trains. The 2-rank TrainWorker part (tests/rl/feature_cache_run.py) counts
 iteration and holds the cached and uncached paths, and the on-policy update without its scoring pass, to
 the same numbers."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,9 @@ from rl.config import RLConfig
 from rl.experience import Completion, Response, sequence_batch
 from rl.feature_cache import ImageFeatureCache, same_tower
 from step3vl_train.model import Step3VLForConditionalGeneration
-from step3vl_train.train.distributed import free_port
 from tests.conftest import load_model_config
 from tests.model.test_view_features import counted_calls, frozen_tower
+from tests.rl.ranks import run_ranks
 from tests.rl.test_engines import image_prompt, text_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,22 +107,7 @@ def test_an_iteration_encodes_each_image_once_and_computes_the_same_numbers(tmp_
     """2 ZeRO-3 ranks, 16 responses a prompt; see feature_cache_run.py for what each run compares."""
     torch.manual_seed(0)
     Step3VLForConditionalGeneration(load_model_config("tiny")).save_pretrained(tmp_path / "init")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.rl.feature_cache_run", str(rank), str(port), str(tmp_path)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-4000:]
+    run_ranks("tests.rl.feature_cache_run", tmp_path, timeout=600)
     from tests.rl.feature_cache_run import check
 
     for rank in range(2):

@@ -6,9 +6,7 @@ The 2-rank part runs this file as a script, one process a rank:
 python -m tests.rl.test_micro_batches RANK PORT OUT_DIR
 """
 
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from rl.algos.losses import AGGREGATIONS, GlobalCounts, policy_loss
 from rl.experience import Completion, Prompt, Response, sequence_batch
 from rl.micro_batches import count_micro_batches, padded_tokens, split_micro_batches
-from step3vl_train.train.distributed import free_port
+from tests.rl.ranks import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -225,22 +223,7 @@ def test_two_ranks_step_once_a_minibatch_and_any_budget_gives_the_same_update(tm
     needs 1: both make 3 then 2 (else ZeRO-3's gathers hang), the optimizer steps after the 3rd and after
     the 5th backward only (DeepSpeed's own count, or a step every micro-batch, would step elsewhere), and
     the scores, losses and parameter updates equal those of one forward a minibatch."""
-    port = free_port()
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.rl.test_micro_batches", str(rank), str(port), str(tmp_path)],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    for process in processes:
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr[-4000:]
+    run_ranks("tests.rl.test_micro_batches", tmp_path, timeout=300)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         small, large = results[SMALL], results[LARGE]
