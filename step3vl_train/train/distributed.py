@@ -38,3 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def until_every_rank_is_done(items, device: torch.device):
+    """`items`, then None until every rank's have run out: one MAX all-reduce before each, so that every
+    rank makes as many collective calls (ZeRO-3 forwards) as the rank with the most items."""
+    items = iter(items)
+    while True:
+        item = next(items, None)
+        more = torch.tensor(int(item is not None), device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more:
+            return
+        yield item

@@ -19,6 +19,7 @@ from step3vl_train.model.flops import StepFlops
 from step3vl_train.model.value import Step3VLForValue
 from step3vl_train.processing.processor import IGNORE_INDEX, ProcessedSample
 from step3vl_train.train.config import TrainerConfig, TrainJobConfig
+from step3vl_train.train.distributed import until_every_rank_is_done
 from step3vl_train.train.reward_data import PairDataConfig, PairLoader
 from step3vl_train.train.reward_model import Pair, PairBatch, RewardStats, bradley_terry_loss, pair_batch, pair_scores
 from step3vl_train.train.trainer import Trainer
@@ -169,14 +170,8 @@ class RewardModelTrainer(Trainer):
         engine, device = self.ds.engine, self.device
         engine.eval()
         self.held_out.rewind()
-        batches = iter(self.held_out)
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
-        while True:
-            batch = next(batches, None)
-            more = torch.tensor(int(batch is not None), device=device)
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-            if not more:
-                break
+        for batch in until_every_rank_is_done(self.held_out, device):
             inputs = (batch or self.stand_in()).batch.model_inputs(
                 with_labels=False, device=device, pixel_dtype=engine.module.dtype
             )

@@ -32,6 +32,7 @@ from step3vl_train.data.skips import SkipLog, SkippedSample
 from step3vl_train.data.sources import SourceReader, resolve_shards
 from step3vl_train.data.stats import DataStats
 from step3vl_train.processing.processor import IGNORE_INDEX, Batch, ProcessedSample, Step3VLProcessor
+from step3vl_train.train.distributed import until_every_rank_is_done
 from step3vl_train.usage import UsageError
 
 EVAL_SEED = 0  # orders each eval source's shards: a new data.seed reorders training, not the validation set
@@ -157,13 +158,7 @@ def evaluate(engine, batches: Iterable[SourceBatch], stand_in: Batch, num_source
     batches, the rest on `stand_in`, whose loss is not counted. Call under torch.no_grad."""
     device = engine.device
     sums = torch.zeros(num_sources, 2, dtype=torch.float64, device=device)
-    batches = iter(batches)
-    while True:
-        item = next(batches, None)
-        more = torch.tensor(int(item is not None), device=device)
-        dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more:
-            break
+    for item in until_every_rank_is_done(batches, device):
         batch = item.batch if item is not None else stand_in
         inputs = batch.model_inputs(device=device, pixel_dtype=engine.module.dtype)
         loss_sum = engine(**inputs, num_items_in_batch=1).loss  # divided by 1: the sum over the targets

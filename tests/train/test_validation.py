@@ -12,7 +12,7 @@ from step3vl_train.data.config import DataConfig
 from step3vl_train.data.encoding import SampleEncoder
 from step3vl_train.data.sources import read_tar_shard
 from step3vl_train.processing.processor import ProcessedSample, collate
-from step3vl_train.train import validation
+from step3vl_train.train import distributed, validation
 from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.validation import SourceBatch, Validation, ValidationSet, evaluate, figures
 from step3vl_train.usage import UsageError, build
@@ -166,6 +166,7 @@ def test_a_rank_with_fewer_batches_runs_uncounted_stand_ins_until_its_peer_is_do
     stand_in = batch(0, 99, 0).batch
     peer = Peer(batches=4, peer_sums=torch.tensor([[10.0, 4.0], [0.0, 0.0]], dtype=torch.float64))
     monkeypatch.setattr(validation, "dist", peer)
+    monkeypatch.setattr(distributed, "dist", peer)  # the agreement on whether any rank has more
     engine = Losses()
     sums = evaluate(engine, held, stand_in, num_sources=2)
     assert engine.seen == [7, 5, 99, 99]  # as many forwards as the peer, the last two stand-ins
