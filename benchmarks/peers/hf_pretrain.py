@@ -78,6 +78,7 @@ def main() -> None:
         stage = trainer.model_wrapped.zero_optimization_stage()
         result = {"step_s": steps, "losses": clock.values, "threads": torch.get_num_threads(), "zero_stage": stage}
         args.out.write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()  # without it a rank may abort at exit (gloo's threads)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ logits: with Qwen3's 152K vocabulary those would be hundreds of GB at RL lengths
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from rl.engines.base import SamplingParams
 from rl.experience import Completion, Prompt
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
+from step3vl_train.model.view_features import ViewFeatures
+from step3vl_train.processing.pixels import PixelViews, model_pixels
 from step3vl_train.processing.processor import collate
 
 
@@ -78,8 +82,10 @@ class HFEngine:
         return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
     def _generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[Completion]:
-        inputs = collate([p.sample for p in prompts], self.pad_token_id, padding_side="left")
-        inputs = inputs.model_inputs(False, device=self.device, pixel_dtype=self.model.dtype)
+        batch = collate([p.sample for p in prompts], self.pad_token_id, padding_side="left")
+        # The images go in as features, each prompt's views encoded once for its `n` rows, not as pixels.
+        inputs = replace(batch, pixels=None).model_inputs(False, device=self.device)
+        inputs["image_features"] = self._image_features(prompts)
         recorder = StepLogprobs(sampling.temperature, len(prompts), sampling.max_new_tokens, self.device)
         processors = [recorder]  # before generate's own warpers (temperature, top-k, top-p)
         if sampling.suppressed_token_ids:
@@ -109,6 +115,21 @@ class HFEngine:
                 )
             )
         return completions
+
+    def _image_features(self, rows: list[Prompt]) -> ViewFeatures | None:
+        """The tower's features of the rows' images in row order, as `collate` lays out their pixels: the
+        rows repeat each prompt `n` times, and each prompt's views go through the tower once."""
+        rows = [row for row in rows if row.sample.pixels is not None]
+        prompts = list({id(row): row for row in rows}.values())
+        if not prompts:
+            return None
+        samples = [prompt.sample for prompt in prompts]
+        globals_, crops = model_pixels(PixelViews.cat([s.pixels for s in samples]), self.device, self.model.dtype)
+        num_patches = [n for s in samples for n in s.num_patches]
+        features = self.model.precompute_view_features(globals_, crops, num_patches, self.device)
+        parts = features.split([len(s.num_patches) for s in samples], [sum(s.num_patches) for s in samples])
+        by_prompt = {id(prompt): part for prompt, part in zip(prompts, parts, strict=True)}
+        return ViewFeatures.cat([by_prompt[id(row)] for row in rows])
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         unknown = sorted(set(tensors) - set(self.params))

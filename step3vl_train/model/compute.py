@@ -103,3 +103,15 @@ class ModelRuntime:
         tensor = torch.tensor(counts, dtype=torch.int64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return tensor.tolist()
+
+
+def zero_unreached_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Zeroes the ZeRO-3 gradient partitions of trainable `params` that no rank calls in this forward,
+    when it is the first micro-step of an optimizer step. DeepSpeed writes a partition only when its
+    parameter gets a gradient, and keeps it after the update, so without this the update would reuse the
+    last step's gradient (a later micro-step adds to the zeros as usual). Does nothing outside ZeRO-3."""
+    for param in params:
+        optimizer = getattr(param, "_z3_optimizer", None)  # ZeRO-3's, on the parameters it trains
+        if param.requires_grad and optimizer is not None and optimizer.micro_step_id == 0:
+            # What deepspeed.utils.safe_set_local_grad calls (importing deepspeed here would tie the model to it).
+            optimizer.set_local_grad_for_param(torch.zeros_like(param.ds_tensor), param)

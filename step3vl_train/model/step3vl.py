@@ -18,7 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from step3vl_train.model.attention import sdpa_packed_attention  # noqa: F401  (importing it registers the kernel)
-from step3vl_train.model.compute import ModelRuntime
+from step3vl_train.model.compute import ModelRuntime, zero_unreached_gradients
 from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.model.sequence import IGNORE_INDEX, LocalSequence, local_sequence, shift_targets
 from step3vl_train.model.token_scores import chunk_count, token_scores
@@ -172,15 +172,11 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         crops, zero = self._encode_in_chunks(selection.crops_of(patch_pixel_values), chunks[1], zero)
         return selection.assemble(globals_, crops), zero
 
-    def vision_calls(self, selection: ViewSelection, keep_alive: bool = False) -> tuple[int, int]:
-        """Tower calls this rank needs for the selected global views and crops; with `keep_alive`, at least
-        one of each (a zero stand-in), so that the tower's gradients exist every step. (Without them, a
-        ZeRO-3 step whose ranks all hold text gave a later step other losses than a resumed run: issue 18.)"""
+    def vision_calls(self, selection: ViewSelection) -> tuple[int, int]:
+        """Tower calls this rank needs for the selected global views and crops: none for a kind it has no
+        view of. Where no rank needs the tower the step makes no call of it (`zero_unreached_gradients`)."""
         size = self.runtime.compute.vision_chunk
-        return tuple(
-            max(int(keep_alive), math.ceil(n / size) if size else int(n > 0))
-            for n in (selection.num_globals, selection.num_crops)
-        )
+        return tuple(math.ceil(n / size) if size else int(n > 0) for n in (selection.num_globals, selection.num_crops))
 
     def _encode_in_chunks(
         self, views: torch.Tensor | None, calls: int, zero: torch.Tensor
@@ -365,9 +361,8 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         else:
             selection = image_features.selection(num_patches, image_range)
             encoded, projections = ViewSelection.of_views(0, 0, 0, 0, []), int(bool(selection.pieces))
-        keep_alive = self.training and torch.is_grad_enabled() and self._vision_is_trained()
         scored = int((local.targets != IGNORE_INDEX).sum()) if targets is not None else 0
-        wanted = [*self.vision_calls(encoded, keep_alive), chunk_count(scored, runtime.compute.loss_chunk), projections]
+        wanted = [*self.vision_calls(encoded), chunk_count(scored, runtime.compute.loss_chunk), projections]
         device = local.input_ids.device
         global_calls, crop_calls, head_calls, projections = runtime.agree(wanted, device)
         image_embeds, zero = self._embed_views(
@@ -375,10 +370,13 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         )
         projected, zero = self._project_features(selection, image_features, projections, zero)
         image_embeds = image_embeds if projected is None else projected
+        if global_calls + crop_calls + projections == 0 and torch.is_grad_enabled():
+            zero_unreached_gradients(self.image_parameters())
         return local, self.embed(local.input_ids, image_embeds) + zero, head_calls
 
-    def _vision_is_trained(self) -> bool:
-        return any(param.requires_grad for param in self.vision_model.parameters())
+    def image_parameters(self) -> list[nn.Parameter]:
+        """The tower's and the projector's weights: a forward in which no rank has an image calls neither."""
+        return [*self.vision_model.parameters(), *self.vit_large_projector.parameters()]
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "4GB") -> None:
         """Writes `config.json` and sharded safetensors with `model.safetensors.index.json`, released names."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_local_grad
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -59,9 +60,23 @@ def main() -> None:
         losses.append(loss.item())
     with deepspeed.zero.GatheredParameters([conv]):
         moved = (conv.detach() - before).abs().max().item()
+        before_text = conv.detach().clone()
+    # A step whose every rank holds text alone makes no call of the tower. Its gradients are exact zeros,
+    # not the last step's, which DeepSpeed would keep; AdamW still moves its weights (their momentum).
+    calls = []
+    hook = ds.model.vision_model.register_forward_hook(lambda _m, args, _o: calls.append(len(args[0])))
+    loss = ds.engine(**kinds[0].model_inputs(pixel_dtype=torch.bfloat16)).loss
+    ds.engine.backward(loss)
+    text_step_grad = max(safe_get_local_grad(param).abs().max().item() for param in ds.model.image_parameters())
+    ds.engine.step()
+    hook.remove()
+    with deepspeed.zero.GatheredParameters([conv]):
+        moved_on_text = (conv.detach() - before_text).abs().max().item()
     optimizer = ds.engine.optimizer
     dtypes = [str(optimizer.gradient_accumulation_dtype), str(optimizer.communication_data_type)]
-    result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype)}
+    result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype),
+              "text_step_vision_calls": len(calls), "vision_moved_on_text": moved_on_text,
+              "text_step_vision_grad": text_step_grad}  # fmt: skip
     result |= validation(ds.engine, kinds, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     close_distributed()

@@ -108,18 +108,23 @@ def test_loss_is_shifted_cross_entropy_over_labelled_tokens(tiny_model):
     torch.testing.assert_close(summed, expected * 14 / 100)
 
 
-def test_training_step_without_images_still_runs_the_vision_tower(tiny_model):
+def test_a_training_step_where_no_rank_has_an_image_never_calls_the_vision_tower(tiny_model):
     tiny_model.train()
+    calls = []
+    tiny_model.vision_model.register_forward_hook(lambda *_: calls.append(1))
     tiny_model(input_ids=torch.randint(11, 1000, (2, 9)), labels=torch.randint(11, 1000, (2, 9))).loss.backward()
+    assert not calls
     for name, param in tiny_model.named_parameters():
-        assert param.grad is not None, name
-        if name.startswith(("vision_model.", "vit_large_projector")):
-            assert torch.count_nonzero(param.grad) == 0, name
+        unused = name.startswith(("vision_model.", "vit_large_projector"))
+        assert (param.grad is None) == unused, name  # DeepSpeed reduces zero gradients for the tower
 
 
-def test_every_batch_kind_calls_the_same_modules_in_the_same_order(tiny_model):
+def test_every_batch_kind_calls_the_same_modules_in_the_same_order_once_the_ranks_agree(tiny_model, monkeypatch):
     """ZeRO-3 gathers parameters module by module with collectives, so ranks holding a text-only, a
-    global-view-only and a crops-and-global batch at the same step must call the same modules in order."""
+    global-view-only and a crops-and-global batch at the same step must call the same modules in order: each
+    makes the largest count of tower calls any rank needs (here a peer with crops), with stand-ins."""
+    runtime = type(tiny_model.runtime)
+    monkeypatch.setattr(runtime, "agree", lambda self, counts, device: [max(c, 1) for c in counts])
     tiny_model.train()
     calls = []
     watched = {

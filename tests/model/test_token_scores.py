@@ -53,14 +53,16 @@ def test_model_loss_and_gradients_equal_cross_entropy_over_full_logits(tiny_mode
     tiny_model.train()
     loss = tiny_model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss
     loss.backward()
-    chunked = {name: param.grad.clone() for name, param in tiny_model.named_parameters()}
+    chunked = {name: param.grad.clone() for name, param in tiny_model.named_parameters() if param.grad is not None}
+    assert len(chunked) > 1
     tiny_model.zero_grad()
     logits = tiny_model(input_ids=ids).logits
     expected = ForCausalLMLoss(logits, labels, vocab_size=1024, num_items_in_batch=torch.tensor(100))
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for name, param in tiny_model.named_parameters():
-        torch.testing.assert_close(chunked[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+        if param.grad is not None or name in chunked:  # text only: the vision tower takes no part
+            torch.testing.assert_close(chunked[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
     mean = tiny_model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(mean, expected * 100 / 42, rtol=1e-5, atol=1e-6)
 

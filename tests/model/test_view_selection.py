@@ -105,4 +105,4 @@ def test_a_sequence_slice_holding_only_crop_tokens_runs_only_those_crops(tiny_mo
         input_ids=ids, position_ids=torch.arange(64)[None], pixel_values=globals_, patch_pixel_values=crops,
         num_patches=num_patches, labels=ids,
     )  # fmt: skip
-    assert 168 in sides and 224 not in sides  # crops (168 px), and a stand-in where the global view (224) was
+    assert 168 in sides and 224 not in sides  # crops (168 px), and no global view (224) nor a stand-in for one

@@ -47,8 +47,13 @@ def test_completions_and_their_logprobs_match_a_forward_pass(engine, exported_ti
     prompts = [image_prompt(tiny_processor), text_prompt(tiny_processor), image_prompt(tiny_processor, (90, 120))]
     stop = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     sampling = SamplingParams(n=2, temperature=0.7, max_new_tokens=12, stop_token_ids=[stop])
+    encoded = []
+    engine.model.vision_model.register_forward_hook(lambda _m, args, _o: encoded.append(len(args[0])))
     completions = engine.generate(prompts, sampling, seed=3)
     assert [len(group) for group in completions] == [2, 2, 2]
+    # Each image prompt's views (global + crops) went through the tower once for its 2 rows.
+    views = [len(p.sample.num_patches) + sum(p.sample.num_patches) for p in (prompts[0], prompts[2])]
+    assert sum(encoded) == sum(views) and views[0] > 1
     model = Step3VLForConditionalGeneration.from_pretrained(exported_tiny_model).eval()
     for prompt, group in zip(prompts, completions, strict=True):
         for completion in group:
