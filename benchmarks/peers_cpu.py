@@ -371,11 +371,12 @@ def vit(args, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     counts.mkdir()
     prompts, n, iterations = 2, 16, 2
+    init, _ = write_weights(work, TINY)  # the critic starts from the policy's weights, tower included, as in RL
     command = [
         sys.executable, str(REPO / "rl" / "run.py"), "stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny",
         "logging.mode=disabled", f"prompts.root={corpus}", f"prompts.sources={CHOICE}",
         f"trainer.output_dir={out}", f"trainer.save_every={iterations + 1}", f"trainer.max_steps={iterations}",
-        "policy.from_scratch=true", f"prompts.prompts_per_step={prompts}", f"rollout.n={n}", "rollout.max_new_tokens=4",
+        f"policy.init_from={init}", f"prompts.prompts_per_step={prompts}", f"rollout.n={n}", "rollout.max_new_tokens=4",
         "policy.micro_batch_tokens=4096", "critic.micro_batch_tokens=4096",
     ]  # fmt: skip
     env = {"PYTHONPATH": os.pathsep.join([str(PEERS / "count_vit"), os.environ.get("PYTHONPATH", "")]),
