@@ -79,7 +79,25 @@ def build_engine(
     )
     optimizer = build_optimizer(build_param_groups(model, optim), optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    gather_when_called(engine, model.image_parameters())
     return Engine(engine, model, hf_deepspeed_config)
+
+
+def gather_when_called(engine: deepspeed.DeepSpeedEngine, params: list[torch.nn.Parameter]) -> None:
+    """ZeRO-3 keeps each tensor under `stage3_param_persistence_threshold` whole on every rank and
+    all-gathers it again after every update, one collective a tensor, whether or not the next step calls
+    it. `params` are instead gathered with their module when it runs, as larger tensors are: here the image
+    path, which a text-only step never calls and which RL (its tower frozen) calls once an iteration.
+    DeepSpeed has no setting per parameter, so this undoes its marking once the engine is built."""
+    chosen = [param for param in params if getattr(param, "ds_persist", False)]
+    if not chosen:
+        return
+    ids = {id(param) for param in chosen}
+    persistent = engine.optimizer.persistent_parameters  # the list gathered after each step (and on load)
+    persistent[:] = [param for param in persistent if id(param) not in ids]
+    for param in chosen:
+        param.ds_persist = False
+    chosen[0].partition(param_list=chosen)
 
 
 def load_released_into(model: Step3VLForConditionalGeneration, directory: str) -> None:

@@ -47,6 +47,8 @@ def main() -> None:
     model_config = Step3VLConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/tiny.yaml")))
     base = OmegaConf.to_container(OmegaConf.load(REPO / "configs/deepspeed/zero3.yaml"))
     ds = build_engine(model_config, OptimConfig(lr=1e-3), deepspeed_config(base, 1, 1, 1.0, bf16=True))
+    persistent = {id(param) for param in ds.engine.optimizer.persistent_parameters}
+    image_persistent = sum(id(param) in persistent for param in ds.model.image_parameters())
     conv = ds.model.vision_model.conv1.weight
     with deepspeed.zero.GatheredParameters([conv]):
         before = conv.detach().clone()
@@ -76,7 +78,8 @@ def main() -> None:
     dtypes = [str(optimizer.gradient_accumulation_dtype), str(optimizer.communication_data_type)]
     result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype),
               "text_step_vision_calls": len(calls), "vision_moved_on_text": moved_on_text,
-              "text_step_vision_grad": text_step_grad}  # fmt: skip
+              "text_step_vision_grad": text_step_grad, "persistent": len(persistent),
+              "image_persistent": image_persistent}  # fmt: skip
     result |= validation(ds.engine, kinds, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     close_distributed()
