@@ -25,6 +25,7 @@ from rl.experience import Response
 from step3vl_train.model.step3vl import Step3VLForConditionalGeneration
 from step3vl_train.model.view_features import ViewFeatures
 from step3vl_train.processing.pixels import PixelViews, model_pixels
+from step3vl_train.processing.processor import ProcessedSample
 
 
 class ImageFeatureCache:
@@ -61,12 +62,7 @@ class ImageFeatureCache:
                 self.over_cap.add(group)
                 continue
             chosen[group], planned = response.prompt, planned + size
-        samples = [prompt.sample for prompt in chosen.values()]
-        pixels = PixelViews.cat([s.pixels for s in samples]) if samples else None
-        globals_, crops = model_pixels(pixels, device, dtype) if pixels is not None else (None, None)
-        num_patches = [n for s in samples for n in s.num_patches]
-        features = self.model.precompute_view_features(globals_, crops, num_patches, device)
-        parts = features.split([len(s.num_patches) for s in samples], [sum(s.num_patches) for s in samples])
+        parts = encode_samples(self.model, [prompt.sample for prompt in chosen.values()], device, dtype)
         for (group, prompt), part in zip(chosen.items(), parts, strict=True):
             self.entries[group] = (prompt.key, part)
 
@@ -104,6 +100,21 @@ class ImageFeatureCache:
         spec, width = pixels.spec, self.model.config.vision_config.width
         count = len(pixels.sources) * tokens(spec.image_size) + pixels.num_crops * tokens(spec.crop_size)
         return count * 4 * width * torch.empty((), dtype=dtype).element_size()
+
+
+def encode_samples(
+    model: Step3VLForConditionalGeneration,
+    samples: Sequence[ProcessedSample],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[ViewFeatures]:
+    """Each sample's tower features (`precompute_view_features`), the views of all of them encoded together.
+    Every sample has images. A collective of the model's ranks: a rank with no samples still joins."""
+    pixels = PixelViews.cat([s.pixels for s in samples]) if samples else None
+    globals_, crops = model_pixels(pixels, device, dtype) if pixels is not None else (None, None)
+    num_patches = [n for s in samples for n in s.num_patches]
+    features = model.precompute_view_features(globals_, crops, num_patches, device)
+    return features.split([len(s.num_patches) for s in samples], [sum(s.num_patches) for s in samples])
 
 
 def same_tower(a: nn.Module, b: nn.Module, device: torch.device) -> bool:

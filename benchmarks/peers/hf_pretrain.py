@@ -18,6 +18,7 @@ import deepspeed
 import numpy as np
 import torch
 from step_clock import StepClock
+from trainer_arguments import shared_arguments
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 
@@ -49,24 +50,9 @@ def main() -> None:
     training = TrainingArguments(
         output_dir=str(args.out.parent / "hf_pretrain_run"),
         per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
-        max_steps=args.steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
         deepspeed=ds_config,
         ddp_backend="gloo",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
+        **shared_arguments(args.lr, weight_decay=0.01, steps=args.steps, seed=0),  # our pre-training's decay
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     clock = StepClock("loss")

@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from peers_task import trl_reward
 from step_clock import StepClock
+from trainer_arguments import shared_arguments
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
@@ -40,7 +41,6 @@ def main() -> None:
     config = GRPOConfig(
         output_dir=str(args.out.parent / "trl_run"),
         per_device_train_batch_size=args.prompts_per_step * args.n,  # completions a step
-        gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_iterations=1,
         num_generations=args.n,
@@ -52,24 +52,10 @@ def main() -> None:
         epsilon=0.2,
         loss_type="dapo",  # token-mean over the batch: our algo.loss_aggregation=token-mean
         scale_rewards="group",  # our grpo_scale_by_std
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        max_steps=args.steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         use_cpu=True,
         bf16=False,
-        seed=args.seed,
         shuffle_dataset=False,  # the prompts in file order, as ours reads them: each batch holds 2 of each kind
-        dataloader_num_workers=0,
+        **shared_arguments(args.lr, weight_decay=0.0, steps=args.steps, seed=args.seed),  # RL's policy.optim
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     clock = StepClock("reward")

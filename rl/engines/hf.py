@@ -16,9 +16,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLog
 
 from rl.engines.base import SamplingParams
 from rl.experience import Completion, Prompt
+from rl.feature_cache import encode_samples
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.view_features import ViewFeatures
-from step3vl_train.processing.pixels import PixelViews, model_pixels
 from step3vl_train.processing.processor import collate
 
 
@@ -82,9 +82,9 @@ class HFEngine:
         return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
     def _generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[Completion]:
-        batch = collate([p.sample for p in prompts], self.pad_token_id, padding_side="left")
         # The images go in as features, each prompt's views encoded once for its `n` rows, not as pixels.
-        inputs = replace(batch, pixels=None).model_inputs(False, device=self.device)
+        batch = collate([replace(p.sample, pixels=None) for p in prompts], self.pad_token_id, padding_side="left")
+        inputs = batch.model_inputs(False, device=self.device)
         inputs["image_features"] = self._image_features(prompts)
         recorder = StepLogprobs(sampling.temperature, len(prompts), sampling.max_new_tokens, self.device)
         processors = [recorder]  # before generate's own warpers (temperature, top-k, top-p)
@@ -123,11 +123,7 @@ class HFEngine:
         prompts = list({id(row): row for row in rows}.values())
         if not prompts:
             return None
-        samples = [prompt.sample for prompt in prompts]
-        globals_, crops = model_pixels(PixelViews.cat([s.pixels for s in samples]), self.device, self.model.dtype)
-        num_patches = [n for s in samples for n in s.num_patches]
-        features = self.model.precompute_view_features(globals_, crops, num_patches, self.device)
-        parts = features.split([len(s.num_patches) for s in samples], [sum(s.num_patches) for s in samples])
+        parts = encode_samples(self.model, [prompt.sample for prompt in prompts], self.device, self.model.dtype)
         by_prompt = {id(prompt): part for prompt, part in zip(prompts, parts, strict=True)}
         return ViewFeatures.cat([by_prompt[id(row)] for row in rows])
 
