@@ -7,6 +7,7 @@ The module tree mirrors the released tensor names (`vision_model.*`, `vit_large_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -106,13 +107,11 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view)
         device = device if device is not None else self.vision_model.positional_embedding.device
         calls = self.runtime.agree(list(self.vision_calls(selection)), device)
-        side = 4 * self.config.vision_config.patch_size
-        encoded = []
-        for views, count in zip((pixel_values, patch_pixel_values), calls, strict=True):
-            real = views.tensor_split(min(count, len(views))) if views is not None and len(views) else ()
-            encoded.append(torch.cat([self.vision_features(chunk) for chunk in real]) if real else None)
-            for _ in range(count - len(real)):
-                self.vision_features(torch.zeros(1, 3, side, side, device=device))
+        zero = torch.zeros((), device=device)
+        views = (pixel_values, patch_pixel_values)
+        encoded = [
+            self._encode_in_chunks(v, n, zero, self.vision_features)[0] for v, n in zip(views, calls, strict=True)
+        ]
         return ViewFeatures(*encoded)
 
     def _project_features(
@@ -179,14 +178,16 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return tuple(math.ceil(n / size) if size else int(n > 0) for n in (selection.num_globals, selection.num_crops))
 
     def _encode_in_chunks(
-        self, views: torch.Tensor | None, calls: int, zero: torch.Tensor
+        self, views: torch.Tensor | None, calls: int, zero: torch.Tensor, through: Callable | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`views` through the tower in `calls` calls: the views split evenly in order, then zero stand-ins
-        for the calls left over (a rank with fewer views than another makes as many calls). When
-        training with gradient checkpointing each call is checkpointed whole: its activations are
-        recomputed in backward, and only its output tokens are kept."""
+        for the calls left over (a rank with fewer views than another makes as many calls). `through`: the
+        tower and projector (`encode_images`) by default. When training with gradient checkpointing each
+        call is checkpointed whole: its activations are recomputed in backward, and only its output tokens
+        are kept."""
+        through = through or self.encode_images
         checkpointed = self.is_gradient_checkpointing and self.training and torch.is_grad_enabled()
-        encode = partial(checkpoint, self.encode_images, use_reentrant=False) if checkpointed else self.encode_images
+        encode = partial(checkpoint, through, use_reentrant=False) if checkpointed else through
         real = views.tensor_split(min(calls, len(views))) if views is not None and len(views) else ()
         encoded = [encode(chunk) for chunk in real]
         side = 4 * self.config.vision_config.patch_size
