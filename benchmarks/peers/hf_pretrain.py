@@ -9,16 +9,14 @@ weights as a Qwen3ForCausalLM. Rank 0 writes OUT.json: the wall time between con
 (everything the loop does, data included) and the losses.
 """
 
-import argparse
 import json
 import warnings
-from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
 from step_clock import StepClock
-from trainer_arguments import shared_arguments
+from trainer_arguments import peer_parser, shared_arguments
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 
@@ -34,11 +32,7 @@ class Rows(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work", type=Path)
-    parser.add_argument("model", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=30)
+    parser = peer_parser(__doc__)
     parser.add_argument("--batch", type=int, default=4, help="rows a rank a step (micro-batch, no accumulation)")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()

@@ -1,6 +1,19 @@
-"""What both peers' Trainer arguments share: our optimizer as `configs/optim` sets it (AdamW, betas 0.9 and
-0.95, eps 1e-8, clipping at 1.0, a constant rate with no warmup), one micro-batch a step, a log line every
-step, and nothing saved, reported or drawn."""
+"""What both peers' scripts share: their command line (the work folder `benchmarks/peers_cpu.py` writes,
+the model, the result file, the steps), and their Trainer arguments: our optimizer as `configs/optim` sets
+it (AdamW, betas 0.9 and 0.95, eps 1e-8, clipping at 1.0, a constant rate with no warmup), one
+micro-batch a step, a log line every step, and nothing saved, reported or drawn."""
+
+import argparse
+from pathlib import Path
+
+
+def peer_parser(doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=30)
+    return parser
 
 
 def shared_arguments(lr: float, weight_decay: float, steps: int, seed: int) -> dict:

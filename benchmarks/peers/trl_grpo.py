@@ -10,25 +10,19 @@ with our decoder's shape and starting weights. Every iteration is one generation
 optimizer steps and TRL's logged reward mean of each.
 """
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peers_task import trl_reward
 from step_clock import StepClock
-from trainer_arguments import shared_arguments
+from trainer_arguments import peer_parser, shared_arguments
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work", type=Path)
-    parser.add_argument("model", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=30)
+    parser = peer_parser(__doc__)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--n", type=int, default=8, help="responses a prompt")
     parser.add_argument("--max-new-tokens", type=int, default=4)
