@@ -1,24 +1,29 @@
 """Peak memory on the CPU: the loss over a long row with Qwen3's vocabulary, before and after tiling; RL's
-scoring of long responses, before and after; and a training step of a narrow, long model against
-`step3vl_train/train/memory.py`'s estimate.
+scoring of long responses, before and after; a training step of a narrow, long model against
+`step3vl_train/train/memory.py`'s estimate; and a traced Qwen3-8B decoder layer's recompute.
 
 python benchmarks/memory_cpu.py loss [--lengths 2048 4096 8192 32768]
 python benchmarks/memory_cpu.py score [--responses 2048 4096 8192 16384] [--prompt 512]
 python benchmarks/memory_cpu.py step [--seq-len 4096]
+python benchmarks/memory_cpu.py layer [--lengths 4096 16384 131072] [--dtype bfloat16]
 
-Each measurement runs in a fresh process: the growth of its peak RSS over the measured region (what was
-resident before it, the model and the inputs, is subtracted). `loss`: a decoder of 2 layers x 64 with
-the 151,936-token vocabulary, fp32, every position labelled; "whole" is the former path (the head over
-every position, transformers' ForCausalLMLoss), "tiled" the current one (compute.loss_chunk positions a
-head call). The whole path at 32K needs ~60 GB, more than the machine has, so it runs under an address-
-space limit and reports where it failed. `score`: RL's log-probs and entropy of one prompt + response
-row without gradients (TrainWorker.score), the same decoder in bf16 as on GPUs; "whole" is the former
-path (bf16 logits over every position, upcast to fp32, logsumexp, then log_softmax and a full softmax
-entropy), "tiled" the current one (the forward with response labels: the head over response positions
-only, compute.loss_chunk at a time); where the whole path would pass 8 GiB it runs under the address-space
-limit. `step`: forward and backward with activation checkpointing of a 4-layer x 256 decoder, the same
-vocabulary and a tiny vision tower over a few views, against the estimate's activation parts for fp32
-(`measured_vs_estimate`). Each mode prints a Markdown table.
+Each measurement of loss, score and step runs in a fresh process: the growth of its peak RSS over the
+measured region (what was resident before it, the model and the inputs, is subtracted). `loss`: a decoder
+of 2 layers x 64 with the 151,936-token vocabulary, fp32, every position labelled; "whole" is the former
+path (the head over every position, transformers' ForCausalLMLoss), "tiled" the current one
+(compute.loss_chunk positions a head call). The whole path at 32K needs ~60 GB, more than the machine has,
+so it runs under an address-space limit and reports where it failed. `score`: RL's log-probs and entropy
+of one prompt + response row without gradients (TrainWorker.score), the same decoder in bf16 as on GPUs;
+"whole" is the former path (bf16 logits over every position, upcast to fp32, logsumexp, then log_softmax
+and a full softmax entropy), "tiled" the current one (the forward with response labels: the head over
+response positions only, compute.loss_chunk at a time); where the whole path would pass 8 GiB it runs
+under the address-space limit. `step`: forward and backward with activation checkpointing of a 4-layer x
+256 decoder, the same vocabulary and a tiny vision tower over a few views, against the estimate's
+activation parts for fp32 (`measured_vs_estimate`). `layer`, allocating nothing: one Qwen3-8B decoder layer
+(configs/model/step3vl_10b.yaml) traced under fake tensors by torch's MemTracker, as activation
+checkpointing recomputes it in backward, with flash attention's O(tokens) memory (trace_decoder_layer):
+what its forward keeps and the peak of its backward, bytes a token, beside the counted formula
+(decoder_layer_bytes) and the estimate's "decoder layer recompute". Each mode prints a Markdown table.
 """
 
 import argparse
@@ -27,6 +32,8 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 151936
@@ -174,6 +181,137 @@ def step_region(seq_len: int, chunk: int, vision_chunk: int) -> dict:
     }
 
 
+TRACE_ATTENTION = "flash_trace"  # the transformers attention function trace_decoder_layer registers
+LAYER_MODEL = "configs/model/step3vl_10b.yaml"  # its text_config: Qwen3-8B's shapes
+
+
+def layer_config():
+    """The Step3VLConfig of LAYER_MODEL."""
+    from omegaconf import OmegaConf
+
+    from step3vl_train.model import Step3VLConfig
+
+    return Step3VLConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / LAYER_MODEL)))
+
+
+def flash_trace_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A transformers attention function with flash-attention's memory that runs on the CPU and under fake
+    tensors: query (B, heads, L, D), key and value (B, kv_heads, L, D) -> (B, L, heads, D), causal.
+
+    As transformers' flash_attention_2 path, it hands the kernel q, k and v as (B, L, heads, D), contiguous
+    (a no-op for Qwen3: rope's outputs keep the projections' layout), and returns the output in that layout
+    (o_proj's input without a copy). The CPU flash kernel keeps for backward what flash-attn keeps: q, k
+    and v (k and v with kv_heads, not repeated), the output and an fp32 log-sum-exp a head and token; torch's
+    meta kernel allocates just the output and the log-sum-exp, so no (L x L) tensor exists. Causal over the
+    whole row (one sample); flash-attn's varlen path over packed samples keeps the same tensors. Its backward
+    makes dq, dk and dv; flash-attn 2's also makes an fp32 dq accumulator and, with GQA, dk and dv over all
+    heads, 4 q + 2 b q bytes a token more at that moment, which stays below the layer's peak (in the MLP)."""
+    if attention_mask is not None:
+        raise ValueError("flash_trace takes no mask: a causal row, as flash-attention's varlen path")
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout, True, scale=scaling
+    )
+    return out.transpose(1, 2), None
+
+
+def layer_tracker():
+    """A MemTracker that also records, op by op, which storages are alive, so that parameters and their
+    gradients can be left out of a peak afterwards: MemTracker files a weight's gradient under Temp when
+    the op makes it, and under Gradient only once the parameter's hook has run."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class LayerTracker(MemTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phase, self.func, self.steps, self.infos = "forward", None, [], {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.func = func
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _update_peak_stats(self, peak_state) -> None:  # after every op
+            super()._update_peak_stats(peak_state)
+            alive = [info for info, _ in self._WINFO.values()]
+            self.infos.update((id(info), info) for info in alive)  # held: ids stay unique
+            where = f"{self.func} in {max(self._mod_tracker.parents, key=len)}"  # the innermost module
+            self.steps.append((self.phase, where, {id(info) for info in alive}))
+
+        def alive(self) -> set[int]:
+            return {id(info) for info, _ in self._WINFO.values()}
+
+        def ids_of(self, *tensors) -> set[int]:
+            storages = set().union(*(get_untyped_storages(t) for t in tensors))
+            return {id(self._WINFO[st][0]) for st in storages if st in self._WINFO}
+
+        def alive_bytes(self, ids, kinds) -> int:  # by the kind each storage ended with
+            return sum(self.infos[i].mem_consumed for i in ids if self.infos[i].reftype in kinds)
+
+    return LayerTracker()
+
+
+def trace_decoder_layer(tokens: int, dtype=torch.bfloat16) -> dict:
+    """One Qwen3-8B decoder layer (LAYER_MODEL's text_config) over one row of `tokens` tokens, traced under
+    fake tensors (no memory used: 128K tokens take a second) as activation checkpointing recomputes it in
+    backward: forward with gradient on the layer's input, then backward with an upstream gradient of the
+    output's shape, MemTracker counting the storages. The rotary cos and sin are the model's for position
+    ids 0..tokens-1, passed with them as Qwen3Model does; attention is flash_trace_attention, O(tokens).
+
+    Bytes a token:
+    kept: what the forward leaves for backward (MemTracker's Activation once the forward has returned).
+    peak: the most alive at once during backward: the saved tensors not yet released (Activation), the
+      gradients of activations as they are made, the input's included (Temp), and the upstream gradient
+      (Other). The same figure as when torch.utils.checkpoint(use_reentrant=False) recomputes the layer.
+    upstream: the upstream gradient's share of peak (hidden elements); subtract it for the layer's own.
+    Neither counts the parameters, buffers or parameter gradients, the layer's input (the checkpoint), the
+    cos/sin tables (the model's, shared by the layers) nor the layer's output (a checkpoint's recompute
+    stops before making it). peak_op: the op at the peak; peak_parts: the peak by MemTracker's kinds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import _MemRefType as Kind
+    from transformers import AttentionInterface
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+
+    config = layer_config().text_config
+    AttentionInterface.register(TRACE_ATTENTION, flash_trace_attention)
+    config._attn_implementation = TRACE_ATTENTION
+    default = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(dtype)  # parameters made in `dtype`: .to() cannot swap fake parameters
+        try:
+            layer = Qwen3DecoderLayer(config, layer_idx=0).train()
+        finally:
+            torch.set_default_dtype(default)
+        hidden = torch.randn(1, tokens, config.hidden_size, dtype=dtype, requires_grad=True)
+        position_ids = torch.arange(tokens)[None]
+        cos_sin = Qwen3RotaryEmbedding(config)(hidden, position_ids)
+        upstream = torch.randn(1, tokens, config.hidden_size, dtype=dtype)
+        tracker = layer_tracker()
+        tracker.track_external(layer, upstream)
+        with tracker:
+            out = layer(hidden, position_ids=position_ids, position_embeddings=cos_sin)
+            after_forward = tracker.alive()
+            tracker.phase = "backward"
+            out.backward(upstream)
+        given = tracker.ids_of(hidden, *cos_sin, out)  # tracked through views of them; left out
+    del out
+    counted = tuple(kind for kind in Kind if kind not in (Kind.PARAM, Kind.BUFFER, Kind.GRAD))
+    kept = tracker.alive_bytes(after_forward - given, (Kind.ACT,))
+    steps = [(op, ids - given) for phase, op, ids in tracker.steps if phase == "backward"]
+    peak, peak_op, peak_ids = max(
+        ((tracker.alive_bytes(ids, counted), op, ids) for op, ids in steps), key=lambda s: s[0]
+    )
+    return {
+        "tokens": tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kept": kept / tokens,
+        "peak": peak / tokens,
+        "upstream": upstream.nbytes / tokens,
+        "peak_op": peak_op,
+        "peak_parts": {kind.value: tracker.alive_bytes(peak_ids, (kind,)) / tokens for kind in counted},
+    }
+
+
 def in_subprocess(function: str, *args, limit: int | None = None) -> dict:
     code = f"import json, benchmarks.memory_cpu as m; print(json.dumps(m.{function}(*{args!r})))"
     preexec = (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))) if limit else None
@@ -231,6 +369,29 @@ def step(args) -> None:
     print(f"| total (kept + the largest transient *) | {total} |")
 
 
+def layer(args) -> None:
+    from step3vl_train.train.memory import LAYER_KEPT, LAYER_PEAK, TrainingShape, decoder_layer_bytes, decoder_parts
+
+    dtype = getattr(torch, args.dtype)
+    b = torch.finfo(dtype).bits // 8
+    config = layer_config()
+    kept, peak = decoder_layer_bytes(config.text_config, b)
+    print(f"One Qwen3-8B decoder layer recomputed in backward, {args.dtype}, flash attention; bytes a token")
+    print(f"kept = {LAYER_KEPT}\npeak = {LAYER_PEAK}  (the last hidden: the upstream gradient)")
+    print(
+        "| tokens | kept after forward | formula | peak in backward | formula | of it, upstream grad | "
+        "memory.py's recompute estimate | peak at |\n|---|---|---|---|---|---|---|---|"
+    )
+    for tokens in args.lengths:
+        trace = trace_decoder_layer(tokens, dtype)
+        shape = TrainingShape(seq_len=tokens, bytes_per_param=b)
+        estimate = next(p.bytes for p in decoder_parts(config, shape) if p.name == "decoder layer recompute")
+        print(
+            f"| {tokens:,} | {trace['kept']:,.0f} | {kept:,.0f} | {trace['peak']:,.0f} | "
+            f"{peak:,.0f} | {trace['upstream']:,.0f} | {estimate / tokens:,.0f} | {trace['peak_op']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -244,8 +405,11 @@ def main() -> None:
     step_parser.add_argument("--seq-len", type=int, default=4096)
     step_parser.add_argument("--loss-chunk", type=int, default=512)
     step_parser.add_argument("--vision-chunk", type=int, default=2)
+    layer_parser = sub.add_parser("layer")
+    layer_parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 131072])
+    layer_parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
-    {"loss": loss, "score": score, "step": step}[args.mode](args)
+    {"loss": loss, "score": score, "step": step, "layer": layer}[args.mode](args)
 
 
 if __name__ == "__main__":

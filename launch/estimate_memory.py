@@ -13,6 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from step3vl_train.data.config import AUTO_WORKERS_CAP
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.train.memory import (
     ClusterConfig,
@@ -45,24 +46,34 @@ def is_rl(recipe: str) -> bool:
     return "rollout" in OmegaConf.load(RECIPES / f"{recipe}.yaml")
 
 
-def training_shape(cfg, world: int) -> TrainingShape:
+def training_shape(cfg, cluster: ClusterConfig) -> TrainingShape:
     packing, zero = cfg.data.packing, cfg.deepspeed.zero_optimization
+    sequence_parallel = cfg.trainer.sequence_parallel
     return TrainingShape(
         seq_len=packing.seq_len,
         micro_batch=cfg.data.micro_batch_size,
-        world=world,
-        sequence_parallel=cfg.trainer.sequence_parallel,
+        world=cluster.gpus,
+        sequence_parallel=sequence_parallel,
         checkpointing=cfg.trainer.gradient_checkpointing,
         vision_chunk=cfg.compute.vision_chunk,
+        vision_checkpoint=cfg.compute.vision_checkpoint,
         loss_chunk=cfg.compute.loss_chunk,
         attention=cfg.compute.attention,
         max_views_per_pack=packing.max_views_per_pack,
         max_images_per_pack=packing.max_images_per_pack,
-        num_workers=cfg.data.num_workers,
+        num_workers=reading_workers(cfg.data.num_workers, cluster, sequence_parallel),
         prefetch_factor=cfg.data.prefetch_factor,
         max_live_parameters=zero.stage3_max_live_parameters,
         reduce_bucket_size=zero.reduce_bucket_size,
     )
+
+
+def reading_workers(setting, cluster: ClusterConfig, sequence_parallel: int) -> int:
+    """data.num_workers of the rank that reads (a sequence-parallel group's first), auto resolved as the
+    loader resolves it (data/config.py: loader_workers) on ranks of `cluster.cpus_per_gpu` cores."""
+    if setting != "auto":
+        return setting
+    return max(1, min(sequence_parallel * (cluster.cpus_per_gpu - 1), AUTO_WORKERS_CAP))
 
 
 def rl_shapes(cfg, world: int) -> tuple[TrainingShape, TrainingShape]:
@@ -114,7 +125,7 @@ def estimate(recipe: str, cluster: ClusterConfig, overrides: list[str]) -> tuple
     model = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     if is_rl(recipe):
         return estimate_rl(model, *rl_shapes(cfg, cluster.gpus), cluster.gpu_memory_gb), cfg
-    return estimate_training(model, training_shape(cfg, cluster.gpus), cluster.gpu_memory_gb), cfg
+    return estimate_training(model, training_shape(cfg, cluster), cluster.gpu_memory_gb), cfg
 
 
 def main(argv: list[str]) -> None:

@@ -50,8 +50,7 @@ class ImageFeatureCache:
 
     def fill(self, responses: Sequence[Response], device: torch.device, dtype: torch.dtype) -> None:
         """Features of the image prompts among `responses` not cached yet, as many as fit under the cap, in
-        the order they first appear. A collective of every rank (`precompute_view_features`): a rank with no
-        image prompt still joins the tower calls of the rank with the most."""
+        the order they first appear."""
         chosen, planned = {}, self.nbytes
         for response in responses:
             group, sample = response.group, response.prompt.sample
@@ -96,7 +95,7 @@ class ImageFeatureCache:
 
     def _planned_bytes(self, pixels: PixelViews, dtype: torch.dtype) -> int:
         """What the features of these views will take: (tokens a view) x 4 x the vision width, each."""
-        tokens = self.model._tokens_per_view
+        tokens = self.model.tokens_per_view
         spec, width = pixels.spec, self.model.config.vision_config.width
         count = len(pixels.sources) * tokens(spec.image_size) + pixels.num_crops * tokens(spec.crop_size)
         return count * 4 * width * torch.empty((), dtype=dtype).element_size()
@@ -109,11 +108,11 @@ def encode_samples(
     dtype: torch.dtype,
 ) -> list[ViewFeatures]:
     """Each sample's tower features (`precompute_view_features`), the views of all of them encoded together.
-    Every sample has images. A collective of the model's ranks: a rank with no samples still joins."""
+    Every sample has images."""
     pixels = PixelViews.cat([s.pixels for s in samples]) if samples else None
     globals_, crops = model_pixels(pixels, device, dtype) if pixels is not None else (None, None)
     num_patches = [n for s in samples for n in s.num_patches]
-    features = model.precompute_view_features(globals_, crops, num_patches, device)
+    features = model.precompute_view_features(globals_, crops, num_patches)
     return features.split([len(s.num_patches) for s in samples], [sum(s.num_patches) for s in samples])
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import deepspeed
 import torch
 from torch import nn
+
+from step3vl_train.train.engine import gathered_parameters
 
 NamedParameters = list[tuple[str, nn.Parameter]]
 
@@ -52,7 +53,7 @@ def gathered(parameters: NamedParameters, limit_bytes: int) -> Iterator[tuple[st
     """Every full parameter in order, gathered from the ZeRO-3 partitions a bucket at a time. A collective:
     every rank of the group iterates it to the end. A tensor is valid until the next bucket is gathered."""
     for bucket in parameter_buckets(parameters, limit_bytes):
-        with deepspeed.zero.GatheredParameters([param for _, param in bucket]):
+        with gathered_parameters([param for _, param in bucket]):
             for name, param in bucket:
                 yield name, param.data
 
@@ -66,7 +67,7 @@ class RaySender:
 
         started, sent, tensors_sent, buckets = time.perf_counter(), 0, 0, 0
         for bucket in parameter_buckets(sync_parameters(self.model, everything), self.bucket_bytes):
-            with deepspeed.zero.GatheredParameters([param for _, param in bucket]):
+            with gathered_parameters([param for _, param in bucket]):
                 if self.rank == 0:
                     tensors = {name: param.data.detach().to("cpu", copy=True) for name, param in bucket}
                     ref = ray.put(tensors)

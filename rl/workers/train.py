@@ -55,6 +55,8 @@ class TrainWorker:
         self.bf16 = self.cfg.trainer.use_bf16
         self.pad_token_id = pad_token_id
         self.minibatch_per_rank = self.cfg.minibatch_per_rank
+        # What no checkpoint gives (the critic's value head) starts the same in every run and on every rank.
+        torch.manual_seed(self.cfg.trainer.seed)
         self.policy = self._build(self.cfg.policy, self.cfg.policy.init_from)
         self.sender: RaySender | VLLMSender | None = None
         self.critic = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +53,9 @@ class DataConfig:
     packing: PackingConfig = field(default_factory=PackingConfig)
     root: str | None = None  # relative source paths are read under this directory
     micro_batch_size: int = 1  # packed sequences per rank per micro-step
-    num_workers: int = 2  # DataLoader worker processes per rank
-    prefetch_factor: int = 2
+    # DataLoader worker processes per rank, or "auto" (`loader_workers`): the CPUs a rank has, less its own.
+    num_workers: Any = "auto"
+    prefetch_factor: int = 2  # micro-batches each worker keeps ready
     seed: int = 0
     max_epochs: int | None = None  # passes over each source; None repeats them forever
     # A shortcut: webdataset shards (paths, globs, brace ranges) read as the only source, in place of
@@ -72,6 +74,8 @@ class DataConfig:
         check_sources("eval", self.eval, weighted=False)
         if self.eval_max_samples is not None and self.eval_max_samples < 1:
             raise ValueError(f"data.eval_max_samples must be at least 1 (or null: all), not {self.eval_max_samples}")
+        if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
+            raise ValueError(f"data.num_workers must be a count >= 0 or auto, not {self.num_workers!r}")
         if self.packing.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"data.packing.overflow must be one of {OVERFLOW_POLICIES}, not {self.packing.overflow!r}")
 
@@ -80,3 +84,19 @@ class DataConfig:
         """From a mapping or DictConfig; unknown keys and missing required ones are errors naming them."""
         merged = OmegaConf.merge(OmegaConf.structured(cls), values)
         return OmegaConf.to_object(merged)
+
+
+# "auto" workers at most: a micro-step takes one pack, so more workers than it takes to make one within
+# a micro-step's compute only add packs waiting in shared memory (launch/estimate_memory.py counts them).
+AUTO_WORKERS_CAP = 8
+
+
+def loader_workers(setting: int | str, cpu_share: int = 1) -> int:
+    """`data.num_workers` as a count. "auto": the CPUs this process may run on, split between its node's
+    ranks (torchrun's LOCAL_WORLD_SIZE), less one a rank for its own process; `cpu_share` ranks' worth
+    for a loader that reads for several ranks (a sequence-parallel group's first rank); at least one and
+    at most AUTO_WORKERS_CAP."""
+    if setting != "auto":
+        return setting
+    per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(cpu_share * (per_rank - 1), AUTO_WORKERS_CAP))

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from step3vl_train.data.config import DataConfig
+from step3vl_train.data.config import DataConfig, loader_workers
 from step3vl_train.data.packing import PackedBatch, collate_packs
 from step3vl_train.data.skips import SkipLog
 from step3vl_train.data.stats import DataStats
@@ -36,27 +36,36 @@ class PackedLoader:
         rank: int = 0,
         world_size: int = 1,
         phase_weights: list[dict[str, float]] | None = None,
+        cpu_share: int = 1,
     ):
         """`phase_weights`: the mixture's weights by source name in each phase of a run in phases
-        (train/phases.py); by default one phase of the sources' own weights."""
+        (train/phases.py); by default one phase of the sources' own weights. `cpu_share`: how many ranks'
+        CPUs `data.num_workers: auto` gives this loader (a sequence-parallel group's, which reads for all
+        of its ranks)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         pad = processor.tokenizer.pad_token_id
+        self.collate = partial(collate_packs, pad_token_id=pad if pad is not None else 0)
         self.stream = PackedStream(cfg, processor, rank, world_size, phase_weights)
-        self.loader = StatefulDataLoader(
-            self.stream,
-            batch_size=cfg.micro_batch_size,
-            num_workers=cfg.num_workers,
-            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-            persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: the copy to the GPU is then asynchronous
-            collate_fn=partial(collate_packs, pad_token_id=pad if pad is not None else 0),
-        )
+        self.num_workers = loader_workers(cfg.num_workers, cpu_share)
+        self.loader = self._dataloader()
         self._worker_stats: dict[int, DataStats] = {}
         self.skip_log = SkipLog()
+
+    def _dataloader(self) -> StatefulDataLoader:
+        workers = self.num_workers
+        return StatefulDataLoader(
+            self.stream,
+            batch_size=self.cfg.micro_batch_size,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: the copy to the GPU is then asynchronous
+            collate_fn=self.collate,
+        )
 
     def __iter__(self) -> Iterator[PackedBatch]:
         """Micro-batches: `.batch` for the model, `.keys` naming the samples in each row."""
@@ -102,6 +111,10 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["topology"]
+        if self.cfg.num_workers == "auto" and saved["num_workers"] != self.num_workers:
+            # Each worker's position belongs to it: `auto` resumes with the workers the checkpoint had.
+            self.num_workers = saved["num_workers"]
+            self.loader = self._dataloader()
         if saved != self._topology():
             changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._topology().items() if saved[k] != v)
             raise ValueError(
@@ -113,4 +126,4 @@ class PackedLoader:
         self.skip_log.seen = dict(state.get("skipped_keys", {}))  # absent from states before unique counts
 
     def _topology(self) -> dict:
-        return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.cfg.num_workers}
+        return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.num_workers}

@@ -18,6 +18,9 @@ ATTENTION_KERNELS = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "
 # Kernels that take packed rows as one flattened row and find the samples from the position ids
 # (transformers' flash-attention path detects packing only at batch size 1).
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
+# How a checkpointed vision tower keeps what its backward needs: each block's input for every call
+# ("blocks"), or only each call's output, the call recomputed whole in backward ("calls").
+VISION_CHECKPOINTS = ("blocks", "calls")
 
 
 class AttentionChoiceError(ValueError):
@@ -29,12 +32,20 @@ class ComputeConfig:
     """configs/compute/default.yaml."""
 
     attention: str = "auto"  # auto: flash_attention_2 with flash-attn on CUDA, else flex_attention; sdpa on the CPU
-    vision_chunk: int = 8  # views per vision-tower call; checkpointed chunk by chunk when training (0: all at once)
+    vision_chunk: int = 8  # views per vision-tower call (0: all at once)
+    # With gradient checkpointing, each block runs forward twice either way (the forward and one recompute):
+    # "blocks" keeps every call's block inputs (layers x patches x width a view); "calls" keeps each call's
+    # output tokens and, while one call is recomputed in backward, that call's every activation.
+    vision_checkpoint: str = "blocks"
     loss_chunk: int = 2048  # positions per lm_head tile for the loss and RL log-probs (0: all at once)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"compute.attention must be one of {ATTENTION_KERNELS}, not {self.attention!r}")
+        if self.vision_checkpoint not in VISION_CHECKPOINTS:
+            raise ValueError(
+                f"compute.vision_checkpoint must be one of {VISION_CHECKPOINTS}, not {self.vision_checkpoint!r}"
+            )
         if self.vision_chunk < 0 or self.loss_chunk < 0:
             raise ValueError("compute.vision_chunk and compute.loss_chunk must be >= 0")
 
@@ -79,8 +90,10 @@ class ModelRuntime:
     with no collectives, as in generation, export and the rollout engine."""
 
     compute: ComputeConfig = field(default_factory=lambda: ComputeConfig(attention="sdpa"))
-    # Ranks that must make the same module calls each forward: ZeRO-3 gathers a module's weights when it
-    # is called, a collective, so a rank calling the vision tower or the head fewer times hangs the others.
+    # Ranks whose ZeRO-3 engine reduces gradients together. The image path's and the head's weights are
+    # kept whole on every rank (train/engine.py: keep_whole), so a rank may call them as often as its own
+    # batch needs; but the gradient reduce runs in buckets that must hold the same parameters on every
+    # rank, so either every rank calls the tower (and the projector) in a forward, or none does.
     group: dist.ProcessGroup | None = None
     sequence_group: dist.ProcessGroup | None = None  # Ulysses sequence parallelism: ranks sharing one row
 
@@ -106,7 +119,7 @@ class ModelRuntime:
 
 
 def zero_unreached_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Zeroes the ZeRO-3 gradient partitions of trainable `params` that no rank calls in this forward,
+    """Zeroes the ZeRO-3 gradient partitions of trainable `params` that no rank reaches in this forward,
     when it is the first micro-step of an optimizer step. DeepSpeed writes a partition only when its
     parameter gets a gradient, and keeps it after the update, so without this the update would reuse the
     last step's gradient (a later micro-step adds to the zeros as usual). Does nothing outside ZeRO-3."""

@@ -1,11 +1,19 @@
-"""Training FLOPs of a batch, the vision tower's apart from the decoder's, for MFU.
+"""Training FLOPs of a batch, the vision tower's apart from the decoder's, for MFU: what the model
+computes for the user, never a recomputation (checkpointed layers, the head's tiles in backward).
 
 Counted as 3x the forward matmuls (forward, and backward for activations and weights): 6 FLOPs per
-weight per position it is applied at, plus attention's two matmuls. The ViT attends over all patches of
-a view; the decoder attends causally within each packed sample, about half of the full square: the work
-a step needs. Published MFU figures (torchtitan, OLMo-core) count the decoder's attention as the full
-square of the whole row, 6N + 12·L·H·Q·T FLOPs a token with T the row's length: `decoder_dense`, which
-the trainer's `mfu` uses so that it compares with theirs (`mfu/causal` is ours).
+weight per position it is applied at, plus attention's two matmuls. The decoder's layers run at every
+token; the language-model head (hidden x vocabulary) only at the positions with a target, which is all
+the model runs it on (model/step3vl.py: the loss, RL's log-probs). So a micro-batch's decoder FLOPs are
+
+    6 * (layers * layer_weights * tokens + hidden * vocab * scored) + attention,
+    attention = 3 * 2 * layers * 2 * q * sum over samples of (length^2 / 2)      (causal: `decoder`)
+              = 3 * 2 * layers * 2 * q * sum over rows of (length^2)           (`decoder_dense`)
+
+with layer_weights = hidden * (2 q + 2 kv) + 3 * hidden * intermediate. The ViT attends over all patches
+of a view. The causal count is the work a step needs; published MFU figures (torchtitan, OLMo-core)
+count the attention as the full square of the whole row: `decoder_dense`, which the trainer's `mfu`
+uses so that it compares with theirs (`mfu/causal` is ours).
 """
 
 from __future__ import annotations
@@ -67,13 +75,17 @@ def vit_flops(config: Step3VLConfig, side: int, views: int = 1) -> float:
     return views * 3 * 2 * (matmul + attention)
 
 
-def decoder_flops(config: Step3VLConfig, sample_lengths: list[int], causal: bool = True) -> float:
-    """Training FLOPs of the decoder (with the LM head) over packed samples of these lengths."""
+def decoder_flops(
+    config: Step3VLConfig, sample_lengths: list[int], scored: int, causal: bool = True, head_width: int | None = None
+) -> float:
+    """Training FLOPs of the decoder over packed samples of these lengths, with its head (`head_width`
+    outputs, the vocabulary by default) at `scored` positions."""
     text = config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
     per_layer = text.hidden_size * (2 * q + 2 * kv) + 3 * text.hidden_size * text.intermediate_size
-    matmul = (text.num_hidden_layers * per_layer + text.hidden_size * text.vocab_size) * sum(sample_lengths)
+    head = text.hidden_size * (head_width if head_width is not None else text.vocab_size)
+    matmul = text.num_hidden_layers * per_layer * sum(sample_lengths) + head * scored
     squares = sum(length * length for length in sample_lengths) * (0.5 if causal else 1.0)
     attention = text.num_hidden_layers * 2 * squares * q
     return 3 * 2 * (matmul + attention)
@@ -85,8 +97,11 @@ def batch_flops(
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor,
     view_sides: list[int],
+    scored: int,
+    head_width: int | None = None,
 ) -> StepFlops:
-    """FLOPs of one micro-batch: sample lengths from restarting position ids (packed) or the mask."""
+    """FLOPs of one micro-batch: sample lengths from restarting position ids (packed) or the mask; the
+    head at `scored` positions."""
     rows = attention_mask.sum(dim=1).tolist()  # padding sits after the real tokens
     if position_ids is not None:
         lengths = []
@@ -97,6 +112,6 @@ def batch_flops(
         lengths = rows
     return StepFlops(
         sum(vit_flops(config, side) for side in view_sides),
-        decoder_flops(config, lengths),
-        decoder_flops(config, rows, causal=False),
+        decoder_flops(config, lengths, scored, head_width=head_width),
+        decoder_flops(config, rows, scored, causal=False, head_width=head_width),
     )

@@ -85,13 +85,14 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
         """Square views (N, 3, S, S) -> decoder-width tokens (N, (S/56)^2, hidden): 728 -> 169, 504 -> 81."""
-        return self.vit_large_projector(self.vision_features(pixel_values))
+        return self.vit_large_projector(self.vision_features(pixel_values, checkpoint_blocks))
 
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The tower without the projector: square views (N, 3, S, S) -> (N, (S/56)^2, 4 x vision width)."""
-        return self.vision_model.downsample(self.vision_model(pixel_values))
+    def vision_features(self, pixel_values: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
+        """The tower without the projector: square views (N, 3, S, S) -> (N, (S/56)^2, 4 x vision width).
+        checkpoint_blocks: keep only each block's input for backward (`StepVisionEncoder.forward`)."""
+        return self.vision_model.downsample(self.vision_model(pixel_values, checkpoint_blocks))
 
     @torch.no_grad()
     def precompute_view_features(
@@ -99,36 +100,31 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None,
         patch_pixel_values: torch.Tensor | None,
         num_patches: list[int],
-        device: torch.device | None = None,
     ) -> ViewFeatures:
         """`vision_features` of these views, for `forward(image_features=...)` while the tower is frozen.
-        Shapes as in `image_embeddings`. A collective of `runtime.group`: every rank makes as many tower
-        calls as the rank that needs the most (`vision_calls`), zero stand-ins for those it has no view for."""
-        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view)
-        device = device if device is not None else self.vision_model.positional_embedding.device
-        calls = self.runtime.agree(list(self.vision_calls(selection)), device)
-        zero = torch.zeros((), device=device)
+        Shapes as in `image_embeddings`. No collective: without gradients a rank runs the tower on its own
+        views only (under ZeRO-3 the tower's weights are kept whole, train/engine.py: keep_whole)."""
+        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self.tokens_per_view)
         views = (pixel_values, patch_pixel_values)
-        encoded = [
-            self._encode_in_chunks(v, n, zero, self.vision_features)[0] for v, n in zip(views, calls, strict=True)
-        ]
-        return ViewFeatures(*encoded)
+        calls = self.vision_calls(selection)
+        return ViewFeatures(
+            *(self._encode_in_chunks(v, n, self.vision_features) for v, n in zip(views, calls, strict=True))
+        )
 
     def _project_features(
-        self, selection: ViewSelection, features: ViewFeatures | None, calls: int, zero: torch.Tensor
+        self, selection: ViewSelection, features: ViewFeatures | None, stand_in: bool, zero: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The selected image tokens' tower features through the projector in one call (None without
-        features or tokens), then zero stand-in calls up to `calls`, the count agreed over the ranks."""
-        projector, embeds = self.vit_large_projector, None
+        features or tokens); without any, one zero stand-in call when `stand_in` (another rank projects)."""
+        projector = self.vit_large_projector
         if features is not None and selection.pieces:
             tokens = selection.assemble(selection.globals_of(features.globals), selection.crops_of(features.crops))
-            embeds, calls = projector(tokens), calls - 1
-        for _ in range(calls):
-            # The model's dtype, read without touching the projector's weight: under ZeRO-3 that would gather
-            # it on this rank alone, outside the projector's call.
-            stand_in = torch.zeros(1, projector.in_features, device=zero.device, dtype=self.dtype)
-            zero = zero + projector(stand_in).sum() * 0
-        return embeds, zero
+            return projector(tokens), zero
+        if stand_in:
+            # The model's dtype, read without touching the projector's weight.
+            stand_in_tokens = torch.zeros(1, projector.in_features, device=zero.device, dtype=self.dtype)
+            zero = zero + projector(stand_in_tokens).sum() * 0
+        return None, zero
 
     def image_embeddings(
         self,
@@ -136,7 +132,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         patch_pixel_values: torch.Tensor | None,
         num_patches: list[int] | torch.Tensor | None,
         token_range: tuple[int, int] | None = None,
-        chunks: tuple[int, int] | None = None,
+        stand_in: bool = False,
         device: torch.device | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Image tokens in placeholder order: for each image, its local crops (row-major), then its global view.
@@ -144,59 +140,62 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: (N_images, 3, S, S) global views of every image in the batch, in order;
         patch_pixel_values: (sum(num_patches), 3, s, s) their crops; num_patches: crops per image.
         token_range: [start, end) of the image tokens wanted (a sequence-parallel slice); only the views
-        holding them go through the tower. chunks: tower calls for the global views and for the crops
-        (`vision_calls`; by default as many as the views need). device: where stand-ins are made (the
-        model's by default): a text-only batch has no pixels to take it from.
+        holding them go through the tower, `compute.vision_chunk` views a call. stand_in: where no view is
+        needed, call the tower once on a zero stand-in all the same (another rank calls it: `decode`).
+        device: where the stand-in is made (the model's by default): a text-only batch has no pixels to
+        take it from.
         Returns (end - start, hidden), or None when no image token is wanted, and a scalar zero that
-        depends on any stand-in call (add it to the result so that the stand-in is part of the graph).
+        depends on the stand-in call if any (add it to the result so that the stand-in is part of the graph).
         """
-        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, token_range)
-        if chunks is None:
-            chunks = self.vision_calls(selection)
-        return self._embed_views(selection, pixel_values, patch_pixel_values, chunks, device)
+        selection = ViewSelection.of(pixel_values, patch_pixel_values, num_patches, self.tokens_per_view, token_range)
+        return self._embed_views(selection, pixel_values, patch_pixel_values, stand_in, device)
 
     def _embed_views(
         self,
         selection: ViewSelection,
         pixel_values: torch.Tensor | None,
         patch_pixel_values: torch.Tensor | None,
-        chunks: tuple[int, int],
+        stand_in: bool,
         device: torch.device | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`image_embeddings` for views already selected."""
-        # A parameter's device is no gather under ZeRO-3: its (empty) partition lives there.
+        # A parameter's device is no gather under ZeRO-3.
         device = device if device is not None else self.vision_model.positional_embedding.device
         zero = torch.zeros((), device=device)
-        globals_, zero = self._encode_in_chunks(selection.globals_of(pixel_values), chunks[0], zero)
-        crops, zero = self._encode_in_chunks(selection.crops_of(patch_pixel_values), chunks[1], zero)
+        global_calls, crop_calls = self.vision_calls(selection)
+        globals_ = self._encode_in_chunks(selection.globals_of(pixel_values), global_calls)
+        crops = self._encode_in_chunks(selection.crops_of(patch_pixel_values), crop_calls)
+        if stand_in and not global_calls + crop_calls:
+            side = 4 * self.config.vision_config.patch_size
+            zero = zero + self._encode_in_chunks(torch.zeros(1, 3, side, side, device=device), 1).sum() * 0
         return selection.assemble(globals_, crops), zero
 
     def vision_calls(self, selection: ViewSelection) -> tuple[int, int]:
-        """Tower calls this rank needs for the selected global views and crops: none for a kind it has no
-        view of. Where no rank needs the tower the step makes no call of it (`zero_unreached_gradients`)."""
+        """Tower calls for the selected global views and for the crops: `compute.vision_chunk` views a call,
+        none for a kind with no view."""
         size = self.runtime.compute.vision_chunk
         return tuple(math.ceil(n / size) if size else int(n > 0) for n in (selection.num_globals, selection.num_crops))
 
     def _encode_in_chunks(
-        self, views: torch.Tensor | None, calls: int, zero: torch.Tensor, through: Callable | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """`views` through the tower in `calls` calls: the views split evenly in order, then zero stand-ins
-        for the calls left over (a rank with fewer views than another makes as many calls). `through`: the
-        tower and projector (`encode_images`) by default. When training with gradient checkpointing each
-        call is checkpointed whole: its activations are recomputed in backward, and only its output tokens
-        are kept."""
+        self, views: torch.Tensor | None, calls: int, through: Callable | None = None
+    ) -> torch.Tensor | None:
+        """`views` through the tower in `calls` calls, split evenly in order (None without views).
+        `through`: the tower and projector (`encode_images`) by default. When training with gradient
+        checkpointing, `compute.vision_checkpoint` says what is kept for backward: each block's input
+        ("blocks"), or only each call's output tokens, the call recomputed whole ("calls"). Either way a
+        block runs forward twice a call, never three times."""
+        if views is None or not len(views):
+            return None
         through = through or self.encode_images
         checkpointed = self.is_gradient_checkpointing and self.training and torch.is_grad_enabled()
-        encode = partial(checkpoint, through, use_reentrant=False) if checkpointed else through
-        real = views.tensor_split(min(calls, len(views))) if views is not None and len(views) else ()
-        encoded = [encode(chunk) for chunk in real]
-        side = 4 * self.config.vision_config.patch_size
-        for _ in range(calls - len(real)):
-            stand_in = torch.zeros(1, 3, side, side, device=zero.device)
-            zero = zero + encode(stand_in).sum() * 0
-        return (torch.cat(encoded) if encoded else None), zero
+        if checkpointed and self.runtime.compute.vision_checkpoint == "calls":
+            encode = partial(checkpoint, through, use_reentrant=False)
+        else:
+            encode = partial(through, checkpoint_blocks=checkpointed)
+        return torch.cat([encode(chunk) for chunk in views.tensor_split(min(calls, len(views)))])
 
-    def _tokens_per_view(self, side: int) -> int:
+    def tokens_per_view(self, side: int) -> int:
+        """Image tokens of a square view of `side` pixels after the two stride-2 convs."""
         return (side // (4 * self.config.vision_config.patch_size)) ** 2
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -230,9 +229,12 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         logprobs_temperature: float | None = None,
         return_entropy: bool = False,
         image_features: ViewFeatures | None = None,
+        view_offset: tuple[int, int] | None = None,
         **kwargs,
     ) -> Step3VLOutput:
         """input_ids (B, L); labels (B, L) aligned with input_ids, -100 where no loss (shifted inside).
+        view_offset: where pixel_values and patch_pixel_values hold only the views this rank's sequence
+        slice needs (train/sequence_parallel.py: GroupLoader), the (global view, crop) they start at.
 
         Without labels: logits (B, L or logits_to_keep, vocab), for generation.
         With labels: the loss, the summed negative log-likelihood of the labelled tokens divided by
@@ -243,7 +245,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         `return_entropy` the entropy there too; no loss.
         """
         targets = shift_targets(labels) if labels is not None else None
-        outputs, local, head_calls = self.decode(
+        outputs, local = self.decode(
             input_ids,
             attention_mask,
             position_ids,
@@ -255,6 +257,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             use_cache,
             targets,
             image_features,
+            view_offset=view_offset,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -264,8 +267,9 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         scored = local.targets != IGNORE_INDEX
         temperature = logprobs_temperature or 1.0
         want_entropy = return_entropy and logprobs_temperature is not None
+        tiles = chunk_count(int(scored.sum()), self.runtime.compute.loss_chunk)
         logprobs, entropy = token_scores(
-            self.lm_head, hidden[scored], local.targets[scored], head_calls, temperature, want_entropy
+            self.lm_head, hidden[scored], local.targets[scored], tiles, temperature, want_entropy
         )
         if logprobs_temperature is None:
             count = num_items_in_batch if num_items_in_batch is not None else max(int(scored.sum()), 1)
@@ -291,15 +295,16 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         use_cache: bool | None,
         targets: torch.Tensor | None = None,
         image_features: ViewFeatures | None = None,
+        view_offset: tuple[int, int] | None = None,
         **kwargs,
     ):
-        """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded, over this
+        """The decoder's outputs (last_hidden_state, past_key_values) with the images embedded, and this
         rank's part of the batch (`LocalSequence`: flattened for varlen kernels, a slice under sequence
-        parallelism), and the number of head calls agreed for its `targets`.
+        parallelism, its `targets` sliced alike; None for a decode step).
 
-        Every rank of `runtime.group` agrees here, in one all-reduce, on how many times it will call the
-        vision tower (global views, crops) and the head, each the largest any rank needs."""
-        local, head_calls = None, 1
+        With gradients, every rank of `runtime.group` agrees here, in one small all-reduce, on whether the
+        vision tower and the projector run (`_prefill_embeddings`)."""
+        local = None
         if inputs_embeds is not None or not _is_prefill(past_key_values):
             # Embeddings given, or a decode step: the images are in the KV cache already.
             embeds = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, None)
@@ -308,9 +313,9 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 # Packed rows: transformers reads the samples' boundaries from the position ids only without
                 # a KV cache; with one, the samples would attend to each other.
                 use_cache = False
-            local, embeds, head_calls = self._prefill_embeddings(
+            local, embeds = self._prefill_embeddings(
                 input_ids, attention_mask, position_ids, pixel_values, patch_pixel_values, num_patches, targets,
-                image_features,
+                image_features, view_offset,
             )  # fmt: skip
             attention_mask, position_ids = local.attention_mask, local.position_ids
         outputs = self.model(
@@ -324,7 +329,7 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if local is not None and local.is_whole:
             outputs.last_hidden_state = outputs.last_hidden_state.reshape(*local.batch_shape, -1)
             local.targets = local.targets.reshape(local.batch_shape) if local.targets is not None else None
-        return outputs, local, head_calls
+        return outputs, local
 
     def _prefill_embeddings(
         self,
@@ -336,10 +341,11 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         num_patches: list[int] | torch.Tensor | None,
         targets: torch.Tensor | None,
         image_features: ViewFeatures | None = None,
-    ) -> tuple[LocalSequence, torch.Tensor, int]:
-        """This rank's part of a fresh batch, its embeddings with the images in, and the agreed head calls.
-        With `image_features` (the frozen tower's output, rl/feature_cache.py) the pixels are not read and
-        this rank calls the tower only as a stand-in for other ranks, and the projector once."""
+        view_offset: tuple[int, int] | None = None,
+    ) -> tuple[LocalSequence, torch.Tensor]:
+        """This rank's part of a fresh batch and its embeddings with the images in. With `image_features`
+        (the frozen tower's output, rl/feature_cache.py) the pixels are not read: this rank calls the
+        tower only as a stand-in for other ranks, and the projector once."""
         runtime = self.runtime
         # Sequence parallelism in training only: in eval mode (generation) DeepSpeed's Ulysses wrapper steps
         # aside and each rank runs whole rows.
@@ -356,24 +362,31 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         image_range = (local.image_tokens_before, local.image_tokens_before + local.image_tokens)
         if image_features is None:
             selection = ViewSelection.of(
-                pixel_values, patch_pixel_values, num_patches, self._tokens_per_view, image_range
+                pixel_values, patch_pixel_values, num_patches, self.tokens_per_view, image_range, view_offset
             )
-            encoded, projections = selection, 0  # the views the tower encodes; projector calls of given features
+            encoded, projects = selection, False  # the views the tower encodes; whether given features project
         else:
             selection = image_features.selection(num_patches, image_range)
-            encoded, projections = ViewSelection.of_views(0, 0, 0, 0, []), int(bool(selection.pieces))
-        scored = int((local.targets != IGNORE_INDEX).sum()) if targets is not None else 0
-        wanted = [*self.vision_calls(encoded), chunk_count(scored, runtime.compute.loss_chunk), projections]
+            encoded, projects = ViewSelection.of_views(0, 0, 0, 0, []), bool(selection.pieces)
         device = local.input_ids.device
-        global_calls, crop_calls, head_calls, projections = runtime.agree(wanted, device)
-        image_embeds, zero = self._embed_views(
-            encoded, pixel_values, patch_pixel_values, (global_calls, crop_calls), device
-        )
-        projected, zero = self._project_features(selection, image_features, projections, zero)
+        wanted = [int(any(self.vision_calls(encoded))), int(projects)]
+        # With gradients, one all-reduce: whether any rank calls the tower, and whether any projects given
+        # features. Without, nothing is reduced and the weights are whole: a rank runs what it needs.
+        tower, projector = runtime.agree(wanted, device) if torch.is_grad_enabled() else wanted
+        image_embeds, zero = self._embed_views(encoded, pixel_values, patch_pixel_values, bool(tower), device)
+        projected, zero = self._project_features(selection, image_features, bool(projector), zero)
         image_embeds = image_embeds if projected is None else projected
-        if global_calls + crop_calls + projections == 0 and torch.is_grad_enabled():
-            zero_unreached_gradients(self.image_parameters())
-        return local, self.embed(local.input_ids, image_embeds) + zero, head_calls
+        if torch.is_grad_enabled():
+            unreached = [] if tower else [*self.vision_model.parameters()]
+            unreached += [] if tower or projector else [*self.vit_large_projector.parameters()]
+            zero_unreached_gradients(unreached)
+        return local, self.embed(local.input_ids, image_embeds) + zero
+
+    def kept_whole(self) -> list[nn.Module]:
+        """The modules a rank calls as often as its own batch needs, which ZeRO-3 keeps whole on every rank
+        (train/engine.py: keep_whole): the vision tower and the projector, and the language-model head."""
+        head = self.get_output_embeddings()
+        return [self.vision_model, self.vit_large_projector, *([head] if head is not None else [])]
 
     def image_parameters(self) -> list[nn.Parameter]:
         """The tower's and the projector's weights: a forward in which no rank has an image calls neither."""

@@ -13,8 +13,9 @@ upstream gradient of 1, so a loss scaled afterwards (by the global token count, 
 scale the hidden states' gradient but not the head's. The ZeRO-3 device they use is the same as ours:
 `ds_grad_is_ready` holds the head's gradient out of ZeRO's reduce buckets until the last tile.
 
-Under ZeRO-3 every rank must call the head the same number of times (each call gathers its weight, a
-collective), so `chunks` is agreed across ranks by the caller, and empty tiles still call the head.
+Under ZeRO-3 the head's weight is kept whole on every rank (train/engine.py: keep_whole), so a call
+gathers nothing and each rank tiles its own positions; a rank with none still calls the head once, on an
+empty tile, so that its gradient (zeros) joins the reduce as every other rank's does.
 """
 
 from __future__ import annotations

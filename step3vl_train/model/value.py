@@ -34,7 +34,7 @@ class Step3VLForValue(Step3VLForConditionalGeneration):
         **kwargs,
     ) -> torch.Tensor:
         """(B, L) float32: V(s_t) after each token. `image_features`: as the policy's `forward` takes them."""
-        outputs, _, _ = self.decode(
+        outputs, _ = self.decode(
             input_ids, attention_mask, position_ids, None, None, pixel_values, patch_pixel_values, num_patches, False,
             image_features=image_features,
         )  # fmt: skip

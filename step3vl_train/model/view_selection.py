@@ -26,6 +26,7 @@ class ViewSelection:
     crops: range  # indices into patch_pixel_values
     offset: int  # where the wanted tokens start within the needed views' tokens
     count: int  # wanted tokens
+    view_offset: tuple[int, int] = (0, 0)  # the (global view, crop) the pixel tensors start at
 
     @classmethod
     def of(
@@ -35,13 +36,22 @@ class ViewSelection:
         num_patches: list[int] | torch.Tensor | None,
         tokens_per_view: Callable[[int], int],
         token_range: tuple[int, int] | None = None,
+        view_offset: tuple[int, int] | None = None,
     ) -> ViewSelection:
-        """`tokens_per_view(side)`: image tokens of a square view of `side` pixels."""
-        num_globals = pixel_values.shape[0] if pixel_values is not None else 0
-        num_crops = patch_pixel_values.shape[0] if patch_pixel_values is not None else 0
+        """`tokens_per_view(side)`: image tokens of a square view of `side` pixels. `view_offset`: where the
+        tensors hold only some of the batch's views (a sequence-parallel rank's, which may be none of a
+        kind: a (0, 3, S, S) tensor), the (global view, crop) they start at; the counts then come from
+        `num_patches`, and `globals_of`/`crops_of` index the held views."""
+        if view_offset is None:
+            num_globals = pixel_values.shape[0] if pixel_values is not None else 0
+            num_crops = patch_pixel_values.shape[0] if patch_pixel_values is not None else 0
+        else:
+            num_globals, num_crops = len(num_patches), sum(int(n) for n in num_patches)
         global_tokens = tokens_per_view(pixel_values.shape[-1]) if num_globals else 0
         crop_tokens = tokens_per_view(patch_pixel_values.shape[-1]) if num_crops else 0
-        return cls.of_views(num_globals, num_crops, global_tokens, crop_tokens, num_patches, token_range)
+        selection = cls.of_views(num_globals, num_crops, global_tokens, crop_tokens, num_patches, token_range)
+        selection.view_offset = view_offset or (0, 0)
+        return selection
 
     @classmethod
     def of_views(
@@ -92,10 +102,10 @@ class ViewSelection:
         return len(self.crops)
 
     def globals_of(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
-        return pixel_values[self.globals.start : self.globals.stop] if self.num_globals else None
+        return _held(pixel_values, self.globals, self.view_offset[0], "global views")
 
     def crops_of(self, patch_pixel_values: torch.Tensor | None) -> torch.Tensor | None:
-        return patch_pixel_values[self.crops.start : self.crops.stop] if self.num_crops else None
+        return _held(patch_pixel_values, self.crops, self.view_offset[1], "crops")
 
     def assemble(self, globals_: torch.Tensor | None, crops: torch.Tensor | None) -> torch.Tensor | None:
         """The wanted tokens (count, hidden) from the needed views' encodings, (N, tokens, hidden) each in
@@ -107,3 +117,16 @@ class ViewSelection:
             for is_global, index in self.pieces
         ]
         return torch.cat(rows)[self.offset : self.offset + self.count]
+
+
+def _held(views: torch.Tensor | None, needed: range, first: int, kind: str) -> torch.Tensor | None:
+    """The `needed` views out of `views`, which start at view `first`; None when none is needed."""
+    if not len(needed):
+        return None
+    held = len(views) if views is not None else 0
+    if needed.start < first or needed.stop > first + held:
+        raise ImageTokenMismatchError(
+            f"the image tokens wanted need {kind} {needed.start}..{needed.stop - 1}, but the pixels given hold "
+            f"{first}..{first + held - 1}"
+        )
+    return views[needed.start - first : needed.stop - first]

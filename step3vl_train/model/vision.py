@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
+from torch.utils.checkpoint import checkpoint
 
 from step3vl_train.model.config import Step3VLVisionConfig
 
@@ -86,8 +86,9 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class ResidualAttentionBlock(GradientCheckpointingLayer):
-    """Pre-norm block; `model.gradient_checkpointing_enable()` recomputes it in backward like the decoder layers."""
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block. The tower checkpoints its blocks itself (`StepVisionEncoder.forward`), and only when
+    its caller does not checkpoint the whole call: a block inside both would run forward three times."""
 
     def __init__(self, config: Step3VLVisionConfig):
         super().__init__()
@@ -134,8 +135,9 @@ class StepVisionEncoder(nn.Module):
         table = F.interpolate(table, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
         return table.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Trunk features. pixel_values: (B, 3, H, W), H and W multiples of patch_size -> (B, H/14 * W/14, width)."""
+    def forward(self, pixel_values: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
+        """Trunk features. pixel_values: (B, 3, H, W), H and W multiples of patch_size -> (B, H/14 * W/14, width).
+        checkpoint_blocks: keep only each block's input, recomputing the block in backward."""
         # The dtype comes from this module's own parameter, gathered for its forward under ZeRO-3; reading
         # conv1.weight here would be an extra all-gather before conv1 runs.
         x = self.conv1(pixel_values.to(self.positional_embedding.dtype))
@@ -147,7 +149,7 @@ class StepVisionEncoder(nn.Module):
         head_dim = self.config.width // self.config.heads
         angles = rope2d_angles(grid_h, grid_w, head_dim, self.config.rope_theta, x.device, angle_dtype)
         for block in self.transformer.resblocks:
-            x = block(x, angles)
+            x = checkpoint(block, x, angles, use_reentrant=False) if checkpoint_blocks else block(x, angles)
         return x
 
     def downsample(self, features: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ float path the workers ran before, so on the CPU the result is bitwise that path
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -70,6 +70,8 @@ class PixelViews:
     sources: list[tuple[int, int, int]]  # per image: (offset, h, w) of its (3, h, w) source in data
     windows: list[tuple[int, int, int]]  # per image: (offset, n, w) of its (n, 3, w, w) windows in data
     spec: PixelSpec
+    # Set where these are only some of a batch's views (`select`): the (global view, crop) they start at.
+    view_offset: tuple[int, int] | None = None
 
     @classmethod
     def from_images(cls, images: Sequence[ImageViews], spec: PixelSpec) -> PixelViews:
@@ -105,7 +107,27 @@ class PixelViews:
 
     def pin_memory(self) -> PixelViews:
         """A copy with the buffer in page-locked memory, so that its copy to the GPU can be asynchronous."""
-        return PixelViews(self.data.pin_memory(), self.sources, self.windows, self.spec)
+        return replace(self, data=self.data.pin_memory())
+
+    def select(self, globals_: range, crops: range) -> PixelViews:
+        """Only these global views (image indices) and crops (indices over all images' crops, in order), in
+        a buffer of their own: a sequence-parallel rank's share of a batch (train/sequence_parallel.py)."""
+        parts, sources, windows, at = [], [], [], 0
+        for offset, h, w in self.sources[globals_.start : globals_.stop]:
+            parts.append(self.data[offset : offset + 3 * h * w])
+            sources.append((at, h, w))
+            at += 3 * h * w
+        first = 0  # the index of the image's first crop among all crops
+        for offset, n, w in self.windows:
+            start, stop = max(crops.start - first, 0), min(crops.stop - first, n)
+            if start < stop:
+                size = 3 * w * w
+                parts.append(self.data[offset + start * size : offset + stop * size])
+                windows.append((at, stop - start, w))
+                at += (stop - start) * size
+            first += n
+        data = torch.cat(parts) if parts else self.data.new_empty(0)
+        return PixelViews(data, sources, windows, self.spec, (globals_.start, crops.start))
 
     @property
     def num_crops(self) -> int:
@@ -116,7 +138,8 @@ def model_pixels(
     views: PixelViews, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N_images, 3, S, S) global views and (ΣN_crops, 3, s, s) crops (None without crops) in `dtype` on
-    `device` (None: where the views are), normalised with the spec's mean/std.
+    `device` (None: where the views are), normalised with the spec's mean/std. Views `select`ed from a
+    batch give both tensors, empty (0, 3, side, side) for a kind with none: their sides count tokens.
 
     The buffer moves in one copy; each view is resized (bilinear, antialiased) and normalised in float32,
     piece by piece into the output, so memory peaks at the output plus one image's float views. Scaling
@@ -131,7 +154,7 @@ def model_pixels(
     for row, (offset, h, w) in enumerate(views.sources):
         source = data[offset : offset + 3 * h * w].view(1, 3, h, w)
         _normalise(_resize(source.float(), side), scale, shift, out=globals_[row : row + 1])
-    if not views.num_crops:
+    if not views.num_crops and views.view_offset is None:
         return globals_, None
     side = spec.crop_size
     crops = torch.empty(views.num_crops, 3, side, side, dtype=dtype, device=data.device)

@@ -62,6 +62,7 @@ class Batch:
         pixel_values, patch_pixel_values = (
             model_pixels(self.pixels, device, pixel_dtype) if self.pixels is not None else (None, None)
         )
+        offset = self.pixels.view_offset if self.pixels is not None else None
         inputs = {
             "input_ids": self.input_ids.to(device, non_blocking=True),
             "attention_mask": None if packed else self.attention_mask.to(device, non_blocking=True),
@@ -69,6 +70,7 @@ class Batch:
             "pixel_values": pixel_values,
             "patch_pixel_values": patch_pixel_values,
             "num_patches": self.num_patches,
+            **({"view_offset": offset} if offset is not None else {}),  # some of the views only
         }
         return {**inputs, "labels": self.labels.to(device, non_blocking=True)} if with_labels else inputs
 
@@ -85,11 +87,12 @@ class Batch:
         )
 
     def view_sides(self) -> list[int]:
-        """The side in pixels of each ViT input the model gets: the global views, then the crops."""
+        """The side in pixels of each of the rows' ViT inputs: the global views, then the crops (all of them,
+        where `pixels` holds only a sequence-parallel rank's share)."""
         if self.pixels is None:
             return []
         spec = self.pixels.spec
-        return [spec.image_size] * len(self.pixels.sources) + [spec.crop_size] * self.pixels.num_crops
+        return [spec.image_size] * len(self.num_patches) + [spec.crop_size] * sum(self.num_patches)
 
 
 @dataclass

@@ -60,6 +60,8 @@ def changes_since_checkpoint(saved: dict, current: dict, tokens: int) -> list[st
         if before == after:
             continue
         reason = next((why for pattern, why in REFUSED.items() if fnmatchcase(key, pattern)), None)
+        if key == "data.num_workers" and after == "auto":
+            reason = None  # the loader resumes with the checkpoint's workers (data/loader.py)
         if reason is None and _in_begun_phase(key, saved, current, tokens):
             reason = BEGUN_PHASE
         if reason is None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers.integrations import HfDeepSpeedConfig
 
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
@@ -17,6 +20,7 @@ from step3vl_train.model.value import CRITIC_ONLY, POLICY_ONLY, Step3VLForValue
 from step3vl_train.train.config import OptimConfig
 from step3vl_train.train.optim import build_optimizer, build_param_groups
 from step3vl_train.train.sequence_parallel import init_sequence_parallel
+from step3vl_train.usage import UsageError
 
 
 @dataclass
@@ -56,10 +60,11 @@ def build_engine(
     copies from them. Parameters whose names start with a prefix in `freeze` are not trained.
 
     `compute` picks the attention kernel for this device and the chunk sizes; `sequence_parallel` > 1
-    wraps the kernel in DeepSpeed's Ulysses attention, consecutive ranks sharing one packed row. Every
-    rank makes the same module calls each forward (the model agrees on its call counts over the world).
-    Call after torch.distributed is initialised."""
+    wraps the kernel in DeepSpeed's Ulysses attention, consecutive ranks sharing one packed row. The image
+    path and the head are kept whole on every rank (`keep_whole`). Call after torch.distributed is
+    initialised."""
     compute = compute or ComputeConfig()
+    check_gradient_reduce(ds_config.get("zero_optimization", {}), sequence_parallel)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     kernel = resolve_attention(compute.attention, device_type, sequence_parallel)
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
@@ -79,25 +84,102 @@ def build_engine(
     )
     optimizer = build_optimizer(build_param_groups(model, optim), optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
-    gather_when_called(engine, model.image_parameters())
+    keep_whole(engine, model.kept_whole())
     return Engine(engine, model, hf_deepspeed_config)
 
 
-def gather_when_called(engine: deepspeed.DeepSpeedEngine, params: list[torch.nn.Parameter]) -> None:
-    """ZeRO-3 keeps each tensor under `stage3_param_persistence_threshold` whole on every rank and
-    all-gathers it again after every update, one collective a tensor, whether or not the next step calls
-    it. `params` are instead gathered with their module when it runs, as larger tensors are: here the image
-    path, which a text-only step never calls and which RL (its tower frozen) calls once an iteration.
-    DeepSpeed has no setting per parameter, so this undoes its marking once the engine is built."""
-    chosen = [param for param in params if getattr(param, "ds_persist", False)]
-    if not chosen:
-        return
-    ids = {id(param) for param in chosen}
-    persistent = engine.optimizer.persistent_parameters  # the list gathered after each step (and on load)
-    persistent[:] = [param for param in persistent if id(param) not in ids]
-    for param in chosen:
-        param.ds_persist = False
-    chosen[0].partition(param_list=chosen)
+def check_gradient_reduce(zero: dict[str, Any], sequence_parallel: int) -> None:
+    """Refuses the ZeRO-3 reduce settings whose gradients would be wrong. DeepSpeed 0.19 averages each
+    gradient over the ranks in one of two ways: a reduce-scatter dividing by the world size, or, with
+    `reduce_scatter: false` and `contiguous_gradients: true`, an all-reduce dividing by world /
+    sequence-parallel degree, except for a tensor larger than `reduce_bucket_size` (the head, the
+    embeddings), which still goes the first way. Under sequence parallelism the two disagree by that
+    degree, so one step would scale some gradients by it and not others: no loss scaling can be right
+    for both. The trainer scales its loss for the first way (train/trainer.py)."""
+    if sequence_parallel > 1 and zero.get("reduce_scatter", True) is False and zero.get("contiguous_gradients", True):
+        raise UsageError(
+            f"deepspeed.zero_optimization.reduce_scatter=false with contiguous_gradients=true and "
+            f"trainer.sequence_parallel={sequence_parallel}: DeepSpeed would average some gradients over "
+            f"{sequence_parallel}x fewer ranks than others. Keep reduce_scatter=true (the default), or set "
+            "contiguous_gradients=false as well"
+        )
+
+
+def scale_gradients(engine: deepspeed.DeepSpeedEngine, factor: torch.Tensor) -> None:
+    """Multiplies what this optimizer step's micro-steps have accumulated (ZeRO-3's fp32 gradient
+    partitions, already reduced over the ranks) by `factor`, a scalar tensor on the engine's device;
+    `engine.step()` then takes the norm, clips and updates from the scaled gradients."""
+    optimizer = engine.optimizer
+    if optimizer.offload_optimizer:
+        raise UsageError("zero_optimization.offload_optimizer is not supported: its gradients are kept elsewhere")
+    optimizer.grad_partitions_flat_buffer.mul_(factor)
+
+
+def keep_whole(engine: deepspeed.DeepSpeedEngine, modules: list[torch.nn.Module]) -> None:
+    """ZeRO-3 gathers a module's weights each time it is called, and records the order of the calls in a
+    micro-step's forward and backward to prefetch the next module's while one computes. `modules` are
+    called a number of times that changes from one micro-step to the next (the vision tower once a chunk
+    of a rank's views, or not at all; the head once a tile of scored positions), and each change throws
+    the recorded order away ("Invalidate trace cache"), after which nothing is prefetched.
+
+    Their weights are therefore kept whole on every rank, as DeepSpeed keeps its small tensors
+    (`ds_persist`), never gathered when called; and their ZeRO-3 hooks are removed, so that their calls
+    are no part of the recorded order, which then holds the decoder's modules alone, the same every
+    micro-step. Their gradients are reduced as before (those hooks are the parameters', not the
+    modules'). DeepSpeed partitions every parameter when it updates them and when it saves or loads a
+    checkpoint, and gathers its small tensors again after, one collective a tensor: those and these are
+    gathered then in one collective for all of them. The cost is their size in the training dtype
+    on every rank: 4.85 GiB for STEP3-VL-10B's tower, projector and head (launch/estimate_memory.py).
+    Read them with `gathered_parameters`, not GatheredParameters, which partitions what it leaves and
+    would leave them partitioned with nothing to gather them again."""
+    optimizer = engine.optimizer
+    persistent = optimizer.persistent_parameters  # the list DeepSpeed gathers after each step (and on load)
+    ids = {id(param) for param in persistent}
+    params = [*persistent, *(p for module in modules for p in module.parameters() if id(p) not in ids)]
+    persistent.clear()  # all of them in one collective, here
+    for param in params:
+        param.ds_persist = True
+
+    def gather() -> None:
+        partitioned = [param for param in params if param.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if partitioned:
+            partitioned[0].all_gather_coalesced(partitioned).wait()
+
+    gather()
+    for method in ("_post_step", "checkpoint_event_epilogue"):  # after an update; after a save or a load
+        _run_after(optimizer, method, gather)
+    owned = {id(hooks) for module in modules for sub in module.modules() for hooks in _hook_dicts(sub)}
+    offload = optimizer.parameter_offload
+    for handles in (offload.forward_hooks, offload.backward_hooks):
+        ours = [handle for handle in handles if id(handle.hooks_dict_ref()) in owned]
+        for handle in ours:
+            handle.remove()
+        handles[:] = [handle for handle in handles if handle not in ours]
+
+
+def _run_after(instance: object, method: str, then: Callable[[], None]) -> None:
+    """`instance.method(...)` followed by `then()`, for this instance."""
+    original = getattr(instance, method)
+
+    def method_then(*args, **kwargs):
+        result = original(*args, **kwargs)
+        then()
+        return result
+
+    setattr(instance, method, method_then)
+
+
+def _hook_dicts(module: torch.nn.Module) -> tuple[dict, ...]:
+    return module._forward_pre_hooks, module._forward_hooks
+
+
+@contextmanager
+def gathered_parameters(params: list[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """deepspeed.zero.GatheredParameters over those of `params` that ZeRO-3 holds partitioned; the ones
+    it keeps whole (`keep_whole`, and DeepSpeed's own small tensors) are read as they are. A collective."""
+    partitioned = [param for param in params if getattr(param, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
 
 
 def load_released_into(model: Step3VLForConditionalGeneration, directory: str) -> None:

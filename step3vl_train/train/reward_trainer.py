@@ -9,20 +9,20 @@ last evaluation's, or without held-out pairs the last step's batch; they are sav
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from step3vl_train.model.flops import StepFlops
+from step3vl_train.model.flops import StepFlops, batch_flops
 from step3vl_train.model.value import Step3VLForValue
 from step3vl_train.processing.processor import IGNORE_INDEX, ProcessedSample
 from step3vl_train.train.config import TrainerConfig, TrainJobConfig
 from step3vl_train.train.distributed import until_every_rank_is_done
 from step3vl_train.train.reward_data import PairDataConfig, PairLoader
 from step3vl_train.train.reward_model import Pair, PairBatch, RewardStats, bradley_terry_loss, pair_batch, pair_scores
-from step3vl_train.train.trainer import Trainer
+from step3vl_train.train.trainer import Trainer, backward_step
 from step3vl_train.usage import UsageError
 
 # What `pair_sums` adds up, in order: the figures of a step or an evaluation come from these sums.
@@ -93,27 +93,24 @@ def stats_of(figures: dict, origin: str, step: int) -> RewardStats:
     return RewardStats(figures["reward_mean"], figures["reward_std"], origin, step, figures["pairs"])
 
 
-def backward_pairs(engine, micro: list[PairBatch], loss: RMLossConfig) -> torch.Tensor:
-    """Forward and backward over this rank's pair micro-batches of one optimizer step, leaving the last
-    `engine.step()` to the caller. The loss is the mean over every pair of the global batch, whatever their
-    split into ranks and micro-batches (as `backward_global_batch` divides by the global token count);
-    DeepSpeed averages gradients over the ranks, hence the factor of the world size. Returns the SUMS and
-    the tokens, over all ranks, as one float64 tensor on the device."""
+def pair_forward(
+    engine, loss: RMLossConfig, stand_in: PairBatch
+) -> Callable[[PairBatch | None], tuple[torch.Tensor, torch.Tensor]]:
+    """`backward_step`'s forward for the Bradley-Terry loss: the summed loss of the batch's pairs, and the
+    SUMS and tokens (a None batch runs `stand_in`, counting nothing)."""
     device = engine.device
-    global_pairs = torch.tensor(float(sum(batch.pairs for batch in micro)), dtype=torch.float64, device=device)
-    dist.all_reduce(global_pairs)
-    sums = torch.zeros(len(SUMS) + 1, dtype=torch.float64, device=device)
-    for index, batch in enumerate(micro):
+
+    def forward(batch: PairBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        counted = batch is not None
+        batch = batch if batch is not None else stand_in
         values = engine(**batch.batch.model_inputs(with_labels=False, device=device, pixel_dtype=engine.module.dtype))
         chosen, rejected = pair_scores(values, batch)
-        losses = bradley_terry_loss(chosen, rejected, loss.margin, loss.centring_weight)
-        engine.backward(losses.sum() / global_pairs.float() * dist.get_world_size(), scale_wrt_gas=False)
-        if index < len(micro) - 1:
-            engine.step()  # DeepSpeed counts micro-steps; only the last one updates
+        losses = bradley_terry_loss(chosen, rejected, loss.margin, loss.centring_weight) * counted
         tokens = batch.batch.attention_mask.sum().to(device, torch.float64)
-        sums += torch.cat([pair_sums(chosen.detach(), rejected.detach(), losses.detach()), tokens[None]])
-    dist.all_reduce(sums)
-    return sums
+        sums = torch.cat([pair_sums(chosen.detach(), rejected.detach(), losses.detach()), tokens[None]])
+        return losses.sum(), sums * counted
+
+    return forward
 
 
 class RewardModelTrainer(Trainer):
@@ -138,8 +135,15 @@ class RewardModelTrainer(Trainer):
     def micro_batches(self) -> Iterator[PairBatch]:
         return iter(self.loader)
 
-    def backward(self, micro: list[PairBatch]) -> torch.Tensor:
-        return backward_pairs(self.ds.engine, micro, self.loss)
+    def backward(self, micro: Iterable[PairBatch | None], figures: Callable[[], list[float]]) -> torch.Tensor:
+        """The mean loss over every pair of the global batch (backward_step divides by the pairs)."""
+        forward = pair_forward(self.ds.engine, self.loss, self.stand_in_pair())
+        count, reference = self.trainer.grad_accum, self.step_reference()
+        return backward_step(self.ds.engine, micro, count, reference, forward, figures)
+
+    def step_reference(self) -> float:
+        """The pairs a step holds at most."""
+        return float(self.trainer.grad_accum * self.data_rank.world * self.data.micro_batch_size)
 
     def step_metrics(self, totals: list[float]) -> dict:
         self.last_batch = pair_figures(totals[: len(SUMS)])
@@ -172,7 +176,7 @@ class RewardModelTrainer(Trainer):
         self.held_out.rewind()
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
         for batch in until_every_rank_is_done(self.held_out, device):
-            inputs = (batch or self.stand_in()).batch.model_inputs(
+            inputs = (batch or self.stand_in_pair()).batch.model_inputs(
                 with_labels=False, device=device, pixel_dtype=engine.module.dtype
             )
             values = engine(**inputs)
@@ -187,19 +191,20 @@ class RewardModelTrainer(Trainer):
         dist.all_reduce(skipped)
         return {**pair_figures(sums.tolist()), "skipped": int(skipped)}
 
-    def stand_in(self) -> PairBatch:
-        pad = self.held_out.pad_token_id
+    def stand_in_pair(self) -> PairBatch:
+        pad = self.loader.pad_token_id
         row = ProcessedSample(
             torch.tensor([pad]), torch.tensor([IGNORE_INDEX]), None, [], torch.zeros(0, dtype=torch.bool)
         )
         return pair_batch([Pair("stand-in", row, row)], pad)
 
     def flops(self, batch: PairBatch) -> StepFlops:
-        """The loop's count, less the language-model head it assumes: this model's head is one wide."""
-        counted = super().flops(batch.batch)
-        text = self.model_config.text_config
-        head = 6 * text.hidden_size * (text.vocab_size - 1) * int(batch.batch.attention_mask.sum())
-        return StepFlops(counted.vit, counted.decoder - head, counted.decoder_dense - head)
+        """The loop's count with this model's head: one wide, at every token."""
+        rows = batch.batch
+        tokens = int(rows.attention_mask.sum())
+        return batch_flops(
+            self.model_config, rows.input_ids, rows.position_ids, rows.attention_mask, rows.view_sides(), tokens, 1
+        )
 
     def state_dict(self) -> dict:
         stats = asdict(self.reward_stats) if self.reward_stats is not None else None

@@ -3,18 +3,26 @@ each packed row, each holding one contiguous slice of it through the decoder; ar
 DeepSpeed's all-to-all trades the slices for whole rows of a share of the heads.
 
 What is ours: the model slices the row itself (step3vl_train/model/sequence.py) after embedding its
-images, so each rank runs the vision tower only on the views its slice needs; the data loader is built
-over the data-parallel ranks (a sequence-parallel group reads one stream); counts are taken once per
-group. The kernel inside must find the packed samples in the gathered position ids
-(compute.resolve_attention).
+images, so each rank runs the vision tower only on the views its slice needs; a group's micro-batches
+are read and decoded once, by its first rank, which hands each rank the views its slice needs
+(`GroupLoader`); counts are taken once per group. The kernel inside must find the packed samples in the
+gathered position ids (compute.resolve_attention).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+from step3vl_train.data.loader import PackedLoader
+from step3vl_train.data.packing import PackedBatch
+from step3vl_train.data.stats import DataStats
+from step3vl_train.model.sequence import local_sequence
+from step3vl_train.model.view_selection import ViewSelection
+from step3vl_train.processing.processor import Batch
 
 
 @dataclass(frozen=True)
@@ -48,3 +56,85 @@ def init_sequence_parallel(model, size: int, kernel: str):
         seq_length_is_variable=True,
         disable_in_eval=True,
     )
+
+
+def slice_views(batch: Batch, rank: int, size: int, image_token_id: int, tokens_per_view: Callable) -> Batch:
+    """`batch` with only the views whose image tokens fall in slice `rank` of `size` of its rows (the
+    slice the model takes: model/sequence.py), the rows themselves whole."""
+    if batch.pixels is None:
+        return batch
+    local = local_sequence(batch.input_ids, None, batch.position_ids, None, image_token_id, shard=(rank, size))
+    spec, num_patches = batch.pixels.spec, batch.num_patches
+    selection = ViewSelection.of_views(
+        len(num_patches),
+        sum(num_patches),
+        tokens_per_view(spec.image_size),
+        tokens_per_view(spec.crop_size),
+        num_patches,
+        (local.image_tokens_before, local.image_tokens_before + local.image_tokens),
+    )
+    return replace(batch, pixels=batch.pixels.select(selection.globals, selection.crops))
+
+
+class GroupLoader:
+    """The micro-batches of a sequence-parallel group, read and decoded once a group: the group's first
+    rank runs the loader (`loader`, None on the others; its workers have the group's CPUs) and hands each
+    rank of the group the rows, whole, with only the views its slice needs (`slice_views`): one scatter of
+    objects within the group a micro-batch, and None to each once the data has run out. The loader's
+    state, statistics and skips are the first rank's alone, as counts are (`DataParallelRank.counts`)."""
+
+    def __init__(
+        self,
+        loader: PackedLoader | None,
+        group: dist.ProcessGroup,
+        image_token_id: int,
+        tokens_per_view: Callable[[int], int],
+    ):
+        self.loader, self.group = loader, group
+        self.image_token_id, self.tokens_per_view = image_token_id, tokens_per_view
+        self.size = dist.get_world_size(group)
+        self._phase = 0  # the phase where this rank holds no loader
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        source = iter(self.loader) if self.loader is not None else None
+        while True:
+            parts = None
+            if source is not None:
+                packed = next(source, None)
+                parts = self._split(packed) if packed is not None else [None] * self.size
+            received = [None]
+            dist.scatter_object_list(received, parts, group=self.group, group_src=0)
+            if received[0] is None:
+                return
+            yield received[0]
+
+    def _split(self, packed: PackedBatch) -> list[PackedBatch]:
+        """Each rank's micro-batch; the loader's statistics and skips stay with this (the first) rank."""
+        parts = []
+        for rank in range(self.size):
+            batch = slice_views(packed.batch, rank, self.size, self.image_token_id, self.tokens_per_view)
+            counted = {} if rank == 0 else {"stats": DataStats(), "skipped": []}
+            parts.append(replace(packed, batch=batch, **counted))
+        return parts
+
+    @property
+    def phase(self) -> int:
+        return self.loader.phase if self.loader is not None else self._phase
+
+    def enter_phase(self, phase: int) -> None:
+        if self.loader is not None:
+            self.loader.enter_phase(phase)
+        self._phase = phase
+
+    def stats(self) -> DataStats:
+        return self.loader.stats() if self.loader is not None else DataStats()
+
+    def skipped_keys(self) -> dict[str, str]:
+        return self.loader.skipped_keys() if self.loader is not None else {}
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.loader is not None:
+            self.loader.load_state_dict(state)

@@ -12,14 +12,14 @@ and the state kept in checkpoints.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,17 +36,18 @@ from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.train.config import TrainerConfig, TrainJobConfig
 from step3vl_train.train.config_changes import changes_since_checkpoint
 from step3vl_train.train.distributed import close_distributed, init_distributed
-from step3vl_train.train.engine import build_engine, deepspeed_config
+from step3vl_train.train.engine import build_engine, deepspeed_config, scale_gradients
 from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
 from step3vl_train.train.optim import apply_hyperparameters
 from step3vl_train.train.phases import Phase, phase_at, phase_named, run_phases, schedule_legs
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
 from step3vl_train.train.schedule import apply_schedule
-from step3vl_train.train.sequence_parallel import DataParallelRank, data_parallel_rank
-from step3vl_train.train.validation import Validation, summary
+from step3vl_train.train.sequence_parallel import DataParallelRank, GroupLoader, data_parallel_rank
+from step3vl_train.train.validation import Validation, stand_in_batch, summary
 from step3vl_train.usage import UsageError, build
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 CONFIG_FILE = "config.yaml"  # the resolved config, in the run directory and in each checkpoint
 
 
@@ -69,32 +70,106 @@ def supervised_tokens(batch: Batch) -> int:
     return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def backward_global_batch(engine, micro: list[Batch], data: DataParallelRank) -> torch.Tensor:
-    """Forward and backward over this rank's micro-batches of one optimizer step, leaving the last
-    `engine.step()` (the update) to the caller. The loss is the sum over every supervised token of the
-    global batch divided by their number, whatever their split into ranks, micro-batches, packs and
-    sequence slices. DeepSpeed averages gradients over every rank of the ZeRO group (sequence-parallel
-    ranks included), hence the factor of the world size; the ranks of a sequence-parallel group share
-    rows, so only the first counts their tokens.
+@dataclass
+class DataWait:
+    """The seconds a step has spent waiting for its micro-batches."""
 
-    Every tensor goes to the engine's device here, batches from pinned memory, and the collectives run
-    there (NCCL takes no CPU tensor). Returns this step's (loss, supervised tokens, tokens), summed over
-    all ranks, as one float64 tensor on the device: reading it is the step's one host synchronisation."""
-    device = engine.device
-    counted = [(supervised_tokens(b), int(b.attention_mask.sum())) for b in micro] if data.counts else [(0, 0)]
-    counts = torch.tensor([sum(c) for c in zip(*counted, strict=True)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    global_targets = counts[0].clamp(min=1).float()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seconds: float = 0.0
+
+
+def arriving(batches: Iterator[T], count: int, wait: DataWait) -> Iterator[T | None]:
+    """The next `count` items of `batches`, each as soon as it is made, then None for each one missing once
+    `batches` has run out; the time spent waiting for them is added to `wait`."""
+    for _ in range(count):
+        started = time.perf_counter()
+        item = next(batches, None)
+        wait.seconds += time.perf_counter() - started
+        yield item
+
+
+def backward_step(
+    engine,
+    micro: Iterable[T | None],
+    count: int,
+    reference: float,
+    forward: Callable[[T | None], tuple[torch.Tensor, torch.Tensor]],
+    figures: Callable[[], list[float]] = list,
+) -> torch.Tensor:
+    """Forward and backward over this rank's `count` micro-batches of one optimizer step, each as soon as it
+    arrives, leaving the update (`engine.step()`) to the caller.
+
+    `forward(batch)` returns the batch's summed loss and the float64 sums it adds to the step's, on the
+    device, the loss's normaliser first (supervised tokens, pairs); a None batch (this rank's data ran out
+    before the step's end) it replaces with a stand-in that counts nothing, so that this rank still joins
+    the others' collectives. The step's loss is the sum over every micro-batch of every rank divided by the
+    normaliser summed alike, whatever the split into ranks, micro-batches, packs and sequence slices; that
+    normaliser is known only once the step's last micro-batch is made, so each micro-batch goes backward
+    divided by a fixed `reference` instead, and the accumulated gradients are scaled by
+    reference / normaliser before the update (engine.scale_gradients). DeepSpeed averages gradients over
+    every rank of the ZeRO group, sequence-parallel ranks included (engine.check_gradient_reduce), hence
+    the factor of the world size.
+
+    Returns the sums over all ranks as one float64 tensor on the device, then the count of missing
+    micro-batches and this rank's `figures()` (taken after the last micro-batch), summed likewise in the
+    same all-reduce: reading it is the step's one host synchronisation before the update."""
+    scale = dist.get_world_size() / reference
+    sums, missing = None, 0
     for index, batch in enumerate(micro):
-        inputs = batch.model_inputs(device=device, pixel_dtype=engine.module.dtype)
-        loss = engine(**inputs, num_items_in_batch=global_targets).loss
-        engine.backward(loss * dist.get_world_size(), scale_wrt_gas=False)
-        if index < len(micro) - 1:
+        loss, here = forward(batch)
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        if index < count - 1:
             engine.step()  # DeepSpeed counts micro-steps; only the last one updates
-        loss_sum += loss.detach().double()
-    dist.all_reduce(loss_sum)
-    return torch.cat([loss_sum[None], counts])
+        sums = here if sums is None else sums + here
+        missing += batch is None
+    sums = torch.cat([sums, sums.new_tensor([missing, *figures()])])
+    dist.all_reduce(sums)
+    scale_gradients(engine, reference / sums[0].clamp(min=1))
+    return sums
+
+
+def language_model_forward(
+    engine, data: DataParallelRank, stand_in: Batch
+) -> Callable[[Batch | None], tuple[torch.Tensor, torch.Tensor]]:
+    """`backward_step`'s forward for the language-model loss: the summed token loss of this rank's part of
+    the batch, and (supervised tokens, the loss, tokens). Every tensor goes to the engine's device here,
+    batches from pinned memory, and the collectives run there (NCCL takes no CPU tensor). The ranks of a
+    sequence-parallel group share rows, so only the first counts their tokens."""
+    device = engine.device
+
+    def forward(batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        counted = batch is not None and data.counts
+        batch = batch if batch is not None else stand_in
+        inputs = batch.model_inputs(device=device, pixel_dtype=engine.module.dtype)
+        loss = engine(**inputs, num_items_in_batch=1).loss
+        targets, tokens = (supervised_tokens(batch), int(batch.attention_mask.sum())) if counted else (0, 0)
+        counts = torch.tensor([targets, tokens], dtype=torch.float64, device=device)
+        return loss, torch.stack([counts[0], loss.detach().double(), counts[1]])
+
+    return forward
+
+
+def backward_global_batch(
+    engine,
+    micro: Iterable[Batch | None],
+    count: int,
+    data: DataParallelRank,
+    reference: float,
+    stand_in: Batch,
+    figures: Callable[[], list[float]] = list,
+) -> torch.Tensor:
+    """`backward_step` with the language-model loss; returns (supervised tokens, loss, tokens, missing
+    micro-batches, *figures), summed over all ranks."""
+    forward = language_model_forward(engine, data, stand_in)
+    return backward_step(engine, micro, count, reference, forward, figures)
+
+
+def progress_figures(row: dict) -> dict[str, str]:
+    """What the progress bar shows of a step's row: the loss, tokens/s, and the wait for data where it is
+    over 5% of the step."""
+    shown = {"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:,.0f}"}
+    if row["time/data_wait"] > 0.05 * row["time/step"]:
+        shown["data_wait"] = f"{row['time/data_wait'] / row['time/step']:.0%}"
+    return shown
 
 
 def trained_tokens(checkpoint: Path) -> int:
@@ -185,9 +260,12 @@ class Trainer:
         self.device = self.ds.engine.device
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
+        self.data = data
         self.loader = self.build_loader(data)
         self.validation = self.build_validation(data)
         self.progress = Progress()
+        self.data_position: dict | None = None  # the loader's state to save, where not its live one
+        self.stand_in = stand_in_batch(self.processor.tokenizer.pad_token_id or 0)  # for a rank out of data
         self.step_keys: list[str] = []  # this step's sample keys, for trainer.log_sample_keys
         self.peak_flops = self.trainer.peak_flops_per_device or device_peak_flops()
         if self.device.type == "cuda" and not self.peak_flops:
@@ -213,10 +291,25 @@ class Trainer:
         current = OmegaConf.to_container(self.cfg, resolve=True)
         return changes_since_checkpoint(saved, current, trained_tokens(latest))
 
-    def build_loader(self, data: DataConfig) -> PackedLoader:
-        # The ranks of a sequence-parallel group read the same rows: the loader is built over data ranks.
+    def build_loader(self, data: DataConfig) -> PackedLoader | GroupLoader:
+        """Over the data-parallel ranks. The ranks of a sequence-parallel group share rows: the group's
+        first rank reads and decodes them, with the group's CPUs, and hands each rank its views."""
         weights = [phase.weights for phase in self.phases]
-        return PackedLoader(data, self.processor, self.data_rank.rank, self.data_rank.world, weights)
+        sequence_parallel = self.trainer.sequence_parallel
+        loader = None
+        if self.data_rank.counts:
+            rank, world = self.data_rank.rank, self.data_rank.world
+            loader = PackedLoader(data, self.processor, rank, world, weights, cpu_share=sequence_parallel)
+        if sequence_parallel == 1:
+            return loader
+        model = self.ds.model
+        group = model.runtime.sequence_group
+        return GroupLoader(loader, group, self.model_config.image_token_id, model.tokens_per_view)
+
+    def step_reference(self) -> float:
+        """`backward_step`'s fixed normaliser: the supervised tokens a step could hold at most."""
+        data = self.data
+        return float(self.trainer.grad_accum * self.data_rank.world * data.micro_batch_size * data.packing.seq_len)
 
     def build_validation(self, data: DataConfig) -> Validation | None:
         return Validation(data, self.processor, self.trainer.eval_every) if data.eval else None
@@ -291,12 +384,8 @@ class Trainer:
                 if self.enter_phase():  # the workers restart in the new phase: a new iterator
                     batches.close()
                     batches = self.micro_batches()
-                started = time.perf_counter()
-                micro = list(itertools.islice(batches, self.trainer.grad_accum))
-                # With data.max_epochs set, a rank can run out first; every rank stops together.
-                complete = torch.tensor(int(len(micro) == self.trainer.grad_accum), device=self.device)
-                dist.all_reduce(complete, op=dist.ReduceOp.MIN)
-                if not complete:
+                row = self.train_step(batches)
+                if row is None:  # with data.max_epochs a rank can run out first; every rank stops together
                     self.say(f"the data ran out after step {self.progress.step}")
                     last = self.after_step(final=True)
                     if metrics is not None and last:
@@ -304,10 +393,8 @@ class Trainer:
                     if self.trainer.save_every:
                         self.save()
                     break
-                row = self.train_step(micro)
                 self.write_sample_keys()
-                row["tokens_per_s"] = round(row["step_tokens"] / (time.perf_counter() - started), 1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=row["tokens_per_s"], refresh=False)
+                bar.set_postfix(progress_figures(row), refresh=False)
                 bar.update(1)
                 figures = self.after_step(final=self.finished())
                 row |= figures
@@ -376,15 +463,18 @@ class Trainer:
             tokens is not None and self.progress.tokens >= tokens
         )
 
-    def backward(self, micro: list[Batch]) -> torch.Tensor:
-        """Forward and backward over this rank's micro-batches of a step (all but the update); returns the
-        step's totals over all ranks as one tensor on the device, for `step_metrics`."""
-        return backward_global_batch(self.ds.engine, micro, self.data_rank)
+    def backward(self, micro: Iterable[Batch | None], figures: Callable[[], list[float]]) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches of a step as they arrive (all but the
+        update); returns the step's sums over all ranks as one tensor on the device, for `step_metrics`,
+        then the count of missing micro-batches and `figures()` summed (`backward_step`)."""
+        count, reference = self.trainer.grad_accum, self.step_reference()
+        return backward_global_batch(self.ds.engine, micro, count, self.data_rank, reference, self.stand_in, figures)
 
     def step_metrics(self, totals: list[float]) -> dict:
-        """The row's figures from `backward`'s totals: `loss` and `step_tokens` (all ranks) at least."""
-        loss_sum, global_targets, global_tokens = totals
-        return {"loss": loss_sum, "step_tokens": int(global_tokens), "supervised_tokens": int(global_targets)}
+        """The row's figures from `backward`'s sums: `loss` and `step_tokens` (all ranks) at least."""
+        global_targets, loss_sum, global_tokens = totals
+        loss = loss_sum / max(global_targets, 1)
+        return {"loss": loss, "step_tokens": int(global_tokens), "supervised_tokens": int(global_targets)}
 
     def after_step(self, final: bool) -> dict:
         """Called on every rank after each step (`final`: the run's last), and once more with `final` when
@@ -398,28 +488,28 @@ class Trainer:
         self.say(f"validation at step {step}: {summary(figures)}")
         return figures
 
-    def train_step(self, micro: list[Batch]) -> dict:
-        """One optimizer step over `grad_accum` micro-batches per rank."""
+    def train_step(self, batches: Iterator[Batch]) -> dict | None:
+        """One optimizer step over `grad_accum` micro-batches per rank, each going forward as soon as it
+        arrives; None, with no update, when some rank's data ran out before the step's end."""
         started = time.perf_counter()
+        if self.data.max_epochs is not None:  # the data can run out: what a step it cuts short saves
+            self.data_position = self.loader.state_dict()
         legs = schedule_legs(self.phases)
         lrs = apply_schedule(self.ds.engine.optimizer, self.progress.tokens, self.optim.schedule, legs)
         phase = {"phase": self.loader.phase} if len(self.phases) > 1 else {}
-        step_totals = self.backward(micro)
+        wait, flops = DataWait(), []
+        micro = self.counting_flops(arriving(batches, self.trainer.grad_accum, wait), flops)
+        totals = self.backward(micro, lambda: self.step_figures(flops)).tolist()
+        step_totals, (missing, samples, skipped, *flop_sums) = totals[:-6], totals[-6:]
+        if missing:
+            return None
+        self.data_position = None
         self.ds.engine.step()
-        flops = [self.flops(batch) for batch in micro] if self.data_rank.counts else [StepFlops(0.0, 0.0)]
-        data = self.loader.stats().summary() if self.data_rank.counts else {"samples": 0, "skipped_samples": 0}
-        flop_sums = [sum(f.vit for f in flops), sum(f.decoder for f in flops), sum(f.decoder_dense for f in flops)]
-        totals = torch.tensor(
-            [data["samples"], data["skipped_samples"], *flop_sums], dtype=torch.float64, device=self.device
-        )
-        dist.all_reduce(totals)
-        # The first read of device values waits for the GPU: the step's time includes its work.
-        figures = self.step_metrics(step_totals.tolist())
-        totals = totals.tolist()
-        seconds = time.perf_counter() - started
+        figures = self.step_metrics(step_totals)
+        grad_norm = self.ds.engine.get_global_grad_norm()
+        seconds = time.perf_counter() - started  # waits for data included: the GPU idles through them
         self.progress.step += 1
         self.progress.tokens += figures["step_tokens"]
-        grad_norm = self.ds.engine.get_global_grad_norm()
         return {
             "step": self.progress.step,
             "loss": figures.pop("loss"),
@@ -429,15 +519,39 @@ class Trainer:
             "tokens": self.progress.tokens,
             **phase,
             **figures,
-            "samples": int(totals[0]),
-            "skipped_samples": int(totals[1]),
-            **self.utilisation(StepFlops(*totals[2:]), seconds),
+            "samples": int(samples),
+            "skipped_samples": int(skipped),
+            "tokens_per_s": round(figures["step_tokens"] / seconds, 1),
+            "time/step": seconds,
+            "time/data_wait": wait.seconds,
+            **self.utilisation(StepFlops(*flop_sums), seconds),
             **self.memory(),
         }
 
+    def step_figures(self, flops: list[StepFlops]) -> list[float]:
+        """This rank's samples and skips so far and the step's FLOPs (ViT, decoder, dense decoder), which
+        `backward_step` sums over the ranks with the step's own sums (the first rank of a sequence-parallel
+        group counts for it)."""
+        data = self.loader.stats().summary() if self.data_rank.counts else {"samples": 0, "skipped_samples": 0}
+        flop_sums = [sum(f.vit for f in flops), sum(f.decoder for f in flops), sum(f.decoder_dense for f in flops)]
+        return [data["samples"], data["skipped_samples"], *flop_sums]
+
+    def counting_flops(self, micro: Iterator[T | None], flops: list[StepFlops]) -> Iterator[T | None]:
+        """`micro` as it comes, each counted batch's FLOPs added to `flops` on the way (its first rank's
+        alone in a sequence-parallel group)."""
+        for batch in micro:
+            if batch is not None and self.data_rank.counts:
+                flops.append(self.flops(batch))
+            yield batch
+
     def flops(self, batch: Batch) -> StepFlops:
         return batch_flops(
-            self.model_config, batch.input_ids, batch.position_ids, batch.attention_mask, batch.view_sides()
+            self.model_config,
+            batch.input_ids,
+            batch.position_ids,
+            batch.attention_mask,
+            batch.view_sides(),
+            supervised_tokens(batch),
         )
 
     def memory(self) -> dict:
@@ -450,9 +564,10 @@ class Trainer:
         }
 
     def utilisation(self, flops: StepFlops, seconds: float) -> dict:
-        """FLOP/s of the step, the ViT's apart, and MFU where the device's peak is known: `mfu` as torchtitan
-        counts (the decoder's attention over whole rows, full square), `mfu/causal` and its parts as we do
-        (causal attention within each sample: model/flops.py)."""
+        """FLOP/s of the step (its whole time, waits for data included), the ViT's apart, and MFU where the
+        device's peak is known: `mfu` as torchtitan counts (the decoder's attention over whole rows, full
+        square), `mfu/causal` and its parts as we do (causal attention within each sample); the head at the
+        scored positions only, recomputation never (model/flops.py)."""
         vit, decoder = flops.vit, flops.decoder
         row = {"flops/vit": vit, "flops/decoder": decoder, "tflops_per_s": round((vit + decoder) / seconds / 1e12, 4)}
         if self.peak_flops:
@@ -467,7 +582,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """This rank's part of a checkpoint besides the weights, optimizer and RNGs."""
-        return {"progress": vars(self.progress).copy(), "loader": self.loader.state_dict()}
+        loader = self.data_position if self.data_position is not None else self.loader.state_dict()
+        return {"progress": vars(self.progress).copy(), "loader": loader}
 
     def load_state_dict(self, state: dict) -> None:
         self.progress = Progress(**state["progress"])

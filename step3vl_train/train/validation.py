@@ -10,8 +10,8 @@ belongs to one source.
 
 Rank roles: in eval mode every rank runs whole rows (sequence parallelism is for training:
 model/step3vl.py), so the set is split over all ranks, those of a sequence-parallel group included. Every
-forward is collective under ZeRO-3 (it gathers the weights, and the model agrees on its vision and head
-calls over the world), so a rank whose rows have run out runs a one-token stand-in with no targets until
+forward is collective under ZeRO-3 (it gathers the decoder's weights, and the model agrees over the world
+on whether the tower runs), so a rank whose rows have run out runs a one-token stand-in with no targets until
 every rank's have.
 """
 

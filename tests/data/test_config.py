@@ -1,8 +1,10 @@
+import os
+
 import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
 
-from step3vl_train.data.config import DataConfig
+from step3vl_train.data.config import AUTO_WORKERS_CAP, DataConfig, loader_workers
 from tests.conftest import REPO
 
 
@@ -18,7 +20,20 @@ def test_recipes_and_defaults_load():
     text = sum(s.weight for s in stage1.sources if s.name == "text")
     assert text / sum(s.weight for s in stage1.sources) == pytest.approx(0.9)
     default = OmegaConf.load(REPO / "configs" / "data" / "default.yaml")
-    assert DataConfig.from_dict(OmegaConf.merge(default, {"sources": [{"name": "x", "paths": ["x"]}]})).num_workers == 2
+    merged = OmegaConf.merge(default, {"sources": [{"name": "x", "paths": ["x"]}]})
+    assert DataConfig.from_dict(merged).num_workers == "auto"
+
+
+def test_auto_workers_are_the_cpus_a_rank_has_less_its_own(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers("auto") == 7 and loader_workers(3) == 3
+    assert loader_workers("auto", cpu_share=8) == AUTO_WORKERS_CAP  # a sequence-parallel group's reader
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert loader_workers("auto") == 1  # at least one
+    with pytest.raises(ValueError, match="num_workers"):
+        config(num_workers="many")
 
 
 @pytest.mark.parametrize(

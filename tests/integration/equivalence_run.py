@@ -1,6 +1,7 @@
 """Gradients of one global batch under ZeRO-3, split three ways: 4 micro-batches of 1, 1 of 4 rows, and
 1 packed row; and the 4 micro-batches again with the vision tower one view a call and the head 3 positions
-a call (the ranks then need different numbers of calls, and agree on the largest).
+a call (the ranks then make different numbers of calls). Each split divides its micro-batches' losses by
+another fixed count before the gradients are scaled to the global batch's.
 torchrun --nproc_per_node 2 equivalence_run.py OUT_DIR
 
 Rank 0 writes OUT_DIR/grads.pt: {split: {parameter name: full gradient}}.
@@ -26,6 +27,7 @@ from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.engine import build_engine, deepspeed_config
 from step3vl_train.train.sequence_parallel import data_parallel_rank
 from step3vl_train.train.trainer import backward_global_batch
+from step3vl_train.train.validation import stand_in_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,7 +62,9 @@ def gradients(model_config, split: str, rank: int) -> dict[str, torch.Tensor]:
     ds_config = deepspeed_config(base, 1, len(micro), 0.0, bf16=False)
     ds = build_engine(model_config, OptimConfig(lr=0.0), ds_config, compute=compute)
     ds.engine.train()
-    backward_global_batch(ds.engine, micro, data_parallel_rank(1))
+    # A different fixed count for each split: the gradients are scaled to the global batch's afterwards.
+    reference = {"4x1": 64.0, "1x4": 1.0, "packed": 1000.0, "4x1-chunked": 7.0}[split]
+    backward_global_batch(ds.engine, micro, len(micro), data_parallel_rank(1), reference, stand_in_batch(0))
     grads = {name: safe_get_full_grad(param).clone() for name, param in ds.model.named_parameters()}
     ds.engine.destroy()
     return grads

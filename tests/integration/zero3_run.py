@@ -2,17 +2,21 @@
 
 torchrun --nproc_per_node 2 zero3_run.py OUT_DIR STEPS
 Each rank writes OUT_DIR/rank{R}.json: its losses, how far the vision weights moved, the dtypes
-DeepSpeed accumulates and reduces gradients in, and a validation's sums (train/validation.py: `evaluate`)
-over batches of two sources that differ between the ranks in number and kind, with the same sums taken by
-every rank over all of those batches.
+DeepSpeed accumulates and reduces gradients in, what ZeRO-3 keeps whole, the all-gathers of each
+micro-step, and a validation's sums (train/validation.py: `evaluate`) over batches of two sources that
+differ between the ranks in number and kind, with the same sums taken by every rank over all of those
+batches. Rank 0's stdout holds DeepSpeed's "Invalidate trace cache" lines between "steady state from
+here" and "steady state ends".
 """
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_local_grad
 from omegaconf import OmegaConf
 from PIL import Image
@@ -21,7 +25,7 @@ from step3vl_train.model import Step3VLConfig
 from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.train.config import OptimConfig
 from step3vl_train.train.distributed import close_distributed
-from step3vl_train.train.engine import build_engine, deepspeed_config
+from step3vl_train.train.engine import build_engine, deepspeed_config, gathered_parameters
 from step3vl_train.train.validation import SourceBatch, evaluate, stand_in_batch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,21 +50,30 @@ def main() -> None:
     torch.manual_seed(0)
     model_config = Step3VLConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/tiny.yaml")))
     base = OmegaConf.to_container(OmegaConf.load(REPO / "configs/deepspeed/zero3.yaml"))
+    base["zero_optimization"]["log_trace_cache_warnings"] = True  # "Invalidate trace cache" on stdout
     ds = build_engine(model_config, OptimConfig(lr=1e-3), deepspeed_config(base, 1, 1, 1.0, bf16=True))
+    ds.model.gradient_checkpointing_enable()
     persistent = {id(param) for param in ds.engine.optimizer.persistent_parameters}
-    image_persistent = sum(id(param) in persistent for param in ds.model.image_parameters())
+    kept = [param for module in ds.model.kept_whole() for param in module.parameters()]
+    hooked = [m for module in ds.model.kept_whole() for m in module.modules() if m._forward_pre_hooks]
     conv = ds.model.vision_model.conv1.weight
-    with deepspeed.zero.GatheredParameters([conv]):
+    with gathered_parameters([conv]):
         before = conv.detach().clone()
     kinds = batches(load_processor("tiny", str(REPO / "configs/processor/tiny.yaml")))
-    losses = []
+    losses, gathers = [], []
     for step in range(steps):
+        if step == WARM_UP and rank == 0:  # DeepSpeed prints its invalidations on rank 0
+            print("steady state from here", flush=True)
         batch = kinds[(step + rank) % len(kinds)]  # the ranks never hold the same kind at once
-        loss = ds.engine(**batch.model_inputs(pixel_dtype=torch.bfloat16)).loss
-        ds.engine.backward(loss)
+        with counted_gathers() as gathered:
+            loss = ds.engine(**batch.model_inputs(pixel_dtype=torch.bfloat16)).loss
+            ds.engine.backward(loss)
+        gathers.append(gathered[0])
         ds.engine.step()
         losses.append(loss.item())
-    with deepspeed.zero.GatheredParameters([conv]):
+    if rank == 0:
+        print("steady state ends", flush=True)
+    with gathered_parameters([conv]):
         moved = (conv.detach() - before).abs().max().item()
         before_text = conv.detach().clone()
     # A step whose every rank holds text alone makes no call of the tower. Its gradients are exact zeros,
@@ -72,17 +85,38 @@ def main() -> None:
     text_step_grad = max(safe_get_local_grad(param).abs().max().item() for param in ds.model.image_parameters())
     ds.engine.step()
     hook.remove()
-    with deepspeed.zero.GatheredParameters([conv]):
+    with gathered_parameters([conv]):
         moved_on_text = (conv.detach() - before_text).abs().max().item()
     optimizer = ds.engine.optimizer
     dtypes = [str(optimizer.gradient_accumulation_dtype), str(optimizer.communication_data_type)]
     result = {"losses": losses, "vision_moved": moved, "grad_dtypes": dtypes, "param_dtype": str(ds.model.dtype),
               "text_step_vision_calls": len(calls), "vision_moved_on_text": moved_on_text,
               "text_step_vision_grad": text_step_grad, "persistent": len(persistent),
-              "image_persistent": image_persistent}  # fmt: skip
+              "kept_whole": len(kept), "kept_persistent": sum(id(p) in persistent for p in kept),
+              "kept_available": sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in kept),
+              "kept_hooked": len(hooked), "gathers": gathers}  # fmt: skip
     result |= validation(ds.engine, kinds, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     close_distributed()
+
+
+WARM_UP = 2  # micro-steps: ZeRO-3 records the module order in the first and prefetches from the second
+
+
+@contextmanager
+def counted_gathers():
+    """The all-gathers DeepSpeed starts inside the block: [count]."""
+    counted, original = [0], deepspeed.comm.allgather_fn
+
+    def allgather_fn(*args, **kwargs):
+        counted[0] += 1
+        return original(*args, **kwargs)
+
+    deepspeed.comm.allgather_fn = allgather_fn
+    try:
+        yield counted
+    finally:
+        deepspeed.comm.allgather_fn = original
 
 
 def validation(engine, kinds, rank: int) -> dict:

@@ -24,27 +24,38 @@ def test_decoder_flops_match_torchs_flop_counter(tiny_model):
     tiny_model.config._attn_implementation = "eager"  # attention as matmuls the counter sees
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         tiny_model(input_ids=torch.randint(11, 1000, (1, 40)))
-    assert decoder_flops(tiny_model.config, [40], causal=False) == 3 * counter.get_total_flops()
+    assert decoder_flops(tiny_model.config, [40], 40, causal=False) == 3 * counter.get_total_flops()
+
+
+def test_the_head_counts_at_the_scored_positions_only(tiny_config):
+    """What the model computes: the head runs on the positions with a target, in SFT 10-16% of them."""
+    text = tiny_config.text_config
+    head = 6 * text.hidden_size * text.vocab_size
+    assert decoder_flops(tiny_config, [40], 40) - decoder_flops(tiny_config, [40], 4) == head * 36
+    assert (
+        decoder_flops(tiny_config, [40], 40, head_width=1)
+        == decoder_flops(tiny_config, [40], 0) + 6 * text.hidden_size * 40
+    )
 
 
 def test_packed_samples_attend_within_themselves(tiny_config):
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])  # samples of 3 and 2 tokens, then 3 of padding
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
-    flops = batch_flops(tiny_config, torch.zeros(1, 8), positions, mask, view_sides=[224, 168])
-    assert flops.decoder == decoder_flops(tiny_config, [3, 2])
-    assert flops.decoder < decoder_flops(tiny_config, [5])
+    flops = batch_flops(tiny_config, torch.zeros(1, 8), positions, mask, view_sides=[224, 168], scored=3)
+    assert flops.decoder == decoder_flops(tiny_config, [3, 2], 3)
+    assert flops.decoder < decoder_flops(tiny_config, [5], 3)
     assert flops.vit == vit_flops(tiny_config, 224) + vit_flops(tiny_config, 168)
-    padded = batch_flops(tiny_config, torch.zeros(2, 4), None, torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), [])
-    assert padded.decoder == decoder_flops(tiny_config, [3, 2]) and padded.vit == 0
+    padded = batch_flops(tiny_config, torch.zeros(2, 4), None, torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), [], 3)
+    assert padded.decoder == decoder_flops(tiny_config, [3, 2], 3) and padded.vit == 0
 
 
 def test_the_dense_count_is_torchtitans_over_whole_rows(tiny_config):
     """6N + 12·L·H·Q·T a token (T the row's real length, N the decoder's weights with the head and without
-    the embedding), whatever the samples packed in the row."""
+    the embedding), whatever the samples packed in the row: here every position scored."""
     text = tiny_config.text_config
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
-    flops = batch_flops(tiny_config, torch.zeros(1, 8), positions, mask, view_sides=[])
+    flops = batch_flops(tiny_config, torch.zeros(1, 8), positions, mask, view_sides=[], scored=5)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
     layer = text.hidden_size * (2 * q + 2 * kv) + 3 * text.hidden_size * text.intermediate_size

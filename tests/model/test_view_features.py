@@ -85,31 +85,31 @@ def test_given_features_give_the_pixels_results_and_call_no_tower(tiny_model):
 
 
 @pytest.mark.parametrize("given", [True, False])
-def test_a_rank_joins_the_calls_another_rank_needs(tiny_model, given):
-    """Under ZeRO-3 each call of the tower or the projector gathers its weights on every rank: a rank
-    with features still calls the tower as often as a rank with pixels (stand-ins), and a rank with
-    pixels calls the projector once more where another rank projects given features."""
+def test_a_rank_joins_the_image_path_another_rank_runs(tiny_model, given):
+    """Gradients are reduced in buckets that must hold the same parameters on every rank: a rank with
+    features still calls the tower once (a stand-in) where another rank runs it on pixels, and a rank
+    with pixels calls the projector once more where another rank projects given features. Each rank
+    otherwise calls the tower as its own views need: the weights are kept whole, a call gathers nothing."""
     model = frozen_tower(tiny_model)
     inputs, labels = image_batch()
     expected = run(model, inputs, labels)
     if given:
         features = model.precompute_view_features(inputs["pixel_values"], inputs["patch_pixel_values"], [2, 0, 3])
         inputs = {**inputs, "pixel_values": None, "patch_pixel_values": None, "image_features": features}
-    other_rank = [2, 1, 1, 1]  # global-view calls, crop calls, head calls, projections of given features
-    model.runtime.agree = lambda counts, device: [max(a, b) for a, b in zip(counts, other_rank, strict=True)]
+    model.runtime.agree = lambda counts, device: [1, 1]  # another rank runs the tower and projects features
     tower, projector = counted_calls(model.vision_model), counted_calls(model.vit_large_projector)
-    with torch.no_grad():
-        model(**inputs, labels=labels)
-    if given:  # 3 stand-ins (2 global, 1 crop) of one 56-pixel view each, then one projection of all 93 tokens
-        assert tower == [1, 1, 1] and projector == [1, 1, 1, 3 * GLOBAL + 5 * CROP]
-    else:  # the tower in 2 + 1 calls (3 globals then 5 crops, the agreed chunks), a projector stand-in after
-        assert tower == [2, 1, 5] and projector == [2, 1, 5, 1]
+    model(**inputs, labels=labels)  # with gradients: without, there is no reduce to join
+    if given:  # one stand-in of one 56-pixel view, then one projection of all 93 tokens
+        assert tower == [1] and projector == [1, 3 * GLOBAL + 5 * CROP]
+    else:  # the tower in one call a kind (3 globals, then 5 crops), a projector stand-in after
+        assert tower == [3, 5] and projector == [3, 5, 1]
     assert_same(run(model, inputs, labels), expected)
 
 
-def test_precomputed_features_join_another_ranks_tower_calls(tiny_model):
+def test_precomputing_features_is_no_collective(tiny_model):
+    """Without gradients there is no reduce to join: a rank with no views calls nothing."""
     model = frozen_tower(tiny_model)
-    model.runtime.agree = lambda counts, device: [max(c, 2) for c in counts]
+    model.runtime.agree = lambda counts, device: pytest.fail("precompute_view_features agreed with other ranks")
     tower = counted_calls(model.vision_model)
     features = model.precompute_view_features(None, None, [])
-    assert features == ViewFeatures(None, None) and tower == [1, 1, 1, 1]
+    assert features == ViewFeatures(None, None) and tower == []

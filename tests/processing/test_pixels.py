@@ -167,3 +167,19 @@ def test_cat_shifts_offsets_and_refuses_mixed_specs():
     other = PixelViews(b.data, b.sources, b.windows, PixelSpec.from_config(RELEASED))
     with pytest.raises(ValueError, match="different specs"):
         PixelViews.cat([a, other])
+
+
+def test_a_selection_of_views_holds_those_views_alone():
+    """A sequence-parallel rank's share (train/sequence_parallel.py): some global views and a run of crops
+    that starts inside one image's and ends inside another's, in a buffer of their own."""
+    images = [random_image(400, 300, 1), random_image(150, 150, 2), random_image(600, 200, 3)]
+    views = PixelViews.from_images([image_views(image, TINY) for image in images], PixelSpec.from_config(TINY))
+    globals_, crops = model_pixels(views)
+    assert len(globals_) == 3 and len(crops) > 4
+    part = views.select(range(1, 3), range(2, len(crops) - 1))
+    part_globals, part_crops = model_pixels(part)
+    assert part.view_offset == (1, 2) and part.data.numel() < views.data.numel()
+    torch.testing.assert_close(part_globals, globals_[1:3], rtol=0, atol=0)
+    torch.testing.assert_close(part_crops, crops[2:-1], rtol=0, atol=0)
+    none_globals, none_crops = model_pixels(views.select(range(0), range(0)))
+    assert none_globals.shape == (0, 3, 224, 224) and none_crops.shape == (0, 3, 168, 168)  # sides count tokens

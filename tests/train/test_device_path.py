@@ -17,6 +17,7 @@ from step3vl_train.train.distributed import close_distributed
 from step3vl_train.train.predictions import answer_prompts
 from step3vl_train.train.sequence_parallel import DataParallelRank
 from step3vl_train.train.trainer import backward_global_batch
+from step3vl_train.train.validation import stand_in_batch
 
 DEVICE = torch.device("meta")
 
@@ -31,6 +32,7 @@ class DeviceEngine:
 
     device = DEVICE
     module = SimpleNamespace(dtype=torch.bfloat16)
+    optimizer = SimpleNamespace(offload_optimizer=False, grad_partitions_flat_buffer=torch.zeros(4, device=DEVICE))
 
     def __init__(self):
         self.inputs = []
@@ -75,12 +77,15 @@ def image_batches(processor, count=2):
 
 
 def test_a_step_feeds_the_engine_and_the_collectives_on_its_device(tiny_processor, collectives_on_device):
+    """A rank whose data ran out runs a stand-in on the device too; the gradients are scaled there."""
     engine = DeviceEngine()
-    totals = backward_global_batch(engine, image_batches(tiny_processor), DataParallelRank(0, 1, True))
-    assert totals.device == DEVICE and totals.shape == (3,)
-    assert len(engine.inputs) == 2 and all(inputs["pixel_values"].dtype == torch.bfloat16 for inputs in engine.inputs)
+    batches = [*image_batches(tiny_processor), None]
+    totals = backward_global_batch(engine, batches, 3, DataParallelRank(0, 1, True), 8192.0, stand_in_batch(0))
+    assert totals.device == DEVICE and totals.shape == (4,)
+    assert len(engine.inputs) == 3
+    assert all(inputs["pixel_values"].dtype == torch.bfloat16 for inputs in engine.inputs[:2])
     assert engine.inputs[0]["patch_pixel_values"] is not None  # crops too
-    assert len(collectives_on_device) == 2  # the counts, then the loss
+    assert len(collectives_on_device) == 1  # the step's sums, once
 
 
 def test_predictions_place_their_prompts_on_the_engines_device(tiny_processor):

@@ -1,12 +1,15 @@
 """The per-rank memory estimate: every recipe but PaCoRe's 64K fits 8 H100s, the arithmetic is what the
 docstring says, and the estimate matches a measured peak on the CPU."""
 
+import re
+
 import pytest
 
-from benchmarks.memory_cpu import in_subprocess
+from benchmarks.memory_cpu import in_subprocess, trace_decoder_layer
 from launch.estimate_memory import engine_estimate, estimate, main
 from step3vl_train.train.memory import ClusterConfig
 from step3vl_train.train.recipes import register_recipes
+from tests.conftest import REPO
 
 GIB = 2**30
 H100 = ClusterConfig(gpus=8, gpu_memory_gb=80)
@@ -25,11 +28,91 @@ def test_every_recipe_fits_eight_h100s_as_it_is(recipe):
 
 
 def test_pacore_at_64k_needs_sixteen_h100s_without_sequence_parallelism_in_rl():
-    """As recipes/pacore.yaml and docs/pacore.md say: 95 GiB a rank on 8, 76 GiB on 16."""
     eight, _ = estimate("pacore", H100, ["+recipe=pacore", "stage=pacore"])
     sixteen, _ = estimate("pacore", ClusterConfig(gpus=16, gpu_memory_gb=80), ["+recipe=pacore", "stage=pacore"])
-    assert not eight.fits and round(eight.gpu_gib) == 95, eight.table()
-    assert sixteen.fits and round(sixteen.gpu_gib) == 76, sixteen.table()
+    assert not eight.fits and sixteen.fits, (eight.table(), sixteen.table())
+
+
+SP1 = "trainer.sequence_parallel=1"
+# What docs and recipes quote of launch/estimate_memory.py: (file, the figure's pattern, the tool's
+# arguments, GPUs, what it printed: "total", a part's name, or the sum of the parts whose names end so).
+QUOTED = [
+    ("docs/gpu.md", r"\| `pretrain` \(`phase1`, `phase2`\) \| 4,096 \| ([\d.]+) GiB", ["+recipe=phase1"], 8, "total"),
+    ("docs/gpu.md", r"\| `sft_stage1`, `sft_stage2` \|[^|]+\| ([\d.]+) GiB", ["+recipe=sft_stage1"], 8, "total"),
+    (
+        "docs/gpu.md",
+        r"\| the same at `trainer.sequence_parallel=1` \|[^|]+\| ([\d.]+) GiB",
+        ["+recipe=sft_stage1", "trainer.sequence_parallel=1"],
+        8,
+        "total",
+    ),
+    ("docs/gpu.md", r"\| `rlvr` [^|]+\|[^|]+\| ([\d.]+) GiB", ["+recipe=rlvr"], 8, "total"),
+    ("docs/gpu.md", r"([\d.]+) GiB a rank for the 128K recipes", ["+recipe=sft_stage1"], 8, "host"),
+    (
+        "recipes/sft_stage1.yaml",
+        r"\+recipe=NAME: (\d+) GiB a rank",
+        ["+recipe=sft_stage1", "trainer.sequence_parallel=1"],
+        8,
+        "total",
+    ),
+    ("recipes/sft_stage1.yaml", r"16K tokens each, (\d+) GiB a rank", ["+recipe=sft_stage1"], 8, "total"),
+    (
+        "recipes/sft_stage1.yaml",
+        r"block inputs \((\d+) GiB\)",
+        ["+recipe=sft_stage1", "compute.vision_checkpoint=blocks"],
+        8,
+        "vision block inputs",
+    ),
+    ("recipes/sft_stage1.yaml", r"\((\d+) GiB at its", ["+recipe=sft_stage1"], 8, "vision call recompute"),
+    ("recipes/sft_stage2.yaml", r"16K tokens each, (\d+) GiB a rank", ["+recipe=sft_stage2"], 8, "total"),
+    ("recipes/rlvr.yaml", r"come to (\d+) GiB a rank", ["+recipe=rlvr"], 8, "total"),
+    ("recipes/pacore.yaml", r"64K sequence: (\d+) GiB on 8 GPUs", ["+recipe=pacore", "stage=pacore"], 8, "total"),
+    ("recipes/pacore.yaml", r"16 H100s \((\d+) GiB a rank\)", ["+recipe=pacore", "stage=pacore"], 16, "total"),
+    ("docs/pacore.md", r"That is (\d+) GiB a rank", ["+recipe=pacore", "stage=pacore"], 8, "total"),
+    ("docs/pacore.md", r"16\s+H100s \((\d+) GiB\)", ["+recipe=pacore", "stage=pacore"], 16, "total"),
+    ("docs/rl.md", r"checkpointing: ([\d.]+) GiB a training rank", ["+recipe=rlvr"], 8, "total"),
+    ("docs/rl.md", r"([\d.]+) GiB of bf16 weights", ["+recipe=rlvr", "rollout=vllm"], 8, "engine: weights"),
+    (
+        "docs/rl.md",
+        r"the training rank's ([\d.]+) GiB of ZeRO-3 states",
+        ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"],
+        8,
+        "colocated states",
+    ),
+]
+
+
+def printed(args: list[str], gpus: int, what: str) -> float:
+    cluster = ClusterConfig(gpus=gpus, gpu_memory_gb=80)
+    result, cfg = estimate(args[0].removeprefix("+recipe="), cluster, args)
+    if what == "total":
+        return result.gpu_gib
+    if what == "host":
+        return result.host[0].bytes / GIB
+    if what == "colocated states":
+        engine = engine_estimate(cfg, cluster)
+        return sum(p.bytes for p in engine.gpu if p.name.startswith(("policy:", "critic:"))) / GIB
+    if what.startswith("engine:"):
+        return parts(engine_estimate(cfg, cluster))[what] / GIB
+    return parts(result)[what] / GIB
+
+
+@pytest.mark.parametrize("path,pattern,args,gpus,what", QUOTED, ids=[f"{q[0]}:{q[4]}" for q in QUOTED])
+def test_docs_and_recipes_quote_what_the_estimate_prints(path, pattern, args, gpus, what):
+    match = re.search(pattern, (REPO / path).read_text())
+    assert match, f"{path} no longer quotes {pattern}"
+    quoted = match.group(1)
+    decimals = len(quoted.split(".")[1]) if "." in quoted else 0
+    assert float(quoted) == round(printed(args, gpus, what), decimals), (path, quoted, what)
+
+
+@pytest.mark.parametrize("tokens", [4096, 16384, 131072])
+def test_a_decoder_layers_recompute_is_what_a_fake_tensor_trace_of_qwen3_8b_measures(tokens):
+    """benchmarks/memory_cpu.py traces one Qwen3-8B layer recomputed in backward (flash attention's memory,
+    no real tensors); the estimate's "decoder layer recompute" of a rank holding that many tokens."""
+    trace = trace_decoder_layer(tokens)
+    result, _ = estimate("phase1", H100, ["+recipe=phase1", f"data.packing.seq_len={tokens}"])
+    assert parts(result)["decoder layer recompute"] == pytest.approx(trace["peak"] * tokens, rel=0.10)
 
 
 def test_the_arithmetic_by_hand():
@@ -63,7 +146,7 @@ def test_the_rollout_engine_by_hand():
 
 def test_a_128k_row_on_one_rank_does_not_fit_and_the_degree_that_does_is_named(capsys):
     result, _ = estimate("sft_stage1", H100, ["+recipe=sft_stage1", "trainer.sequence_parallel=1"])
-    assert not result.fits and result.gpu_gib > 120
+    assert not result.fits and result.gpu_gib > 110
     main(["+recipe=sft_stage1", "trainer.sequence_parallel=1", "cluster.gpus=8"])
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "it needs trainer.sequence_parallel=4" in out

@@ -5,6 +5,7 @@ trip through load_reward_model."""
 import io
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ from step3vl_train.train.reward_model import (
     reward_conversation,
     score_samples,
 )
-from step3vl_train.train.reward_trainer import RewardJobConfig, RMLossConfig, backward_pairs
+from step3vl_train.train.reward_trainer import RewardJobConfig, RMLossConfig, pair_forward
+from step3vl_train.train.trainer import backward_step
 from step3vl_train.usage import UsageError, build
 from tests.conftest import REPO
 
@@ -139,13 +141,18 @@ def test_bradley_terry_loss_margin_and_centring():
 
 class ScoreEngine:
     """A DeepSpeed engine stand-in around a module that scores rows: the losses it is handed are recorded,
-    and backward accumulates gradients as DeepSpeed's does over micro-steps."""
+    and backward accumulates gradients as DeepSpeed's does over micro-steps, in its one weight's gradient,
+    which stands for ZeRO-3's flat buffer of gradient partitions (engine.scale_gradients scales it)."""
 
     device = torch.device("cpu")
 
     def __init__(self, module):
         self.module = module
         self.losses = []
+
+    @property
+    def optimizer(self):
+        return SimpleNamespace(offload_optimizer=False, grad_partitions_flat_buffer=self.module.weight.grad)
 
     def __call__(self, input_ids, **_):
         return self.module(input_ids)
@@ -187,14 +194,25 @@ def one_rank():
     close_distributed()
 
 
+def backward_pairs(engine, micro, loss, reference=4.0):
+    """The reward trainer's step over these micro-batches as they arrive (its pairs' normaliser)."""
+    return backward_step(engine, micro, len(micro), reference, pair_forward(engine, loss, stand_in_pair()))
+
+
+def stand_in_pair():
+    row = ProcessedSample(torch.tensor([0]), torch.tensor([-100]), None, [], torch.zeros(0, dtype=torch.bool))
+    return pair_batch([Pair("stand-in", row, row)], 0)
+
+
 def test_the_loss_is_the_mean_over_the_global_batch_however_it_is_split(one_rank):
+    """And whatever the fixed count each micro-batch is divided by before the whole batch is known."""
     pairs, loss = toy_pairs(6), RMLossConfig(margin=0.2, centring_weight=0.05)
     gradients, totals = [], []
-    for split in ([6], [3, 3], [1, 2, 3]):
+    for split, reference in (([6], 1.0), ([3, 3], 6.0), ([1, 2, 3], 100.0)):
         scorer = TokenScorer()
         starts = [sum(split[:i]) for i in range(len(split))]
         micro = [pair_batch(pairs[start : start + size], 0) for start, size in zip(starts, split, strict=True)]
-        totals.append(backward_pairs(ScoreEngine(scorer), micro, loss))
+        totals.append(backward_pairs(ScoreEngine(scorer), micro, loss, reference))
         gradients.append(scorer.weight.grad)
     scorer = TokenScorer()
     scores = torch.stack([scorer(p.chosen.input_ids[None])[0, -1] for p in pairs])
@@ -203,9 +221,18 @@ def test_the_loss_is_the_mean_over_the_global_batch_however_it_is_split(one_rank
     for gradient, total in zip(gradients, totals, strict=True):
         torch.testing.assert_close(gradient, scorer.weight.grad)
         torch.testing.assert_close(total, totals[0])
-    assert totals[0][0] == 6 and totals[0][-1] == sum(
+    assert totals[0][0] == 6 and totals[0][-2] == sum(
         len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs
     )
+    assert totals[0][-1] == 0  # no micro-batch missing
+
+
+def test_a_rank_whose_pairs_ran_out_joins_with_a_stand_in_that_counts_nothing(one_rank):
+    pairs, loss = toy_pairs(3), RMLossConfig(centring_weight=0.0)
+    scorer = TokenScorer()
+    engine = ScoreEngine(scorer)
+    totals = backward_step(engine, [pair_batch(pairs, 0), None], 2, 3.0, pair_forward(engine, loss, stand_in_pair()))
+    assert totals[0] == 3 and totals[-1] == 1 and len(engine.losses) == 2 and engine.losses[1] == 0.0
 
 
 def test_each_rank_divides_by_the_pairs_of_all_ranks(one_rank, monkeypatch):
@@ -216,17 +243,17 @@ def test_each_rank_divides_by_the_pairs_of_all_ranks(one_rank, monkeypatch):
     original = dist.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
-        if tensor.numel() == 1:  # the pair count
-            tensor += 5
+        tensor[0] += 5  # the pairs, first of the step's sums
         return original(tensor, *args, **kwargs)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    engine = ScoreEngine(TokenScorer())
-    backward_pairs(engine, [pair_batch(pairs, 0)], RMLossConfig(centring_weight=0.0))
+    trained = TokenScorer()
+    backward_pairs(ScoreEngine(trained), [pair_batch(pairs, 0)], RMLossConfig(centring_weight=0.0))
     scorer = TokenScorer()
     chosen = torch.stack([scorer(p.chosen.input_ids[None])[0, -1] for p in pairs])
     rejected = torch.stack([scorer(p.rejected.input_ids[None])[0, -1] for p in pairs])
-    assert engine.losses == pytest.approx([float(bradley_terry_loss(chosen, rejected).sum().detach()) / 8 * 2])
+    (bradley_terry_loss(chosen, rejected).sum() / 8 * 2).backward()
+    torch.testing.assert_close(trained.weight.grad, scorer.weight.grad)
 
 
 # ---- the pair reader -----------------------------------------------------------------------------------
