@@ -8,16 +8,18 @@ python launch/evaluate.py chat.backend=openai chat.endpoint.base_url=http://poli
     chat.tokenizer=/models/step3vl bench=screenspot data='/data/screenspot/*.tar' modes=[sere]
 python launch/evaluate.py model=outputs/demo/pacore_hf bench=synthetic \
     data='outputs/demo/synthetic/rl/heldout/choice/*.tar' modes=[sere,pacore] chat.tokenizer=tiny \
-    chat.processor=configs/processor/tiny.yaml chat.max_new_tokens=24 pacore.rounds=[8] out=outputs/demo/eval  # CPU
+    chat.max_new_tokens=24 pacore.rounds=[8] out=outputs/demo/eval  # CPU
 
-model=DIR and data=PATHS are shortcuts for chat.model and bench.data.paths. Writes OUT/NAME/results.jsonl
-(a line a problem and mode: every response with its score) and OUT/NAME/summary.json, whose JSON is also
-the last line printed, after a table of the modes. Rerun the same command after an interruption: problems
-already scored are not asked again.
+model=DIR and data=PATHS are shortcuts for chat.model and bench.data.paths. Images are planned with the
+processor the model directory carries (an export: the one its run trained with); chat.processor=YAML
+overrides the fields it sets. Writes OUT/NAME/results.jsonl (a line a problem and mode: every response with
+its score) and OUT/NAME/summary.json, whose JSON is also the last line printed, after a table of the modes.
+Rerun the same command after an interruption: problems already scored are not asked again.
 """
 
 import json
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,15 +32,17 @@ def score_checkpoint(cfg: DictConfig) -> None:
     from rl.chat_models import build_chat_model, pacore_tokenizer  # here: --help need not wait for torch
     from rl.evaluation.config import EvaluateConfig
     from rl.evaluation.run import evaluate, table
+    from step3vl_train.train.run_lock import RunLock
     from step3vl_train.usage import build
 
     config = build(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True))
-    tokenizer = pacore_tokenizer(config.chat) if "pacore" in config.modes else None
-    model = build_chat_model(config.chat, "chat")
-    try:
-        summary = evaluate(config, model, tokenizer)
-    finally:
-        model.close()
+    with RunLock(Path(config.out) / config.bench.name):  # one evaluation at a time appends to its results
+        tokenizer = pacore_tokenizer(config.chat) if "pacore" in config.modes else None
+        model = build_chat_model(config.chat, "chat")
+        try:
+            summary = evaluate(config, model, tokenizer)
+        finally:
+            model.close()
     print(table(summary))
     print(json.dumps(summary))
 

@@ -1,4 +1,5 @@
-"""Writes a training checkpoint in the released format (config.json, safetensors, tokenizer).
+"""Writes a training checkpoint in the released format (config.json, safetensors, tokenizer), with the
+processor the run trained with (processor_config.json, chat_template.jinja and their code).
 
 python launch/export_hf.py checkpoint=outputs/run out=outputs/run_hf [dtype=bfloat16]
 

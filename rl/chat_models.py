@@ -20,15 +20,17 @@ import copy
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
-from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from rl.engines import build_rollout_engine
 from rl.experience import Prompt
 from rl.rewards.verifier import VerifierConfig, openai_client
+from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.processing.images import load_image
+from step3vl_train.processing.model_processor import model_settings
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.processing.tokenizer import load_tokenizer
 from step3vl_train.usage import UsageError
@@ -73,7 +75,9 @@ class ChatModelConfig:
     # hf / vllm: a released-format model directory (an export of ours, or StepFun's release).
     model: str | None = None
     tokenizer: str | None = None  # "tiny" or a tokenizer directory; None: the model directory's own
-    processor: Any = None  # a processor YAML (configs/processor/*.yaml) or its mapping; empty: the released one
+    # A processor YAML (configs/processor/*.yaml) or its mapping, over the model directory's own; empty: the
+    # model's own (an export's: what it trained with; StepFun's release: the released processor).
+    processor: Any = None
     # hf without `model`: a randomly initialised model of this architecture (configs/model/*.yaml), for tests.
     model_config: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 2048  # of the reply, reasoning included
@@ -89,16 +93,22 @@ class ChatModelConfig:
         """Where the tokenizer comes from: `tokenizer`, else the model directory (exports carry theirs)."""
         return self.tokenizer or self.model
 
-    @property
-    def processor_settings(self) -> dict[str, Any] | None:
-        """The processor's settings (None: the released processor's). On vLLM its crop rule is vLLM's:
-        vLLM 0.33 crops as configs/rollout/vllm.yaml explains, and our prompt must expand as its does."""
-        settings = self.processor
-        if isinstance(settings, str):
-            settings = OmegaConf.to_container(OmegaConf.load(settings), resolve=True)
-        if self.backend == "vllm":
-            settings = {**(settings or {}), "crop_rule": "vllm"}
-        return settings or None
+    def processor_settings(self, key: str) -> dict[str, Any]:
+        """The processor's settings: the model directory's own (an export carries those it trained with), with
+        the fields `processor` sets over them; UsageError where the model's vision tower takes other views.
+        On vLLM the crop rule is vLLM's: vLLM 0.33 crops as configs/rollout/vllm.yaml explains, and our
+        prompt must expand as its does."""
+        settings = model_settings(self.model, self.processor, self.architecture(key), f"{key}.processor")
+        return {**settings, "crop_rule": "vllm"} if self.backend == "vllm" else settings
+
+    def architecture(self, key: str) -> Step3VLConfig:
+        """The model's config: its directory's `config.json`, else `model_config`."""
+        if not self.model:
+            return Step3VLConfig.from_dict(self.model_config)
+        path = Path(self.model) / "config.json"
+        if not path.is_file():
+            raise UsageError(f"{key}.model={self.model}: no config.json there; give a released-format directory")
+        return Step3VLConfig.from_json_file(path)
 
 
 def pacore_tokenizer(config: ChatModelConfig, key: str = "chat"):
@@ -212,7 +222,8 @@ class EngineChatModel:
             raise UsageError(f"{key}.backend=hf needs {key}.model (or {key}.model_config for a random model)")
         if not config.tokenizer_source:
             raise UsageError(f"{key}.tokenizer is not set: give tiny or a tokenizer directory")
-        self.processor = load_processor(config.tokenizer_source, config.processor_settings)
+        settings = config.processor_settings(key)
+        self.processor = load_processor(config.tokenizer_source, settings)
         tokenizer = self.processor.tokenizer
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Greedy as the top-1 sample at temperature 1: the transformers engine always samples, dividing by
@@ -231,7 +242,7 @@ class EngineChatModel:
                 "model": config.model,
                 "tokenizer": config.tokenizer_source,
                 "pad_token_id": pad_token_id,
-                "processor_config": config.processor_settings,
+                "processor_config": settings,
                 "tensor_parallel_size": config.tensor_parallel_size,
                 "gpu_memory_utilization": config.gpu_memory_utilization,
                 "max_model_len": config.max_model_len,

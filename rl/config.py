@@ -13,8 +13,10 @@ from rl.algos.advantages import ESTIMATORS
 from rl.algos.losses import AGGREGATIONS
 from rl.pacore.config import PaCoReConfig
 from rl.rewards.scorer import RewardConfig
-from step3vl_train.data.config import SourceConfig
+from step3vl_train.data.config import SourceConfig, train_source
 from step3vl_train.model.compute import ComputeConfig
+from step3vl_train.model.config import Step3VLConfig
+from step3vl_train.processing.model_processor import model_settings
 from step3vl_train.train.config import LoggingConfig, OptimConfig
 from step3vl_train.usage import build
 
@@ -36,7 +38,7 @@ class PromptsConfig:
 
     def __post_init__(self) -> None:
         if self.train:
-            self.sources = [SourceConfig(name="train", paths=[self.train])]
+            self.sources = [train_source(self.train)]
         if self.eval_max_prompts is not None and self.eval_max_prompts < 1:
             raise ValueError(f"prompts.eval_max_prompts must be positive or null, not {self.eval_max_prompts}")
 
@@ -150,6 +152,9 @@ class RLTrainerConfig:
     log_responses: int = 4  # responses an iteration whose text goes to rollouts.jsonl
     eval_every: int = 0  # validation on prompts.eval every this many iterations and at the last; 0: never
     eval_before_train: bool = False  # and once before the first iteration (its own row, step 0)
+    # Seconds between SIGTERM and the scheduler's SIGKILL: the run stops after the iteration in flight, saves
+    # it where the save fits, or abandons it when they run out; exit code 143 (docs/rl.md, "Stopping a run").
+    preempt_grace_s: float = 120.0
 
     @property
     def use_bf16(self) -> bool:
@@ -169,7 +174,9 @@ class RLConfig:
     stage: str = "rlvr"
     tokenizer: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # configs/model/*.yaml
-    processor: dict[str, Any] = field(default_factory=dict)  # configs/processor/*.yaml
+    # configs/processor/*.yaml, or some of its fields, over policy.init_from's own (an export carries what it
+    # trained with); the policy's settings in the end (__post_init__)
+    processor: dict[str, Any] = field(default_factory=dict)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # configs/deepspeed/*.yaml
     compute: ComputeConfig = field(default_factory=ComputeConfig)  # attention kernel, chunk sizes
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -190,6 +197,8 @@ class RLConfig:
             raise ValueError("algo.estimator=gae needs the critic (critic.enabled=true)")
         if self.algo.estimator != "gae" and self.rollout.n < 2:
             raise ValueError(f"algo.estimator={self.algo.estimator} compares responses to one prompt: rollout.n >= 2")
+        architecture = Step3VLConfig.from_dict(self.model)
+        self.processor = model_settings(self.policy.init_from, self.processor, architecture, "processor")
         if self.rollout.engine == "vllm" and self.processor.get("crop_rule", "released") != "vllm":
             raise ValueError(
                 "rollout.engine=vllm needs processor.crop_rule=vllm (configs/rollout/vllm.yaml sets it): vLLM 0.33 "
@@ -199,6 +208,8 @@ class RLConfig:
             self.rollout.num_engines > self.trainer.world_size or not self.trainer.num_gpus_per_rank
         ):
             raise ValueError("rollout.colocate puts engine i on training rank i's GPU: num_engines <= world_size, GPUs")
+        if self.trainer.preempt_grace_s < 0:
+            raise ValueError(f"trainer.preempt_grace_s must be at least 0, not {self.trainer.preempt_grace_s}")
         if self.trainer.eval_every < 0:
             raise ValueError(f"trainer.eval_every must be 0 (never) or positive, not {self.trainer.eval_every}")
         if (self.trainer.eval_every or self.trainer.eval_before_train) and not self.prompts.eval:

@@ -2,7 +2,8 @@
 and values -> advantages -> policy and critic updates -> weight sync, then validation on held-out prompts
 every `trainer.eval_every` iterations (rl/validation.py) and a checkpoint every `trainer.save_every`. A run
 re-started with the same command resumes from its latest checkpoint; a training or rollout actor that dies
-mid-run is replaced, and the run goes on from that checkpoint."""
+mid-run is replaced, and the run goes on from that checkpoint. On SIGTERM the run stops after the iteration
+in flight and saves it (train/preemption.py; docs/rl.md, "Stopping a run")."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from rl.workers.group import start_rollout_engines, start_train_group
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
+from step3vl_train.train.preemption import Preempted, StopRequest
 
 logger = logging.getLogger("rl")
 
@@ -77,6 +79,10 @@ class Driver:
         self.workers: list = []
         self.engines: list = []
         self.start_sync: dict[str, float] = {}  # logged with the first iteration after the engines start
+        # SIGTERM: stop after the iteration in flight, or abandon it when trainer.preempt_grace_s runs out.
+        self.stop = StopRequest(config.trainer.preempt_grace_s, abandon_at_deadline=True)
+        self.stopped: str | None = None  # where the run stopped on SIGTERM, once it has
+        self.save_s: float | None = None  # how long the last save took
 
     # ---- actors ---------------------------------------------------------------------------------------
 
@@ -121,33 +127,39 @@ class Driver:
     # ---- the run --------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """The run to its end, or to a stop on SIGTERM, which raises `Preempted` once the actors are gone."""
         save_config(self.run_dir, self.raw_config)
         restarts = 0
         try:
-            while True:
-                try:
-                    self.start_actors()
-                    self.resume()
-                    metrics = MetricsLog(self.run_dir, self.step, self.cfg.logging, self.raw_config)
-                    truncate_jsonl(self.run_dir / "rollouts.jsonl", self.step)
+            with self.stop.installed():  # in place of Ray's own handler (ray.init's), until the actors are gone
+                while True:
                     try:
-                        self.loop(metrics)
+                        self.start_actors()
+                        self.resume()
+                        metrics = MetricsLog(self.run_dir, self.step, self.cfg.logging, self.raw_config)
+                        truncate_jsonl(self.run_dir / "rollouts.jsonl", self.step)
+                        try:
+                            self.loop(metrics)
+                        finally:
+                            metrics.close()
+                        ray.get([worker.close.remote() for worker in self.workers])
+                        break
+                    except (RayActorError, RayTaskError) as error:
+                        if self.stop.requested:  # the signal reached the actors too (sent to the process group)
+                            raise Preempted(f"stopped by SIGTERM in step {self.step}, as were the actors") from error
+                        if isinstance(error, RayTaskError) and not self.an_actor_died():
+                            raise
+                        restarts += 1
+                        if restarts > self.cfg.trainer.max_restarts:
+                            raise
+                        logger.error("an actor died (%s); restarting from the latest checkpoint (%d/%d)",
+                                     error, restarts, self.cfg.trainer.max_restarts)  # fmt: skip
                     finally:
-                        metrics.close()
-                    ray.get([worker.close.remote() for worker in self.workers])
-                    return
-                except (RayActorError, RayTaskError) as error:
-                    if isinstance(error, RayTaskError) and not self.an_actor_died():
-                        raise
-                    restarts += 1
-                    if restarts > self.cfg.trainer.max_restarts:
-                        raise
-                    logger.error("an actor died (%s); restarting from the latest checkpoint (%d/%d)",
-                                 error, restarts, self.cfg.trainer.max_restarts)  # fmt: skip
-                finally:
-                    self.stop_actors()
+                        self.stop_actors()
         finally:
             self.scorer.close()
+        if self.stopped is not None:
+            raise Preempted(self.stopped)
 
     def resume(self) -> None:
         latest = self.checkpointer.latest()
@@ -174,6 +186,9 @@ class Driver:
         progress = tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc=f"{self.cfg.stage}", unit="it")
         try:
             while self.step < self.cfg.trainer.max_steps:
+                if self.stop.requested:
+                    self.stop_here()
+                    return
                 self.step += 1
                 row = self.iteration()
                 if self.validation.due(self.step):  # before the step's checkpoint: a resume does not redo it
@@ -189,6 +204,18 @@ class Driver:
             progress.close()
         logger.info("finished: step %d (of %d); the last checkpoint is %s", self.step, self.cfg.trainer.max_steps,
                     self.checkpointer.latest())  # fmt: skip
+
+    def stop_here(self) -> None:
+        """After a SIGTERM, between iterations: saves the last one where it has not been saved and the save
+        fits in what is left of trainer.preempt_grace_s (the run's first save is always tried)."""
+        latest = self.checkpointer.latest()
+        if self.step and (latest is None or latest.name != f"step_{self.step}"):
+            if self.stop.save_fits(self.save_s):
+                self.save()
+            else:
+                logger.info("not saving step %d: the last save took %.0f s, and %.0f s of trainer.preempt_grace_s "
+                            "are left", self.step, self.save_s, self.stop.grace_s - self.stop.elapsed())  # fmt: skip
+        self.stopped = f"stopped by SIGTERM at step {self.step} (of {self.cfg.trainer.max_steps})"
 
     def iteration(self) -> dict:
         cfg, timings, started = self.cfg, {}, time.perf_counter()
@@ -323,8 +350,10 @@ class Driver:
 
     def save(self) -> None:
         """The workers' shards and `driver.pt` into a partial directory, published once all is on disk."""
+        started = time.perf_counter()
         partial = self.checkpointer.begin(self.step)
         ray.get([worker.save.remote(str(partial)) for worker in self.workers])
         state = {"step": self.step, "prompts": self.loader.state_dict(), "rng": rng_state()}
         torch.save(state, partial / "driver.pt")
         self.checkpointer.commit(self.step)
+        self.save_s = time.perf_counter() - started

@@ -1,6 +1,6 @@
-"""An RL config checked against the disk and the cluster before any actor starts. Each mistake is one
-message naming the problem and the fix; none surfaces later as an actor's crash, which the driver would
-retry as if it were transient."""
+"""An RL config checked against the disk (before Ray starts) and the cluster before any actor starts. Each
+mistake is one message naming the problem and the fix; none surfaces later as an actor's crash, which the
+driver would retry as if it were transient."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from rl.config import RLConfig
 from rl.rewards.rm_client import read_client_token
 from rl.rm_service.config import ServiceConfig
+from step3vl_train.data.files import check_source_files
 from step3vl_train.model.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME
 from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.usage import UsageError
@@ -135,8 +136,9 @@ def check_resume(cfg: RLConfig) -> None:
         )
 
 
-def preflight(cfg: RLConfig, resources: dict[str, float]) -> None:
+def preflight(cfg: RLConfig) -> None:
+    """Everything but the cluster's resources (`check_resources`), before Ray starts."""
+    check_source_files("prompts", cfg.prompts.root, {"sources": cfg.prompts.sources, "eval": cfg.prompts.eval})
     check_weights(cfg)
     check_reward_service(cfg)
-    check_resources(cfg, resources)
     check_resume(cfg)

@@ -8,7 +8,8 @@ python rl/run.py stage=rlhf +recipe=rlhf +cpu=rlhf policy.init_from=outputs/demo
     prompts.root=outputs/demo/synthetic/rlhf reward.service.server.rm.scalar.model=outputs/demo/rm_hf \
     trainer.output_dir=outputs/demo/rlhf   # CPU: the reward-model service on loopback, in this run
 
-Re-running the same command resumes from the run's last complete checkpoint.
+Re-running the same command resumes from the run's last complete checkpoint. SIGTERM stops the run after
+the iteration in flight, saved, with exit code 143 (docs/rl.md, "Stopping a run").
 """
 
 import logging
@@ -21,9 +22,10 @@ from ray import serve
 
 from rl.config import RENAMED_KEYS, RLConfig
 from rl.driver import Driver, finished_step, save_config
-from rl.preflight import launched_service, preflight
+from rl.preflight import check_resources, launched_service, preflight
 from rl.rm_service.launch import start_service
 from step3vl_train.cli import launch
+from step3vl_train.train.run_lock import RunLock
 
 logger = logging.getLogger("rl")
 
@@ -31,12 +33,19 @@ logger = logging.getLogger("rl")
 def train(cfg: DictConfig) -> None:
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = RLConfig.from_dict(raw)
+    with RunLock(config.trainer.output_dir):
+        train_locked(config, raw)
+
+
+def train_locked(config: RLConfig, raw: dict) -> None:
+    raw["processor"] = config.processor  # policy.init_from's, as resolved: config.yaml and the workers carry it
     step = finished_step(config)
     if step is not None:
         save_config(Path(config.trainer.output_dir).resolve(), raw)
         logger.info("%s has already finished: step %d (of %d). Raise trainer.max_steps to go on.",
                     Path(config.trainer.output_dir).resolve(), step, config.trainer.max_steps)  # fmt: skip
         return
+    preflight(config)
     service = launched_service(config) if config.reward.service.launch else None
     if config.ray.address:
         ray.init(address=config.ray.address)  # else a Ray instance of its own, never another one found running
@@ -46,7 +55,7 @@ def train(cfg: DictConfig) -> None:
             needed += int(service.replicas * service.replica_cpus + 0.999)
         ray.init(address="local", num_cpus=config.ray.num_cpus or needed, include_dashboard=False)
     try:
-        preflight(config, ray.cluster_resources())
+        check_resources(config, ray.cluster_resources())
         url = token = None
         if service is not None:
             token = secrets.token_urlsafe(32)  # this run's alone: it never leaves the process and the cluster

@@ -4,13 +4,14 @@ clear message per mistake.
 A failing run prints one paragraph that names the problem, from rank 0 alone when the mistake is the
 same on every rank (`UsageError`), and writes the traceback to `<trainer.output_dir>/errors/rank{R}.log`
 (`STEP3VL_DEBUG=1` prints it instead). Ctrl-C ends with the line saying which checkpoint a re-run of the
-same command resumes from.
+same command resumes from (exit code 130), as does a run stopped by SIGTERM (143, train/preemption.py).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Callable
@@ -20,11 +21,14 @@ from pathlib import Path
 import hydra
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from step3vl_train.train.checkpoint import Checkpointer
+from step3vl_train.train.preemption import EXIT_CODE, Preempted
 from step3vl_train.train.recipes import RECIPES, register_recipes
-from step3vl_train.usage import UsageError
+from step3vl_train.usage import UsageError, unknown_key
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEBUG = "STEP3VL_DEBUG"
@@ -41,14 +45,21 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def usage(config_name: str, doc: str) -> str:
-    """The script's docstring, then the config groups its config uses with their options, and the recipes
-    and CPU forms that apply to it (those whose every key, at every depth, the config has)."""
+def runnable(config_name: str) -> dict[str, list[str]]:
+    """The recipes and CPU forms that apply to a script's config (those whose every key, at every depth,
+    the config has), by group: {"recipe": [...], "cpu": [...]}."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         keys = leaf_keys(OmegaConf.to_container(compose(config_name)))
     recipes = [name for name in register_recipes() if covered(keys_set_by(RECIPES / f"{name}.yaml"), keys)]
     forms = sorted((CONFIGS / "cpu").glob("[!_]*.yaml"))  # `_name.yaml`: a part the forms include
-    cpu = [path.stem for path in forms if covered(keys_set_by(path), keys)]
+    return {"recipe": recipes, "cpu": [path.stem for path in forms if covered(keys_set_by(path), keys)]}
+
+
+def usage(config_name: str, doc: str) -> str:
+    """The script's docstring, then the config groups its config uses with their options, and the recipes
+    and CPU forms that apply to it."""
+    found = runnable(config_name)
+    recipes, cpu = found["recipe"], found["cpu"]
     lines = [doc.strip(), "", "Config groups (group=option):"]
     for group, default in config_groups(config_name):
         options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
@@ -126,6 +137,49 @@ def check_arguments(arguments: list[str], renamed: dict[str, str]) -> None:
         raise UsageError("give +cpu=... after +recipe=...: the recipe would otherwise override its CPU settings")
 
 
+def check_composition(config_name: str, arguments: list[str]) -> None:
+    """Composes the command line as Hydra will, and names its mistakes ourselves where Hydra's message would
+    mislead: an unknown key gets `did you mean` (Hydra advises `+key=...`, which only moves the error),
+    a recipe or CPU form that does not exist lists those this script can run, and a missing tokenizer
+    names the CPU forms."""
+    overrides = [argument for argument in arguments if "=" in argument and not argument.startswith(("-", "hydra."))]
+    chosen = dict(o.removeprefix("+").split("=", 1) for o in overrides if o.startswith(("+recipe=", "+cpu=")))
+    if chosen:
+        options = runnable(config_name)
+        for group, name in chosen.items():
+            if name not in options[group]:
+                raise UsageError(f"+{group}={name} is not one this script runs: {', '.join(options[group])}")
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=overrides)
+        except MissingConfigException as error:  # a config group's option that does not exist
+            line = str(error).split("\n")[0]  # "In 'pretrain': Could not find 'data/nothing'"
+            group, _, name = line.rsplit("'", 2)[-2].partition("/")
+            options = sorted(path.stem for path in (CONFIGS / group).glob("[!_]*.yaml"))
+            raise UsageError(f"{group}={name}: no such option; {group} has {', '.join(options)}") from error
+        except ConfigCompositionException as error:
+            cause = error.__cause__
+            if not isinstance(cause, ConfigKeyError | ConfigAttributeError):
+                raise UsageError(str(error).splitlines()[0]) from error
+            key = str(error).split("'")[1]  # "Could not override 'trainer.max_step'."
+            rest = [o for o in overrides if o.split("=", 1)[0] != key]
+            raise unknown_key(key, str(cause.full_key), composed_or_default(config_name, rest)) from error
+    if OmegaConf.is_missing(cfg, "tokenizer"):
+        forms = runnable(config_name)["cpu"]
+        raise UsageError(
+            "tokenizer has no value: give tokenizer=DIR (the released model's, or an export's), or, on the CPU, "
+            f"+cpu={'|'.join(forms)} (after any +recipe) for the tiny model and its tokenizer"
+        )
+
+
+def composed_or_default(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config with `overrides`, or without any where they do not compose either."""
+    try:
+        return compose(config_name, overrides=overrides)
+    except (ConfigCompositionException, MissingConfigException):
+        return compose(config_name)
+
+
 def expand_shortcuts(arguments: list[str], shortcuts: dict[str, str]) -> list[str]:
     """`model=DIR` as `chat.model=DIR` and the like: a script's shortcut becomes the key it stands for before
     Hydra reads the command line, which would take `model` or `data` for a config group of configs/."""
@@ -157,11 +211,12 @@ def launch(task: Callable[[DictConfig], None], config_name: str, doc: str, renam
     rank = int(os.environ.get("RANK", 0))
     try:
         check_arguments(arguments, renamed or {})
+        register_recipes()
+        check_composition(config_name, arguments)
     except UsageError as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    register_recipes()
     stderr = sys.stderr
 
     @hydra.main(config_path=str(CONFIGS), config_name=config_name, version_base="1.3")
@@ -177,7 +232,6 @@ def launch(task: Callable[[DictConfig], None], config_name: str, doc: str, renam
 def run_reported(task: Callable[[DictConfig], None], cfg: DictConfig, rank: int) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own detection warns on every rank
-    # A training run's directory; a script without one (the reward-model service) writes under outputs/.
     run_dir = OmegaConf.select(cfg, "trainer.output_dir", default=None, throw_on_resolution_failure=False)
     try:
         task(cfg)
@@ -186,8 +240,13 @@ def run_reported(task: Callable[[DictConfig], None], cfg: DictConfig, rank: int)
             hint = f" {resume_hint(Path(run_dir))}" if run_dir else ""
             print(f"\ninterrupted.{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Preempted as stopped:
+        if rank == 0:
+            hint = f" {resume_hint(Path(run_dir))}" if run_dir else ""
+            print(f"\n{stopped}.{hint}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODE)
     except Exception as error:
-        log = write_traceback(Path(run_dir or "outputs") / "errors" / f"rank{rank}.log")
+        log = write_traceback(errors_folder(cfg) / f"rank{rank}.log")
         if os.environ.get(DEBUG):
             raise
         if rank == 0 or not isinstance(error, UsageError):
@@ -205,6 +264,16 @@ def resume_hint(output_dir: Path) -> str:
     if latest is None:
         return f"{output_dir} has no checkpoint yet: re-running the same command starts the run over."
     return f"Re-running the same command resumes from {latest} ({latest.name.replace('_', ' ')})."
+
+
+def errors_folder(cfg: DictConfig) -> Path:
+    """A training run's `errors/`, an evaluation's under its `out`; a script with neither (the reward-model
+    service) writes to the temporary directory, not under wherever it was started."""
+    for key in ("trainer.output_dir", "out"):
+        folder = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if folder:
+            return Path(folder) / "errors"
+    return Path(tempfile.gettempdir()) / "step3vl-errors"
 
 
 def write_traceback(path: Path) -> Path:

@@ -22,18 +22,25 @@ def build(cls: type, values: Any, prefix: str = "") -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, values))
     except ConfigKeyError as error:
-        key = f"{prefix}{error.full_key}"
-        parent, _, name = str(error.full_key).rpartition(".")
-        known = list(OmegaConf.select(schema, parent) if parent else schema)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {prefix}{parent + '.' if parent else ''}{close[0]}?" if close else f"known: {known}"
-        raise UsageError(f"unknown config key {key}: {hint}") from error
+        raise unknown_key(str(error.full_key), str(error.full_key), schema, prefix) from error
     except MissingMandatoryValue as error:
         raise UsageError(f"{prefix}{error.full_key} has no value: give {prefix}{error.full_key}=...") from error
     except ValidationError as error:
         raise UsageError(f"{prefix}{error.full_key}: {str(error).splitlines()[0]}") from error
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from error
+
+
+def unknown_key(key: str, missing: str, config: Any, prefix: str = "") -> UsageError:
+    """The error for `key`, whose part `missing` (a prefix of it, `key` itself or a section above it) is
+    not in `config`: the closest known name in its place, or the known names."""
+    parent, _, name = missing.rpartition(".")
+    known = list(OmegaConf.select(config, parent) if parent else config)
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        meant = f"{parent + '.' if parent else ''}{close[0]}{key.removeprefix(missing)}"
+        return UsageError(f"unknown config key {prefix}{key}: did you mean {prefix}{meant}?")
+    return UsageError(f"unknown config key {prefix}{key}: known: {known}")
 
 
 def import_callable(path: str, key: str) -> Any:

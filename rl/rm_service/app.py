@@ -8,6 +8,11 @@ item. Each item is then sent to a backend replica on its own, so concurrent requ
 batches; an item whose replica dies is sent again (`backend_retries`), and one still unscored at
 `request_timeout_s` comes back "timeout". Penalties (rl/rewards/penalties.py) are applied here, to the
 backend's preference. Every item of a request comes back once, scored or with the status that masks it.
+
+A failure comes back as one plain line (`backend: RuntimeError: ...`); its traceback goes to the service's
+log. Told to drain (`drain`, what rl/rm_service/launch.py calls on SIGTERM), the ingress answers every new
+request, `/healthz` included, 503 with Retry-After, and returns once those in flight are done or the deadline
+has passed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from collections import Counter
 
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -82,12 +87,15 @@ class Ingress:
         self.penalties = Penalties(self.config.penalties)
         self.needs_reference: bool | None = None
         self.in_flight = 0
+        self.draining = False
         self.requests: Counter[str] = Counter()  # served, rejected (503), refused (400/401/413), failed (500)
         self.items: Counter[str] = Counter()  # by final status; "resent": sent again after their replica died
 
     async def __call__(self, request: Request) -> JSONResponse:
         path, method = request.url.path.rstrip("/"), request.method
         if path == "/healthz" and method == "GET":
+            if self.draining:
+                return self.unavailable({"status": "draining"})
             return JSONResponse({"status": "ok"})
         if not self.authorised(request):
             self.requests["refused"] += 1
@@ -96,10 +104,12 @@ class Ingress:
             return JSONResponse(self.stats())
         if path != "/v1/score" or method != "POST":
             return JSONResponse({"error": f"no route {method} {path}: POST /v1/score, GET /v1/stats, /healthz"}, 404)
+        if self.draining:
+            self.requests["rejected"] += 1
+            return self.unavailable({"error": "the service is shutting down: retry later"})
         if self.in_flight >= self.config.max_queue:
             self.requests["rejected"] += 1
-            headers = {"Retry-After": str(self.config.retry_after_s)}
-            return JSONResponse({"error": f"{self.in_flight} requests in flight: retry later"}, 503, headers)
+            return self.unavailable({"error": f"{self.in_flight} requests in flight: retry later"})
         self.in_flight += 1
         try:
             return await self.score_request(request)
@@ -126,7 +136,7 @@ class Ingress:
         except Exception as error:  # noqa: BLE001 - the request fails as a whole, said, and counted
             logger.exception("scoring failed")
             self.requests["failed"] += 1
-            return JSONResponse({"error": f"{type(error).__name__}: {error}"}, 500)
+            return JSONResponse({"error": one_line(error)}, 500)
         self.requests["served"] += 1
         self.items.update(result["status"] for result in results)
         return JSONResponse({"results": results, "latency_s": time.perf_counter() - started})
@@ -154,7 +164,8 @@ class Ingress:
                     return ItemScore(None, "error", detail=f"backend replica lost: {type(error).__name__}")
                 await asyncio.sleep(min(0.5 * 2**attempt, max(deadline - time.perf_counter(), 0)))
             except Exception as error:  # noqa: BLE001 - a backend's failure masks its items, never scores them
-                return ItemScore(None, "error", detail=f"backend: {type(error).__name__}: {error}")
+                logger.warning("the backend failed on item %s", item.id, exc_info=error)
+                return ItemScore(None, "error", detail=f"backend: {one_line(error)}")
         raise AssertionError("unreachable")
 
     def combine(self, items: list[ScoreItem], verdicts: list[ItemScore]) -> list[dict]:
@@ -178,12 +189,33 @@ class Ingress:
             results.append(result_json(item.id, score, verdict))
         return results
 
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Refuses new requests from now on and waits up to `timeout_s` for those in flight to finish;
+        returns (requests in flight when called, requests still in flight at the deadline)."""
+        self.draining = True
+        in_flight, deadline = self.in_flight, time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return in_flight, self.in_flight
+
+    def unavailable(self, body: dict) -> JSONResponse:
+        return JSONResponse(body, 503, {"Retry-After": str(self.config.retry_after_s)})
+
     def authorised(self, request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)
 
     def stats(self) -> dict:
         return {"in_flight": self.in_flight, "requests": dict(self.requests), "items": dict(self.items)}
+
+
+def one_line(error: Exception) -> str:
+    """`Type: message`, the message's first line: what a reply's `detail` or `error` says. A failure inside a
+    replica arrives as Ray's RayTaskError, whose text is the remote traceback in colour; its cause is the
+    exception the backend raised."""
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    message = str(cause).strip().partition("\n")[0]
+    return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -214,6 +246,7 @@ def build_app(config: ServiceConfig, raw: dict, token: str):
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,  # items still in a replica told to stop are sent to another
+        graceful_shutdown_wait_loop_s=0.2,  # Serve's 2 s would hold every shutdown for 2 s
         logging_config=quiet,
     )
     ingress = serve.deployment(
@@ -223,6 +256,10 @@ def build_app(config: ServiceConfig, raw: dict, token: str):
         # The ingress itself refuses beyond max_queue: Serve must let those requests reach it.
         max_ongoing_requests=config.max_queue * 4 + 16,
         ray_actor_options={"num_cpus": 0},
+        # Serve stops the ingress only when it shuts down, after drain_service has waited for the requests in
+        # flight: what is still in flight then is cut off, and an idle ingress stops at once.
+        graceful_shutdown_timeout_s=1,
+        graceful_shutdown_wait_loop_s=0.1,
         logging_config=quiet,
     )
     # A batch that outlives two request timeouts is stuck: no request is waiting for it any more.

@@ -29,6 +29,7 @@ class ScalarBackend:
     needs_reference = False
 
     def __init__(self, config: ScalarRMConfig):
+        from step3vl_train.processing.model_processor import model_settings
         from step3vl_train.processing.processor import load_processor
         from step3vl_train.train.reward_model import load_reward_model
 
@@ -37,7 +38,8 @@ class ScalarBackend:
         self.device = torch.device("cuda" if cuda else "cpu")
         dtype = torch.bfloat16 if (cuda if config.bf16 is None else config.bf16) else torch.float32
         self.model, self.stats = load_reward_model(config.model, dtype, self.device)
-        self.processor = load_processor(config.tokenizer or config.model, config.processor or None)
+        settings = model_settings(config.model, config.processor, self.model.config, "rm.scalar.processor")
+        self.processor = load_processor(config.tokenizer or config.model, settings)
         pad = self.processor.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0
 

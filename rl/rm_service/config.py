@@ -19,7 +19,7 @@ BACKENDS = ("scalar", "genrm")
 class ScalarRMConfig:
     model: str | None = None  # a reward-model export (launch/train_rm.py, then launch/export_hf.py)
     tokenizer: str | None = None  # None: the export's own
-    processor: Any = None  # a processor YAML (configs/processor/*.yaml) or its mapping; None: the released one
+    processor: Any = None  # a processor YAML (configs/processor/*.yaml) or its mapping over the export's; None: its own
     bf16: bool | None = None  # None: bf16 where CUDA is available
     max_tokens: int = 40960  # prompt + response; a longer item is status "error", not truncated
 
@@ -62,6 +62,7 @@ class ServiceConfig:
     max_queue: int = 64  # requests in the service at once; beyond it 503 with Retry-After
     retry_after_s: int = 1
     request_timeout_s: float = 120.0  # items not scored by then come back "timeout"
+    drain_timeout_s: float = 20.0  # on SIGTERM or Ctrl-C, how long requests in flight have to finish
     backend_retries: int = 2  # times an item is sent again when its replica dies
     replicas: int = 1  # backend replicas
     replica_max_items: int = 256  # items a replica holds at once, queued for its batches

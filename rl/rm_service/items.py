@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,12 @@ def parse_request(body: bytes, max_items: int, needs_reference: bool) -> list[Sc
     """The items of a request body; raises BadRequest naming the first item at fault."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise BadRequest(f"the body is not JSON: {error}") from error
+    except RecursionError as error:
+        # json stops at the interpreter's recursion limit, before reading the rest: a deep body costs little.
+        levels = sys.getrecursionlimit()
+        raise BadRequest(f"the body nests deeper than the parser goes (about {levels}; a request has 7)") from error
     if not isinstance(payload, dict) or not isinstance(payload.get("items"), list):
         raise BadRequest('the body must be an object with a list "items"')
     items = payload["items"]

@@ -1,9 +1,10 @@
 """Starting the service on a Ray cluster (`rl/serve_rm.py`, or an RL run with `reward.service.launch=true`)
-and waiting until it answers."""
+and waiting until it answers; draining it before Serve shuts down."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import requests
 from ray import serve
@@ -45,5 +46,23 @@ def wait_healthy(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def stop_service(config: ServiceConfig) -> None:
-    serve.delete(config.app_name)
+@dataclass
+class Drained:
+    in_flight: int  # requests in the service when it was told to drain
+    cut_off: int  # of those, still unanswered at the deadline
+    seconds: float
+
+    def __str__(self) -> str:
+        finished = self.in_flight - self.cut_off
+        cut_off = f"{self.cut_off} cut off at the deadline" if self.cut_off else "none cut off"
+        return f"finished {finished} request(s) in flight in {self.seconds:.1f} s ({cut_off})"
+
+
+def drain_service(config: ServiceConfig) -> Drained:
+    """Stops the service taking requests (503 with Retry-After from now on, `/healthz` too) and waits up to
+    `config.drain_timeout_s` for those in flight. Shutting Serve and Ray down is the caller's."""
+    started = time.monotonic()
+    ingress = serve.get_app_handle(config.app_name)
+    # The handle's own bound only guards against an ingress that no longer answers.
+    in_flight, cut_off = ingress.drain.remote(config.drain_timeout_s).result(timeout_s=config.drain_timeout_s + 30)
+    return Drained(in_flight, cut_off, time.monotonic() - started)

@@ -22,6 +22,12 @@ class SourceConfig:
     split: str = "train"  # hf: the split of a saved DatasetDict
 
 
+def train_source(pattern: str) -> SourceConfig:
+    """The `train` shortcut's one source: webdataset shards, or JSONL files (images beside them)."""
+    kind = "jsonl" if pattern.endswith(".jsonl") else "webdataset"
+    return SourceConfig(name="train", paths=[pattern], kind=kind)
+
+
 def check_sources(group: str, sources: list[SourceConfig], weighted: bool = True) -> None:
     """`data.<group>`'s sources: distinct names, known kinds, paths, and positive weights where they weigh."""
     names = [source.name for source in sources]
@@ -58,8 +64,8 @@ class DataConfig:
     prefetch_factor: int = 2  # micro-batches each worker keeps ready
     seed: int = 0
     max_epochs: int | None = None  # passes over each source; None repeats them forever
-    # A shortcut: webdataset shards (paths, globs, brace ranges) read as the only source, in place of
-    # the recipe's mixture; e.g. data.train='/data/mine/shard-{000000..000099}.tar'.
+    # A shortcut: webdataset shards (paths, globs, brace ranges), or `.jsonl` files, read as the only
+    # source in place of the recipe's mixture; e.g. data.train='/data/mine/shard-{000000..000099}.tar'.
     train: str | None = None
     # Validation sets (train/validation.py), read under `root` like `sources`; their `weight` is unused.
     eval: list[SourceConfig] = field(default_factory=list)
@@ -67,7 +73,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.train:
-            self.sources = [SourceConfig(name="train", paths=[self.train])]
+            self.sources = [train_source(self.train)]
         if not self.sources:
             raise ValueError("data.sources is empty")
         check_sources("sources", self.sources)

@@ -10,6 +10,7 @@ over all of the rank's workers and passes; the bad keys seen are part of the sta
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -26,6 +27,13 @@ from step3vl_train.processing.processor import Step3VLProcessor
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing we can act on.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """Each loader worker's `worker_init_fn`. A SIGTERM sent to the whole process group (Slurm's, a
+    container's stop) would end the worker at once (torch's handler) and fail the rank's next batch; the
+    rank stops at a step boundary instead (train/preemption.py), and its workers end with its loader."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class PackedLoader:
@@ -65,6 +73,7 @@ class PackedLoader:
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: the copy to the GPU is then asynchronous
             collate_fn=self.collate,
+            worker_init_fn=ignore_sigterm,  # a SIGTERM to the process group is the rank's to handle
         )
 
     def __iter__(self) -> Iterator[PackedBatch]:

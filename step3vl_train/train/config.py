@@ -123,12 +123,17 @@ class TrainerConfig:
     # Steps between validations on data.eval, plus one at the run's last step; 0: none. (A reward model,
     # train/reward_trainer.py, always evaluates its held-out pairs at the last step.)
     eval_every: int = 0
+    # Seconds between SIGTERM and the scheduler's SIGKILL: the run stops after the step in flight, saves it
+    # where the save still fits in them, and exits with code 143 (docs/training.md, "Stopping a run").
+    preempt_grace_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise UsageError("trainer needs max_steps or max_tokens")
         if self.eval_every < 0:
             raise UsageError(f"trainer.eval_every must be at least 0, not {self.eval_every}")
+        if self.preempt_grace_s < 0:
+            raise UsageError(f"trainer.preempt_grace_s must be at least 0, not {self.preempt_grace_s}")
         if self.sequence_parallel < 1:
             raise UsageError(f"trainer.sequence_parallel must be at least 1, not {self.sequence_parallel}")
         if self.fresh_optimizer and not self.start_phase:

@@ -1,7 +1,9 @@
 """A training checkpoint -> the released model format, on one process and without the training world size.
 
 DeepSpeed's `zero_to_fp32` consolidates the ZeRO-3 shards of any number of ranks into one fp32 state dict;
-the model's own `save_pretrained` then writes the released layout (config.json, sharded safetensors).
+the model's own `save_pretrained` then writes the released layout (config.json, sharded safetensors), and
+the run's processor goes beside it (its tokenizer, chat template and image settings, with the code
+transformers' AutoProcessor opens it with: processing/model_processor.py).
 A reward model's run (launch/train_rm.py) exports its value head in place of the LM head, and
 `reward_stats.json`, the score statistics its checkpoint holds.
 """
@@ -17,7 +19,8 @@ from omegaconf import OmegaConf
 from step3vl_train.model import Step3VLConfig
 from step3vl_train.model.checkpoint import model_from_tensors
 from step3vl_train.model.value import CRITIC_ONLY, Step3VLForValue
-from step3vl_train.processing.tokenizer import load_tokenizer
+from step3vl_train.processing.model_processor import save_processor
+from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.checkpoint import Checkpointer
 from step3vl_train.train.reward_model import RewardStats
 
@@ -46,7 +49,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
     model_from_tensors(config, state, str(step_dir), dtype, model_class).save_pretrained(out)
     if value_head:
         reward_stats(step_dir).save(out)
-    load_tokenizer(run_config.tokenizer).save_pretrained(out)
+    save_processor(load_processor(run_config.tokenizer, OmegaConf.to_container(run_config.processor)), out)
     return Path(out)
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from step3vl_train.data.config import SourceConfig, check_sources
+from step3vl_train.data.config import SourceConfig, check_sources, train_source
 from step3vl_train.data.mixed import MixedSamples
 from step3vl_train.data.schema import Sample
 from step3vl_train.data.skips import SkippedSample
@@ -38,7 +38,7 @@ class PairDataConfig:
 
     def __post_init__(self) -> None:
         if self.train:
-            self.sources = [SourceConfig(name="train", paths=[self.train])]
+            self.sources = [train_source(self.train)]
         if not self.sources:
             raise ValueError("data.sources is empty")
         check_sources("sources", self.sources)

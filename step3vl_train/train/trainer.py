@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from step3vl_train.data.config import DataConfig
+from step3vl_train.data.files import check_source_files
 from step3vl_train.data.loader import PackedLoader
 from step3vl_train.data.skips import SKIP_REASONS
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
@@ -41,6 +42,8 @@ from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
 from step3vl_train.train.optim import apply_hyperparameters
 from step3vl_train.train.phases import Phase, phase_at, phase_named, run_phases, schedule_legs
 from step3vl_train.train.predictions import answer_prompts, resolve_prompt_paths
+from step3vl_train.train.preemption import Preempted, StopRequest
+from step3vl_train.train.run_lock import lock_on_rank_zero
 from step3vl_train.train.schedule import apply_schedule
 from step3vl_train.train.sequence_parallel import DataParallelRank, GroupLoader, data_parallel_rank
 from step3vl_train.train.validation import Validation, stand_in_batch, summary
@@ -226,10 +229,12 @@ class Trainer:
         self.model_config = model_config
         self.logging = job.logging
         data = build(self.data_config, job.data, "data.")
+        check_source_files("data", data.root, {"sources": data.sources, "eval": data.eval})  # before any work
         self.processor = load_processor(job.tokenizer, job.processor)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = agreed_run_dir(self.trainer.output_dir)
+        self.run_lock = lock_on_rank_zero(self.run_dir)
         torch.manual_seed(self.trainer.seed)
         self.data_rank = data_parallel_rank(self.trainer.sequence_parallel)
         ds_config = deepspeed_config(
@@ -248,6 +253,11 @@ class Trainer:
         self.source = starting_checkpoint(self.checkpointer, self.trainer, self.phases)
         self.config_changes = self.check_starting_checkpoint()
         init_from = self.trainer.init_from if self.source is None else None
+        started = time.monotonic()
+        self.say(
+            f"building the model and starting DeepSpeed ZeRO-3 (world size {self.world})"
+            + (f" from {init_from}" if init_from else "")
+        )
         self.ds = build_engine(
             model_config,
             self.optim,
@@ -261,12 +271,17 @@ class Trainer:
         if self.trainer.gradient_checkpointing:
             self.ds.model.gradient_checkpointing_enable()
         self.data = data
+        sources = ", ".join(source.name for source in data.sources)
+        self.say(f"model ready in {time.monotonic() - started:.0f} s; starting the data loaders ({sources})")
         self.loader = self.build_loader(data)
         self.validation = self.build_validation(data)
         self.progress = Progress()
         self.data_position: dict | None = None  # the loader's state to save, where not its live one
         self.stand_in = stand_in_batch(self.processor.tokenizer.pad_token_id or 0)  # for a rank out of data
         self.step_keys: list[str] = []  # this step's sample keys, for trainer.log_sample_keys
+        self.stop = StopRequest(self.trainer.preempt_grace_s)  # SIGTERM, while the loop runs
+        self.stopping = False  # every rank has agreed to stop after this step (a SIGTERM reached one)
+        self.save_s: float | None = None  # how long this run's last save took
         self.peak_flops = self.trainer.peak_flops_per_device or device_peak_flops()
         if self.device.type == "cuda" and not self.peak_flops:
             self.say(f"no MFU: {torch.cuda.get_device_name()} has no known peak; set trainer.peak_flops_per_device")
@@ -367,7 +382,8 @@ class Trainer:
                 self.run_dir, self.progress.step, self.logging, OmegaConf.to_container(self.cfg, resolve=True)
             )
         try:
-            self.loop(metrics)
+            with self.stop.installed():
+                self.loop(metrics)
         finally:
             if metrics is not None:
                 metrics.close()
@@ -386,6 +402,13 @@ class Trainer:
                     batches = self.micro_batches()
                 row = self.train_step(batches)
                 if row is None:  # with data.max_epochs a rank can run out first; every rank stops together
+                    if self.progress.step == 0:
+                        self.report_skips()
+                        raise UsageError(
+                            "the data ran out before the first step: no sample could be packed (the skips are "
+                            f"above, and in {self.run_dir / 'data_skips.json'}). Check data.sources or data.train, "
+                            "and data.max_epochs"
+                        )
                     self.say(f"the data ran out after step {self.progress.step}")
                     last = self.after_step(final=True)
                     if metrics is not None and last:
@@ -410,8 +433,29 @@ class Trainer:
                 save_every = self.trainer.save_every
                 if save_every and (self.progress.step % save_every == 0 or self.finished()):
                     self.save()
+                if self.stopping and not self.finished():
+                    self.stop_here()
         finally:
             bar.close()
+
+    def stop_here(self) -> None:
+        """After a SIGTERM, at the step every rank agreed on (`train_step`): saves that step where the save
+        fits in what is left of trainer.preempt_grace_s, by the earliest signal and the slowest rank's last
+        save (the first save of a run is always tried), then raises `Preempted` on every rank."""
+        latest = self.checkpointer.latest()
+        if self.trainer.save_every and (latest is None or latest.name != f"step_{self.progress.step}"):
+            last_save = self.save_s if self.save_s is not None else -1.0
+            timing = torch.tensor([self.stop.elapsed(), last_save], dtype=torch.float64, device=self.device)
+            dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+            elapsed, save_s = timing.tolist()
+            if self.stop.save_fits(save_s if save_s >= 0 else None, elapsed):
+                self.save()
+            else:
+                left = self.stop.grace_s - elapsed
+                self.say(f"not saving step {self.progress.step}: the last save took {save_s:.0f} s, and {left:.0f} s "
+                         "of trainer.preempt_grace_s are left")  # fmt: skip
+        dist.barrier()
+        raise Preempted(f"stopped by SIGTERM at {self.position()}")
 
     @property
     def sample_keys_path(self) -> Path:
@@ -434,12 +478,17 @@ class Trainer:
         steps, tokens = self.trainer.max_steps, self.trainer.max_tokens
         line = f"step {self.progress.step}" + (f" (of {steps})" if steps is not None else "")
         if tokens is not None:
-            line += f", {self.progress.tokens:,} tokens (of {tokens:,})"
+            line += f", {self.progress.tokens:,} tokens"
+            pace = self.progress.tokens / max(self.progress.step, 1)
+            if steps is None or pace * steps >= tokens:  # not where max_steps ends the run first (a CPU form)
+                line += f" (of {tokens:,})"
         return line
 
     def close(self) -> None:
         """`run` ends with a barrier when it succeeds; a rank that fails leaves without waiting for the
         others, which torchrun then stops."""
+        if self.run_lock is not None:
+            self.run_lock.release()
         close_distributed(wait_for_peers=False)
 
     def report_skips(self) -> None:
@@ -452,10 +501,15 @@ class Trainer:
         dist.all_gather_object(keys, self.loader.skipped_keys() if self.data_rank.counts else {})
         if self.rank == 0:
             met = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist(), strict=True) if n}
-            distinct = Counter({key: reason for rank_keys in keys for key, reason in rank_keys.items()}.values())
-            (self.run_dir / "data_skips.json").write_text(json.dumps({"samples": distinct, "met": met}, indent=1))
+            reasons = {key: reason for rank_keys in keys for key, reason in rank_keys.items()}
+            distinct = Counter(reasons.values())
+            shards = sorted(key for key, reason in reasons.items() if reason == "unreadable_shard")
+            skips = {"samples": distinct, "met": met, "unreadable_shards": shards}
+            (self.run_dir / "data_skips.json").write_text(json.dumps(skips, indent=1))
             report = ", ".join(f"{reason}: {distinct[reason]} (met {n} times)" for reason, n in met.items())
             self.say(f"skipped samples by reason: {report or 'none'}")
+            for shard in shards:
+                self.say(f"unreadable shard: {shard}")
 
     def finished(self) -> bool:
         steps, tokens = self.trainer.max_steps, self.trainer.max_tokens
@@ -500,7 +554,8 @@ class Trainer:
         wait, flops = DataWait(), []
         micro = self.counting_flops(arriving(batches, self.trainer.grad_accum, wait), flops)
         totals = self.backward(micro, lambda: self.step_figures(flops)).tolist()
-        step_totals, (missing, samples, skipped, *flop_sums) = totals[:-6], totals[-6:]
+        step_totals, (missing, samples, skipped, *flop_sums, stop) = totals[:-7], totals[-7:]
+        self.stopping = stop > 0
         if missing:
             return None
         self.data_position = None
@@ -531,10 +586,11 @@ class Trainer:
     def step_figures(self, flops: list[StepFlops]) -> list[float]:
         """This rank's samples and skips so far and the step's FLOPs (ViT, decoder, dense decoder), which
         `backward_step` sums over the ranks with the step's own sums (the first rank of a sequence-parallel
-        group counts for it)."""
+        group counts for it); then 1 where this rank has had a SIGTERM: a sum above 0 stops every rank after
+        this step, in the step's one all-reduce (ranks may receive the signal at different steps)."""
         data = self.loader.stats().summary() if self.data_rank.counts else {"samples": 0, "skipped_samples": 0}
         flop_sums = [sum(f.vit for f in flops), sum(f.decoder for f in flops), sum(f.decoder_dense for f in flops)]
-        return [data["samples"], data["skipped_samples"], *flop_sums]
+        return [data["samples"], data["skipped_samples"], *flop_sums, float(self.stop.requested)]
 
     def counting_flops(self, micro: Iterator[T | None], flops: list[StepFlops]) -> Iterator[T | None]:
         """`micro` as it comes, each counted batch's FLOPs added to `flops` on the way (its first rank's
@@ -590,5 +646,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
 
     def save(self) -> None:
+        started = time.perf_counter()
         config = OmegaConf.to_yaml(self.cfg, resolve=True)
         self.checkpointer.save(self.ds.engine, self.progress.step, self.state_dict(), files={CONFIG_FILE: config})
+        self.save_s = time.perf_counter() - started

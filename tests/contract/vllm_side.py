@@ -24,6 +24,7 @@ from rl.experience import Prompt
 from rl.sync import EngineFleetClient, trainer_init_info
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
 from step3vl_train.model.checkpoint import read_released_tensors, save_config
+from step3vl_train.processing.model_processor import save_processor
 from step3vl_train.processing.processor import collate, load_processor
 from step3vl_train.processing.tokenizer import load_tokenizer
 
@@ -41,11 +42,12 @@ def model_config(name: str) -> Step3VLConfig:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    """A tiny model written as `launch/export_hf.py` writes it: `save_pretrained` plus the tokenizer."""
+    """A tiny model written as `launch/export_hf.py` writes it: `save_pretrained` plus the processor (its
+    tokenizer, chat template, processor_config.json and code)."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("export") / "tiny"
     Step3VLForConditionalGeneration(model_config("tiny")).save_pretrained(out)
-    load_tokenizer("tiny").save_pretrained(out)
+    save_processor(load_processor("tiny"), out)
     return out
 
 

@@ -3,7 +3,8 @@ in order, in a fresh working directory (the repository's files linked in, its ow
 
 `make demo` runs the docs' pipeline commands itself, word for word (it prints each, and each printed one
 must be in the docs), and their metrics show what the docs promise: losses that fall, a reward model that
-learns, rewards that rise. Those commands are not run a second time. Any other command is run here; one
+learns, rewards that rise; and the figures the docs quote from them (tagged `<!--demo NAME-->`) are the
+demo's (its figures.json). Those commands are not run a second time. Any other command is run here; one
 that names a demo run's directory must be the demo's (it finds the run finished, and leaves its
 config.yaml as it was), so a training command that drifted from the demo's fails."""
 
@@ -21,7 +22,7 @@ from step3vl_train.processing.images import load_image
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.reward_model import load_reward_model, reward_conversation, score_samples
 from tests.conftest import REPO
-from tests.e2e.docs import Command, commands, script_and_overrides
+from tests.e2e.docs import Command, commands, drifted, quoted_figures, script_and_overrides
 
 WALKTHROUGH = ["README.md", "docs/training.md", "docs/rl.md", "docs/rlhf.md", "docs/pacore.md", "docs/evaluation.md",
                "docs/data.md", "docs/gpu.md"]  # fmt: skip
@@ -120,6 +121,11 @@ def check_demo(out: Path, ran: set[str], stdout: str, documented: set[str]) -> N
     assert f"| RLHF (RM score) | {len(score)} | {first:.3f} | {last:.3f} |" in summary
     for stage in ("rlvr", "rlhf", "pacore"):
         assert (out / stage / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    for stage in ("pretrain", "sft", "sft2"):  # training and validation loss
+        assert (out / stage / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"`{stage}/loss_curve.png`" in summary
+    wrong = drifted(quoted_figures(), json.loads((out / "figures.json").read_text()))
+    assert not wrong, "\n".join(wrong)
     benchmark = json.loads((out / "eval" / "synthetic" / "summary.json").read_text())["modes"]
     for mode in ("sere", "pacore"):
         low, high = benchmark[mode]["ci95"]

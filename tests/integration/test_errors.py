@@ -3,6 +3,7 @@ that names the problem and the fix, no traceback on the console, nothing repeate
 Ctrl-C ends with the checkpoint a re-run resumes from."""
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,10 +29,21 @@ def paragraphs(stderr: str) -> list[str]:
 def test_each_mistake_is_one_paragraph_from_rank_zero(pretrain_corpus, tmp_path):
     cases = [
         (["+cpu=pretrain", "+recipe=phase1"], "error: give +cpu=... after +recipe=..."),
+        ([*CPU, "trainer.max_step=5"], "error: unknown config key trainer.max_step: did you mean trainer.max_steps?"),
         ([*CPU, "+trainer.max_step=5"], "error: unknown config key trainer.max_step: did you mean trainer.max_steps?"),
+        (
+            [*CPU, f"data.train={tmp_path / 'mine.json'}"],
+            f"error: data.sources.train: {tmp_path / 'mine.json'} is a JSONL",
+        ),
+        (
+            [*CPU, f"data.train={tmp_path / 'broken.jsonl'}", "data.max_epochs=1"],
+            "error: the data ran out before the first step: no sample could be packed",
+        ),
         ([*CPU, f"tokenizer={tmp_path / 'nowhere'}"], f"error: tokenizer={tmp_path / 'nowhere'}: no such directory."),
         ([*CPU, "trainer.max_steps=x"], "error: trainer.max_steps: Value 'x' of type 'str' could not be converted"),
     ]
+    (tmp_path / "mine.json").write_text('{"messages": []}\n')
+    (tmp_path / "broken.jsonl").write_text("{not json\n" * 4)
     for overrides, message in cases:
         arguments = [f"data.root={pretrain_corpus}", f"trainer.output_dir={tmp_path / 'run'}", *overrides]
         done = subprocess.run(torchrun(*arguments), capture_output=True, text=True, timeout=300, env=environment())
@@ -55,6 +67,11 @@ def test_ctrl_c_says_which_checkpoint_a_rerun_resumes_from(pretrain_corpus, tmp_
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
+    second = subprocess.run(plain, capture_output=True, text=True, timeout=300, env=environment())
+    (error,) = paragraphs(second.stderr)
+    holder = f"error: {out} is in use by another run (host {socket.gethostname()}, PID {process.pid}, since "
+    assert second.returncode == 1 and error.startswith(holder), second.stderr[-3000:]
+    assert process.poll() is None  # the first run goes on
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
@@ -70,6 +87,9 @@ def test_ctrl_c_says_which_checkpoint_a_rerun_resumes_from(pretrain_corpus, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     step = int(latest.removeprefix("step_"))
     said = again.stdout + again.stderr
+    assert "building the model and starting DeepSpeed ZeRO-3 (world size 1)" in said  # start-up says what it does
+    assert "s; starting the data loaders (" in said
+    assert "tokens (of" not in said  # max_steps ends a CPU run long before the recipe's 900B tokens
     if step >= 4:
         assert f"has already finished: step {step} (of 4)" in said, said[-3000:]
     else:

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,20 +59,40 @@ def large_corpus(tmp_path_factory):
     return out
 
 
-def killed(corpus, out, *overrides, recipe, at_step):
-    """The run SIGKILLed once its metrics show `at_step` (torchrun starts each rank in a session of its own)."""
+def started_until(corpus, out, *overrides, recipe, at_step, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """The run, started (in a session of its own) and left running until its metrics show `at_step`."""
     process = subprocess.Popen(
         command(corpus, out, *overrides, recipe=recipe), env=environment(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=stderr, text=True,
     )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if (out / "metrics.jsonl").exists() and any(step >= at_step for step, _ in losses(out)):
             break
         time.sleep(0.05)
+    return process
+
+
+def killed(corpus, out, *overrides, recipe, at_step):
+    """The run SIGKILLed once its metrics show `at_step` (torchrun starts each rank in a session of its own)."""
+    process = started_until(corpus, out, *overrides, recipe=recipe, at_step=at_step)
     subprocess.run(["pkill", "-KILL", "-f", f"trainer.output_dir={out}"])
     process.wait()
     return (out / "checkpoints" / "latest").read_text()
+
+
+def terminated(corpus, out, *overrides, recipe, at_step):
+    """The run sent SIGTERM once its metrics show `at_step`, to rank 1 and its loader worker alone (as a
+    scheduler signalling the process group would reach them): rank 0, which never receives it, stops at the
+    same step all the same. Returns the exit code and torchrun's stderr (rank 0's last line, then torchrun's)."""
+    process = started_until(corpus, out, *overrides, recipe=recipe, at_step=at_step, stderr=subprocess.PIPE)
+    ranks = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = next(pid for pid in ranks if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0"))
+    loader = subprocess.run(["pgrep", "-P", rank1], capture_output=True, text=True).stdout.split()
+    for pid in [rank1, *loader]:
+        os.kill(int(pid), signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
 
 
 def sample_keys(out):
@@ -89,8 +112,10 @@ def validations(out):
 @pytest.mark.slow
 def test_phase1_then_phase2_killed_in_each_is_the_one_uninterrupted_run(large_corpus, tmp_path):
     """`+recipe=pretrain` straight through the switch to a text-only phase 2, against `+recipe=phase1` and
-    `+recipe=phase2 trainer.continue_from=...`, each SIGKILLed once and resumed: the same losses, the same
-    samples (none read twice), and a W&B history of one row per step. The straight run and phase 1
+    `+recipe=phase2 trainer.continue_from=...`, the first SIGKILLed once, the second stopped by SIGTERM at a
+    step that is not a multiple of save_every (saved all the same, exit code 143, the resume line, no process
+    left), each resumed: the same losses, the same samples (none read twice), and a W&B history of one row
+    per step. The straight run and phase 1
     validate every 4 steps and at their last: the same figures at the same steps, none skipped or repeated
     by the resume; phase 2 does not validate, and its losses are still the straight run's."""
     text_only = "{text:1,caption:0,interleaved:0,ocr:0,grounding:0,counting:0,chart:0,math:0}"
@@ -124,7 +149,17 @@ def test_phase1_then_phase2_killed_in_each_is_the_one_uninterrupted_run(large_co
     assert list(first_evaluated) == sorted({step for step in (4,) if step < switch - 1} | {switch - 1})
     assert all(first_evaluated[step] == evaluated[step] for step in first_evaluated if step in evaluated)
     phase2 = [f"trainer.continue_from={first}", *settings]
-    assert killed(large_corpus, second, *phase2, recipe="phase2", at_step=switch + 2).startswith("step_")
+    rarely = [setting.replace("save_every=2", "save_every=100") for setting in phase2]  # only the stop saves
+    code, stderr = terminated(large_corpus, second, *rarely, recipe="phase2", at_step=switch)
+    stopped = losses(second)[-1][0]  # the step every rank agreed to stop after
+    assert sorted(path.name for path in (second / "checkpoints").glob("step_*")) == [f"step_{stopped}"]
+    resumes = f"Re-running the same command resumes from {second / 'checkpoints' / f'step_{stopped}'} (step {stopped})."
+    said = re.search(rf"\nstopped by SIGTERM at step {stopped} \(of 10\)[^\n]*\. {re.escape(resumes)}\n", stderr)
+    assert said, stderr[-3000:]
+    # torchrun's report of the ranks it saw exit (it stops the other one itself): 143, not a signal
+    assert code != 0 and set(re.findall(r"exitcode  : (-?\d+)", stderr)) == {"143"}, stderr[-3000:]
+    assert "Traceback" not in stderr.split("torch/distributed/elastic")[0], stderr[-3000:]
+    assert subprocess.run(["pgrep", "-f", f"trainer.output_dir={second}"]).returncode == 1  # no process left
     resumed = run(large_corpus, second, *phase2, recipe="phase2")
 
     assert losses(first) + resumed == straight  # phase 2 unvalidated; the straight run validated at step 8
@@ -139,6 +174,7 @@ def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretra
     import torch
 
     from step3vl_train.model import Step3VLForConditionalGeneration
+    from step3vl_train.processing.model_processor import saved_settings
     from tests.integration.export_run import fixed_batch
 
     out = tmp_path / "run"
@@ -159,6 +195,7 @@ def test_export_loads_where_the_released_model_loads_with_the_live_logits(pretra
         logits = model(**fixed_batch()).logits
     torch.testing.assert_close(logits, torch.load(out / "live_logits.pt"), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    assert saved_settings(tmp_path / "hf")["image_size"] == 224  # the run's processor: configs/processor/tiny.yaml
     # The export starts another run: with a learning rate of 0 its first checkpoint holds the same weights.
     from step3vl_train.model.checkpoint import read_released_tensors
 
@@ -186,6 +223,7 @@ def test_held_out_shards_skip_counts_and_a_changed_world_size(pretrain_corpus, t
         "data.max_epochs=1", "trainer.save_every=1", "trainer.keep_last=1")  # fmt: skip
     skips = json.loads((out / "data_skips.json").read_text())
     assert skips["met"] == skips["samples"] == {**EXPECTED_SKIPS, "unreadable_shard": 1}  # one pass: each met once
+    assert skips["unreadable_shards"] == [str(tmp_path / "held_out" / "truncated-000000.tar")]  # whichever rank
     assert held_out[-1].endswith("gone-000000.tar")  # not matched by the glob: only the truncated shard
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_1"]
     torchrun = command(pretrain_corpus, out, "trainer.max_steps=2")

@@ -80,13 +80,18 @@ def test_options_the_auto_classes_do_not_pass_are_refused(export):
 
 
 # A fresh interpreter in which step3vl_train cannot be imported (it is installed editable, so it would be).
-REMOTE_LOAD = """
-import inspect, sys
+WITHOUT_THE_PACKAGE = """
+import sys
 class RefuseThePackage:
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] == "step3vl_train":
             raise ImportError(f"the export's code imported {name}")
 sys.meta_path.insert(0, RefuseThePackage())
+"""
+REMOTE_LOAD = (
+    WITHOUT_THE_PACKAGE
+    + """
+import inspect
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 export, ids, out = sys.argv[1:]
@@ -98,6 +103,7 @@ source = inspect.getsourcefile(type(model))
 torch.save({"logits": logits, "source": source, "causal": type(causal) is type(model)}, out + "/result.pt")
 model.save_pretrained(out + "/resaved")
 """
+)
 
 
 def test_trust_remote_code_loads_an_export_without_the_package(export, tmp_path):
@@ -149,7 +155,7 @@ def test_package_imports_become_relative_under_export_names():
         "def load():\n"
         "    from step3vl_train.model.step3vl import Step3VLForConditionalGeneration\n"
     )
-    assert relative_imports(source, "checkpoint") == (
+    assert relative_imports(source, "checkpoint", "step3vl_train.model") == (
         "from .configuration_step_vl import Step3VLConfig\n"
         "from .vision import StepVisionEncoder\n"
         "def load():\n"
@@ -162,7 +168,7 @@ def test_package_imports_become_relative_under_export_names():
 )
 def test_a_package_import_that_cannot_be_made_relative_is_an_error(line):
     with pytest.raises(ValueError, match=rf"step3vl\.py: {line}"):
-        relative_imports(f"import torch\n{line}\n", "step3vl")
+        relative_imports(f"import torch\n{line}\n", "step3vl", "step3vl_train.model")
 
 
 def test_loading_an_export_or_its_sub_configs_warns_nothing(export, caplog):

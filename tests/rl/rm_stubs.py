@@ -4,13 +4,18 @@ response says what the backend does with it."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rl.rm_service.items import ItemScore, ScoreItem
 
+RELEASE_WAIT_S = 60  # the longest a `wait:PATH` item holds its batch
+
 
 class ScriptedBackend:
-    """A batch holding `sleep:S` items takes the longest S seconds, as one forward would; `crash` raises (the
-    whole batch); every item scores `preference` (default 0.8). Each batch's size is in the components."""
+    """A batch holding `sleep:S` items takes the longest S seconds, as one forward would; one holding a
+    `wait:PATH` item runs until the file PATH exists (another process's request held in flight for as long as
+    a test needs); `crash` raises (the whole batch); every item scores `preference` (default 0.8). Each
+    batch's size is in the components."""
 
     needs_reference = False
 
@@ -23,4 +28,8 @@ class ScriptedBackend:
         time.sleep(
             max((float(i.response.removeprefix("sleep:")) for i in items if i.response.startswith("sleep:")), default=0)
         )
+        for release in (Path(i.response.removeprefix("wait:")) for i in items if i.response.startswith("wait:")):
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         return [ItemScore(self.preference, components={"rm": self.preference, "batch": len(items)}) for _ in items]

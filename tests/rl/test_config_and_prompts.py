@@ -6,6 +6,10 @@ import pytest
 from webdataset import TarWriter
 
 from rl.prompts import PromptLoader
+from step3vl_train.processing.model_processor import save_processor, saved_settings
+from step3vl_train.processing.processor import load_processor
+from step3vl_train.usage import UsageError
+from tests.conftest import REPO
 from tests.data.broken_data import png
 from tests.rl.compose import compose_rl
 
@@ -20,6 +24,19 @@ def test_rlvr_recipe_carries_the_papers_numbers():
     assert (cfg.policy.optim.lr, cfg.critic.optim.lr) == (2e-6, 5e-6)
     assert cfg.policy.freeze == ["vision_model."]
     assert [s.name for s in cfg.prompts.sources] == ["math", "geometry", "counting", "grounding", "pointing", "choice"]
+
+
+def test_the_policys_export_gives_the_processor_unless_one_is_given(tmp_path):
+    tiny = str(REPO / "configs" / "processor" / "tiny.yaml")
+    save_processor(load_processor("tiny", tiny), tmp_path)  # what an export of a tiny run carries
+    cfg = compose_rl("stage=rlvr", "model=tiny", f"policy.init_from={tmp_path}")
+    assert cfg.processor == saved_settings(tmp_path) and cfg.processor["image_size"] == 224
+    assert compose_rl("stage=rlvr", "model=tiny", f"policy.init_from={tmp_path}", "rollout=vllm").processor == {
+        **saved_settings(tmp_path),
+        "crop_rule": "vllm",
+    }
+    with pytest.raises(UsageError, match="processor: the processor has image_size=728 .* drop processor"):
+        compose_rl("stage=rlvr", "model=tiny", f"policy.init_from={tmp_path}", "processor=step3vl")
 
 
 def test_cpu_overrides_and_options():

@@ -21,9 +21,12 @@ from rl.evaluation.prompts import apply_template
 from rl.evaluation.run import evaluate
 from rl.rewards import RewardRequest, resolve
 from step3vl_train.cli import CONFIGS, expand_shortcuts
+from step3vl_train.model.checkpoint import save_config
+from step3vl_train.processing.model_processor import save_processor, saved_settings
+from step3vl_train.processing.processor import load_processor
 from step3vl_train.processing.tokenizer import load_tokenizer
 from step3vl_train.usage import UsageError, build
-from tests.conftest import REPO
+from tests.conftest import REPO, load_model_config
 from tests.rl.chat_endpoint import chat_endpoint
 from tests.rl.test_pacore_inference import is_synthesis, png, user_text
 
@@ -292,3 +295,19 @@ def test_the_command_on_the_tiny_model(exported_tiny_model, tmp_path, capsys):
     responses = [r for line in lines for r in line["responses"]]
     assert len(lines) == 6 and {r["status"] for r in responses} <= {"truncated", "no_reasoning"}  # no </think>
     assert {line["reward"] for line in lines} == {"math"}  # the benchmark's
+
+
+def test_the_model_plans_images_with_its_exports_processor_unless_one_is_given(tmp_path):
+    """Before: an export of the tiny model planned its images at the released processor's 728 pixels (and
+    scored 0.00 where its own settings score 0.20), unless chat.processor named the tiny ones."""
+    save_config(load_model_config("tiny"), tmp_path)
+    save_processor(load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml")), tmp_path)
+
+    def chat(*words):
+        cfg = command_config([f"model={tmp_path}", "bench=mathvision", "data=x.jsonl", *words])
+        return build(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True)).chat
+
+    assert chat().processor_settings("chat") == saved_settings(tmp_path)
+    assert chat("chat.backend=vllm").processor_settings("chat")["crop_rule"] == "vllm"
+    with pytest.raises(UsageError, match=r"chat\.processor: the processor has image_size=728 .* drop chat\.processor"):
+        chat(f"chat.processor={REPO / 'configs' / 'processor' / 'step3vl.yaml'}").processor_settings("chat")

@@ -9,6 +9,7 @@ import pytest
 
 from rl.preflight import PreflightError, check_resources, check_resume, check_weights, gpus_needed
 from tests.conftest import REPO
+from tests.data.test_sources import write_shard
 from tests.rl.compose import compose_rl
 
 TINY = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny"]
@@ -63,11 +64,16 @@ def test_a_cluster_without_the_gpus_is_refused():
 @pytest.mark.slow
 def test_rl_run_says_what_is_wrong_and_stops(exported_tiny_model, tmp_path):
     """rl/run.py on this GPU-less machine: vLLM waited on Ray's autoscaler forever, a wrong path was retried
-    as three actor crashes. Now each is its message, at once, without a traceback: a preflight check (the
+    as three actor crashes. Now each is its message, at once, without a traceback: preflight checks (the
     others are the same path; their messages are tested above) and a mistake in the command."""
+    shard = write_shard(tmp_path / "prompts-0.tar", ["k"])
     cases = [
-        (["rollout=vllm", f"policy.init_from={exported_tiny_model}"], "needs 1 GPUs"),
+        (["rollout=vllm", f"policy.init_from={exported_tiny_model}", f"prompts.train={shard}"], "needs 1 GPUs"),
         (["run.max_steps=3"], "run.max_steps is now trainer.max_steps"),
+        (
+            [f"prompts.root={tmp_path / 'nowhere'}"],
+            r"prompts.root=.*nowhere is not a directory. The prompts sources expect",
+        ),
     ]
     for overrides, message in cases:
         out = [] if any(o.startswith("trainer.output_dir=") for o in overrides) else [f"trainer.output_dir={tmp_path}"]

@@ -54,14 +54,29 @@ def wait_for(predicate, process, timeout=300):
         time.sleep(0.2)
 
 
+def wait_for_group_to_end(group, timeout=60):
+    """Until no process of the process group `group` is left (Ray's, the service's, the actors)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        left = subprocess.run(["pgrep", "-a", "-g", str(group)], capture_output=True, text=True).stdout
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_a_killed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
+def test_a_sigtermed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
     rlhf_corpus, tiny_reward_model, secret_task, tiny_processor, tmp_path
 ):
-    """RLHF, its reward-model service started inside the run. The driver is SIGKILLed with its process group
-    after step 3 (checkpoint: step 2); the re-run command starts the service again and resumes, then loses a
-    training rank after step 5 and replaces it from the latest checkpoint. The prompts the run trained on
-    are exactly the loader's sequence: none lost, none twice; every response was scored by the service."""
+    """RLHF, its reward-model service started inside the run. The driver gets SIGTERM after step 3 (as a
+    container's stop reaches its main process): it finishes the iteration in flight, saves it, shuts Ray
+    and the service down (nothing of its process group is left) and exits with 143 and the resume line. The
+    re-run command starts the service again and resumes, then loses a training rank and replaces it from the
+    latest checkpoint. The prompts the run trained on are exactly the loader's sequence: none lost, none
+    twice; every response was scored by the service."""
     # The secret-digit task's policy ends its responses in a few tokens: the service scores them (a response
     # cut at the length limit is scored by the truncation rule, never sent).
     settings = [f"prompts.root={rlhf_corpus}", f"policy.init_from={secret_task[1]}", "prompts.prompts_per_step=4",
@@ -76,15 +91,20 @@ def test_a_killed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
     out = tmp_path / "run"
     run_command = command(out, *settings, stage="rlhf")
     process = subprocess.Popen(run_command, env=environment(), start_new_session=True, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 3, process)  # past the checkpoint of step 2
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    stopped = rows(out / "metrics.jsonl")[-1]["step"]  # the iteration in flight when the signal came, finished
+    assert process.returncode == 143 and stopped in (3, 4), stderr[-5000:]
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped}"
+    resumes = f"Re-running the same command resumes from {out / 'checkpoints' / f'step_{stopped}'} (step {stopped})."
+    assert f"\nstopped by SIGTERM at step {stopped} (of 6). {resumes}\n" in stderr, stderr[-5000:]
+    wait_for_group_to_end(process.pid)
 
     process = subprocess.Popen(run_command, env=environment(), start_new_session=True, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    wait_for(lambda: len(rows(out / "metrics.jsonl")) >= 4, process)
+    wait_for(lambda: len(rows(out / "metrics.jsonl")) > stopped, process)
     os.kill(json.loads((out / "actors.json").read_text())["train"][1], signal.SIGKILL)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-5000:]

@@ -134,7 +134,10 @@ def test_a_body_over_the_limit_gets_413_unread(service):
             "item 0: images[0] is not base64",
         ),
         (b'{"items": [{"response": "r", "score": 1, "messages": [{"role": "user", "content": "q"}]}]}', "score"),
+        (b"[" * 100_000 + b"]" * 100_000, "the body nests deeper than the parser goes"),
+        (b'{"items": [{"id": ' + b"9" * 5000 + b"}]}", "the body is not JSON"),
     ],
+    ids=lambda value: value[:40] if isinstance(value, bytes) else None,
 )
 def test_a_malformed_request_gets_400_naming_the_item(service, body, message):
     reply = requests.post(
@@ -189,6 +192,14 @@ def test_a_crashing_backend_masks_its_batch_and_the_service_goes_on(service):
     assert results[0].status == "error" and "crashed" in results[0].detail and not results[0].valid
     assert all(r.status in ("ok", "error") for r in results)
     assert client(service).score([request("fine")])[0].status == "ok"
+
+
+def test_a_backend_failure_comes_back_as_one_plain_line(service):
+    reply = post(service, [item(0, "crash")])
+    assert reply.status_code == 200
+    (result,) = reply.json()["results"]
+    # Not Ray's RayTaskError, whose text is the remote traceback in ANSI colours.
+    assert result["status"] == "error" and result["detail"] == "backend: RuntimeError: the backend crashed"
 
 
 def test_a_replica_killed_under_load_loses_no_item_and_counts_none_twice(service):
