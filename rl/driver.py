@@ -208,8 +208,7 @@ class Driver:
     def stop_here(self) -> None:
         """After a SIGTERM, between iterations: saves the last one where it has not been saved and the save
         fits in what is left of trainer.preempt_grace_s (the run's first save is always tried)."""
-        latest = self.checkpointer.latest()
-        if self.step and (latest is None or latest.name != f"step_{self.step}"):
+        if self.step and not self.checkpointer.published(self.step):
             if self.stop.save_fits(self.save_s):
                 self.save()
             else:

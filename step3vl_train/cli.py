@@ -9,6 +9,7 @@ same command resumes from (exit code 130), as does a run stopped by SIGTERM (143
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+@functools.cache
 def runnable(config_name: str) -> dict[str, list[str]]:
     """The recipes and CPU forms that apply to a script's config (those whose every key, at every depth,
     the config has), by group: {"recipe": [...], "cpu": [...]}."""
@@ -235,16 +237,12 @@ def run_reported(task: Callable[[DictConfig], None], cfg: DictConfig, rank: int)
     run_dir = OmegaConf.select(cfg, "trainer.output_dir", default=None, throw_on_resolution_failure=False)
     try:
         task(cfg)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted) as stopped:
+        interrupted = isinstance(stopped, KeyboardInterrupt)
         if rank == 0:
             hint = f" {resume_hint(Path(run_dir))}" if run_dir else ""
-            print(f"\ninterrupted.{hint}", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Preempted as stopped:
-        if rank == 0:
-            hint = f" {resume_hint(Path(run_dir))}" if run_dir else ""
-            print(f"\n{stopped}.{hint}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODE)
+            print(f"\n{'interrupted' if interrupted else stopped}.{hint}", file=sys.stderr, flush=True)
+        sys.exit(130 if interrupted else EXIT_CODE)
     except Exception as error:
         log = write_traceback(errors_folder(cfg) / f"rank{rank}.log")
         if os.environ.get(DEBUG):

@@ -99,7 +99,7 @@ class Checkpointer:
         `files` (name -> text, e.g. the config) are written by rank 0. Returns `step_{step}`; if that is
         already the published checkpoint, nothing is written."""
         final = self.complete(step)
-        if self.latest() == final:
+        if self.published(step):
             return final
         rank = dist.get_rank()
         if rank == 0:
@@ -158,6 +158,10 @@ class Checkpointer:
         set_rng_state(state.pop("rng"))
         return state
 
+    def published(self, step: int) -> bool:
+        """Whether `step_{step}` is the published checkpoint."""
+        return self.latest() == self.complete(step)
+
     def complete(self, step: int) -> Path:
         return self.root / f"step_{step}"
 
@@ -165,9 +169,8 @@ class Checkpointer:
         return self.root / f"step_{step}{PARTIAL}"
 
     def _refuse_to_rewrite(self, step: int) -> None:
-        published = self.latest()
-        if published == self.complete(step):
-            raise ValueError(f"{published} is the published checkpoint; it is never rewritten")
+        if self.published(step):
+            raise ValueError(f"{self.complete(step)} is the published checkpoint; it is never rewritten")
 
     def _prune(self, published: int) -> None:
         """Keeps the newest `keep_last` complete checkpoints up to the published one (which always stays).

@@ -442,8 +442,7 @@ class Trainer:
         """After a SIGTERM, at the step every rank agreed on (`train_step`): saves that step where the save
         fits in what is left of trainer.preempt_grace_s, by the earliest signal and the slowest rank's last
         save (the first save of a run is always tried), then raises `Preempted` on every rank."""
-        latest = self.checkpointer.latest()
-        if self.trainer.save_every and (latest is None or latest.name != f"step_{self.progress.step}"):
+        if self.trainer.save_every and not self.checkpointer.published(self.progress.step):
             last_save = self.save_s if self.save_s is not None else -1.0
             timing = torch.tensor([self.stop.elapsed(), last_save], dtype=torch.float64, device=self.device)
             dist.all_reduce(timing, op=dist.ReduceOp.MAX)
