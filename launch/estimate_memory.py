@@ -20,6 +20,7 @@ from step3vl_train.train.memory import (
     EngineShape,
     Estimate,
     TrainingShape,
+    estimate_colocated_sync,
     estimate_engine,
     estimate_rl,
     estimate_training,
@@ -119,6 +120,15 @@ def engine_estimate(cfg, cluster: ClusterConfig) -> Estimate:
     return estimate_engine(model, engine, rl_resident(model, *rl_shapes(cfg, cluster.gpus)), cluster.gpu_memory_gb)
 
 
+def colocated_sync_estimate(cfg, cluster: ClusterConfig) -> Estimate:
+    """A colocated GPU while the weights cross by CUDA IPC, between the engine's two wake steps."""
+    model = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    rollout = cfg.rollout
+    engine = EngineShape(seq_len=0, tensor_parallel=rollout.tensor_parallel_size, colocated=True)
+    resident = rl_resident(model, *rl_shapes(cfg, cluster.gpus))
+    return estimate_colocated_sync(model, engine, resident, rollout.sync_bucket_mb * 2**20, cluster.gpu_memory_gb)
+
+
 def estimate(recipe: str, cluster: ClusterConfig, overrides: list[str]) -> tuple[Estimate, object]:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("rl" if is_rl(recipe) else "pretrain", [*overrides, "tokenizer=none"])
@@ -138,6 +148,9 @@ def main(argv: list[str]) -> None:
         where = "beside training rank i" if cfg.rollout.colocate else "a GPU of its own"
         print(f"\nrollout engine (vLLM, {where}), per GPU:")
         print(engine_estimate(cfg, cluster).table())
+        if cfg.rollout.colocate:
+            print("\nweight sync (colocated, CUDA IPC; the engine's KV cache is woken after it), per GPU:")
+            print(colocated_sync_estimate(cfg, cluster).table())
     if not result.fits and not is_rl(recipe):
         degree = next(
             (

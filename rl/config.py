@@ -71,6 +71,9 @@ class RolloutConfig:
     batch_size: int = 64  # hf: sequences per generate call
     num_engines: int = 1
     sync_bucket_mb: int = 256  # weight sync sends parameters in buckets of about this size
+    # A weight sync that has not ended after this long has failed (an engine that failed before joining an
+    # NCCL broadcast leaves the sender waiting forever): the run names the engines and restarts its actors.
+    sync_timeout_s: float = 600.0
     # vllm: engines share the training ranks' GPUs (engine i on rank i's), sleeping while the trainer works;
     # weights then move by CUDA IPC. Otherwise engines have GPUs of their own and weights move over NCCL.
     colocate: bool = False
@@ -88,6 +91,16 @@ class RolloutConfig:
             raise ValueError(f"rollout.engine must be one of {ENGINES}, not {self.engine!r}")
         if self.colocate and (self.engine != "vllm" or self.tensor_parallel_size != 1):
             raise ValueError("rollout.colocate needs rollout.engine=vllm with tensor_parallel_size=1")
+        if self.sync_timeout_s <= 0:
+            raise ValueError(f"rollout.sync_timeout_s must be positive, not {self.sync_timeout_s}")
+        if self.top_p < 1 or self.top_k > 0:
+            raise ValueError(
+                f"rollout.top_p={self.top_p:g}, rollout.top_k={self.top_k}: training rollouts sample the whole "
+                "distribution. With top-p or top-k, the engine samples from a truncated, renormalised "
+                "distribution (vLLM reports its log-probs that way), while the trainer scores the full softmax at "
+                "the temperature: the importance ratios and the clip would be off by the nucleus's log-mass on "
+                "every token. Keep rollout.top_p=1 and rollout.top_k=0; rollout.eval.top_p and top_k are free."
+            )
 
 
 @dataclass

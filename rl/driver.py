@@ -2,7 +2,8 @@
 and values -> advantages -> policy and critic updates -> weight sync, then validation on held-out prompts
 every `trainer.eval_every` iterations (rl/validation.py) and a checkpoint every `trainer.save_every`. A run
 re-started with the same command resumes from its latest checkpoint; a training or rollout actor that dies
-mid-run is replaced, and the run goes on from that checkpoint. On SIGTERM the run stops after the iteration
+mid-run, or a weight sync that fails or outlasts `rollout.sync_timeout_s`, is replaced, and the run goes on
+from that checkpoint (at most `trainer.max_restarts` times). On SIGTERM the run stops after the iteration
 in flight and saves it (train/preemption.py; docs/rl.md, "Stopping a run")."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from rl.algos.advantages import uniform_groups
 from rl.config import RLConfig
-from rl.engines import SamplingParams, engine_options
+from rl.engines import SamplingParams, engine_environment, engine_options
 from rl.experience import Prompt, Response
 from rl.iteration import (
     advantages,
@@ -35,12 +36,18 @@ from rl.prompts import prompt_loader
 from rl.rewards import RewardScorer
 from rl.validation import EVAL_SEED, Validation, evaluated_before_training, validation_metrics
 from rl.workers.group import start_rollout_engines, start_train_group
+from step3vl_train.cli import resume_hint
 from step3vl_train.processing.processor import load_processor
 from step3vl_train.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
 from step3vl_train.train.preemption import Preempted, StopRequest
 
 logger = logging.getLogger("rl")
+
+
+class SyncFailed(RuntimeError):
+    """A weight sync that failed, or did not end within `rollout.sync_timeout_s`; the message names the
+    engines that failed or do not answer."""
 
 
 def save_config(run_dir: Path, raw_config: dict) -> None:
@@ -78,6 +85,8 @@ class Driver:
         self.step = 0
         self.workers: list = []
         self.engines: list = []
+        self.engine_pids: list[int] = []
+        self.restarts = 0  # times the actors were replaced in this process
         self.start_sync: dict[str, float] = {}  # logged with the first iteration after the engines start
         # SIGTERM: stop after the iteration in flight, or abandon it when trainer.preempt_grace_s runs out.
         self.stop = StopRequest(config.trainer.preempt_grace_s, abandon_at_deadline=True)
@@ -95,15 +104,21 @@ class Driver:
             self.pad_token_id,
             cfg.trainer_gpu_share,
         )
-        options = engine_options(cfg, self.pad_token_id, load_weights=False)
-        colocate_with = self.group if rollout.colocate else None
+        if rollout.colocate:  # vLLM profiles its GPU's memory as it starts: the training ranks there are up first
+            ray.get([w.pid.remote() for w in self.workers])
+        options = [
+            engine_options(cfg, self.pad_token_id, load_weights=False, index=index, restarts=self.restarts)
+            for index in range(rollout.num_engines)
+        ]
         self.engines = start_rollout_engines(
-            rollout.num_engines, cfg.engine_gpus, rollout.engine, colocate_with, **options
+            rollout.engine,
+            options,
+            cfg.engine_gpus,
+            engine_environment(rollout),
+            self.group if rollout.colocate else None,
         )
-        pids = {
-            "train": ray.get([w.pid.remote() for w in self.workers]),
-            "rollout": ray.get([e.pid.remote() for e in self.engines]),
-        }
+        self.engine_pids = ray.get([e.pid.remote() for e in self.engines])
+        pids = {"train": ray.get([w.pid.remote() for w in self.workers]), "rollout": self.engine_pids}
         (self.run_dir / "actors.json").write_text(json.dumps(pids))
 
     def an_actor_died(self) -> bool:
@@ -129,7 +144,7 @@ class Driver:
     def run(self) -> None:
         """The run to its end, or to a stop on SIGTERM, which raises `Preempted` once the actors are gone."""
         save_config(self.run_dir, self.raw_config)
-        restarts = 0
+        self.restarts = 0
         try:
             with self.stop.installed():  # in place of Ray's own handler (ray.init's), until the actors are gone
                 while True:
@@ -144,16 +159,20 @@ class Driver:
                             metrics.close()
                         ray.get([worker.close.remote() for worker in self.workers])
                         break
-                    except (RayActorError, RayTaskError) as error:
+                    except (RayActorError, RayTaskError, SyncFailed) as error:
                         if self.stop.requested:  # the signal reached the actors too (sent to the process group)
                             raise Preempted(f"stopped by SIGTERM in step {self.step}, as were the actors") from error
                         if isinstance(error, RayTaskError) and not self.an_actor_died():
                             raise
-                        restarts += 1
-                        if restarts > self.cfg.trainer.max_restarts:
+                        self.restarts += 1
+                        if self.restarts > self.cfg.trainer.max_restarts:
+                            if isinstance(error, SyncFailed):
+                                limit = f"Stopping after trainer.max_restarts={self.cfg.trainer.max_restarts}."
+                                raise SyncFailed(f"{error}. {limit} {resume_hint(self.run_dir)}") from None
                             raise
-                        logger.error("an actor died (%s); restarting from the latest checkpoint (%d/%d)",
-                                     error, restarts, self.cfg.trainer.max_restarts)  # fmt: skip
+                        what = error if isinstance(error, SyncFailed) else f"an actor died ({error})"
+                        logger.error("%s; restarting from the latest checkpoint (%d/%d)",
+                                     what, self.restarts, self.cfg.trainer.max_restarts)  # fmt: skip
                     finally:
                         self.stop_actors()
         finally:
@@ -220,7 +239,7 @@ class Driver:
         cfg, timings, started = self.cfg, {}, time.perf_counter()
         responses, sampling_stats = self.collect(timings)
         self.log_rollouts(responses)
-        self.engines_sleep(True)
+        self.sleep_engines()
         self.score_with_models(responses, timings)
         row = advantages(self.cfg, responses, self.entropy_sum)
         shards, counts = minibatches(self.cfg, responses, self.step, len(self.workers))
@@ -228,8 +247,9 @@ class Driver:
         sums = ray.get([w.update.remote(s, counts) for w, s in zip(self.workers, shards, strict=True)])
         timings["time/update"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        self.engines_sleep(False)
+        self.wake_engines(["weights"])
         sync = self.sync_weights(False)
+        self.wake_engines(["kv_cache"])
         timings["time/sync"] = time.perf_counter() - tick
         valid_tokens = sum(c.tokens for c in counts)
         if cfg.on_policy_update:  # no scoring pass gave the old log-probs: the update's forward did
@@ -340,12 +360,47 @@ class Driver:
         timings["time/score"] = time.perf_counter() - tick
 
     def sync_weights(self, everything: bool) -> dict:
-        return ray.get([w.sync_weights.remote(self.engines, everything) for w in self.workers])[0]
+        """The weight sync (a collective of every training rank) within `rollout.sync_timeout_s`. A rank that
+        fails ends the wait at once; a sender waiting in a broadcast that a failed engine never joined ends
+        it at the deadline. Either raises `SyncFailed`, naming the engines."""
+        calls = [w.sync_weights.remote(self.engines, everything) for w in self.workers]
+        timeout = self.cfg.rollout.sync_timeout_s
+        deadline, pending = time.monotonic() + timeout, list(calls)
+        while pending:
+            done, pending = ray.wait(pending, timeout=max(deadline - time.monotonic(), 0))
+            if not done:
+                raise SyncFailed(self.sync_failure(f"did not end within rollout.sync_timeout_s={timeout:g} s"))
+            try:
+                ray.get(done)
+            except RayTaskError as error:
+                first_line = str(error.cause if error.cause is not None else error).strip().splitlines()[-1]
+                raise SyncFailed(self.sync_failure(f"failed on a training rank ({first_line})")) from error
+        return ray.get(calls[0])
 
-    def engines_sleep(self, sleep: bool) -> None:
+    def sync_failure(self, what: str) -> str:
+        """`what` happened to the weight sync after step N, and what each engine says of it."""
+        engines = []
+        for index, (engine, pid) in enumerate(zip(self.engines, self.engine_pids, strict=True)):
+            try:
+                failure = ray.get(engine.sync_failure.remote(), timeout=10)
+            except GetTimeoutError:
+                failure = "does not answer (still in the update, or hung)"
+            except RayActorError:
+                failure = "has died"
+            if failure:
+                engines.append(f"rollout engine {index} (pid {pid}): {failure}")
+        named = "; ".join(engines) if engines else "no rollout engine reported a failure"
+        return f"the weight sync after step {self.step} {what}: {named}"
+
+    def wake_engines(self, tags: list[str]) -> None:
+        """Colocated engines take back their GPU memory: the weights before the sync, the KV cache after it."""
+        if self.cfg.rollout.colocate:
+            ray.get([e.wake_up.remote(tags) for e in self.engines])
+
+    def sleep_engines(self) -> None:
         """Colocated engines give their GPU memory to the trainer between rollouts."""
         if self.cfg.rollout.colocate:
-            ray.get([e.sleep.remote() if sleep else e.wake_up.remote() for e in self.engines])
+            ray.get([e.sleep.remote() for e in self.engines])
 
     def save(self) -> None:
         """The workers' shards and `driver.pt` into a partial directory, published once all is on disk."""

@@ -10,6 +10,7 @@ import requests
 from omegaconf import OmegaConf
 
 from rl.config import RLConfig
+from rl.engines.fused import check_whole_modules
 from rl.rewards.rm_client import read_client_token
 from rl.rm_service.config import ServiceConfig
 from step3vl_train.data.files import check_source_files
@@ -118,6 +119,23 @@ def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
         )
 
 
+def check_freeze(cfg: RLConfig) -> None:
+    """vLLM takes a weight update a whole module at a time: `policy.freeze` must not cut one (rl/engines/fused.py)."""
+    if cfg.rollout.engine != "vllm":
+        return
+    import torch
+
+    from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
+
+    with torch.device("meta"):  # the names alone, at any size
+        model = Step3VLForConditionalGeneration(Step3VLConfig.from_dict(cfg.model))
+    freeze = tuple(cfg.policy.freeze)
+    try:
+        check_whole_modules((name, not name.startswith(freeze)) for name, _ in model.named_parameters())
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
+
+
 def check_resume(cfg: RLConfig) -> None:
     """A run resumes its ZeRO-3 shards only on as many training ranks as wrote them."""
     run_dir = Path(cfg.trainer.output_dir)
@@ -140,5 +158,6 @@ def preflight(cfg: RLConfig) -> None:
     """Everything but the cluster's resources (`check_resources`), before Ray starts."""
     check_source_files("prompts", cfg.prompts.root, {"sources": cfg.prompts.sources, "eval": cfg.prompts.eval})
     check_weights(cfg)
+    check_freeze(cfg)
     check_reward_service(cfg)
     check_resume(cfg)

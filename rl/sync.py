@@ -10,7 +10,9 @@ every tensor; later ones send the trainable tensors alone, so the frozen vision 
 - `VLLMSender` (the vLLM engine): vLLM's trainer-side weight-transfer engine fed by `zero_weight_source`,
   packed into buffers of `rollout.sync_bucket_mb`. NCCL to engines on GPUs of their own: one transfer group,
   the sender at rank 0 and engine i's tensor-parallel workers at ranks 1 + i*TP ... i*TP + TP. CUDA IPC to
-  engines sharing the training ranks' GPUs.
+  engines sharing the training ranks' GPUs: every rank packs its gathered copy into one IPC buffer of its
+  own, at least as large as the largest tensor (vLLM's producer refuses a tensor larger than the buffer; at
+  10B the embeddings and the head are 1,187 MiB each, the second downsampler 324 MiB).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from rl.engines.fused import check_whole_modules
 from step3vl_train.train.engine import gathered_parameters
 
 NamedParameters = list[tuple[str, nn.Parameter]]
@@ -34,6 +37,11 @@ def sync_parameters(model: nn.Module, everything: bool) -> NamedParameters:
 def full_bytes(param: nn.Parameter) -> int:
     """Bytes of the full tensor, whether or not ZeRO-3 has partitioned it."""
     return getattr(param, "ds_numel", param.numel()) * param.element_size()
+
+
+def ipc_buffer_bytes(parameters: NamedParameters, bucket_bytes: int) -> int:
+    """The IPC buffer: a bucket, or the largest tensor where that is larger."""
+    return max(bucket_bytes, *(full_bytes(param) for _, param in parameters))
 
 
 def parameter_buckets(parameters: NamedParameters, limit_bytes: int) -> Iterator[NamedParameters]:
@@ -156,10 +164,12 @@ class VLLMSender:
     ):
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        info = trainer_init_info(
-            backend, rank, len(engines), tensor_parallel_size, bucket_bytes, master_address, master_port
-        )
+        check_whole_modules((name, param.requires_grad) for name, param in model.named_parameters())
         self.parameters = {everything: sync_parameters(model, everything) for everything in (True, False)}
+        buffer_bytes = ipc_buffer_bytes(self.parameters[True], bucket_bytes) if backend == "ipc" else bucket_bytes
+        info = trainer_init_info(
+            backend, rank, len(engines), tensor_parallel_size, buffer_bytes, master_address, master_port
+        )
         # vLLM's sources declare fixed metadata, so the two kinds of sync are two sources.
         self.sources = {
             everything: zero_weight_source(self.parameters[everything], bucket_bytes) for everything in (True, False)
@@ -179,9 +189,9 @@ class VLLMSender:
 
 
 def trainer_init_info(
-    backend: str, rank: int, num_engines: int, tensor_parallel_size: int, bucket_bytes: int, address: str, port: int
+    backend: str, rank: int, num_engines: int, tensor_parallel_size: int, buffer_bytes: int, address: str, port: int
 ):
-    """vLLM's trainer-side init info: packed transfers in buffers of `bucket_bytes` (vLLM's IPC default is
+    """vLLM's trainer-side init info: packed transfers in buffers of `buffer_bytes` (vLLM's IPC default is
     unpacked, which holds every sent tensor until the update ends: about 20 GB at 10B, on top of the woken
     engine), and for NCCL one group over the sender and every engine's workers."""
     from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
@@ -190,10 +200,10 @@ def trainer_init_info(
     if backend == "nccl":
         world_size = 1 + num_engines * tensor_parallel_size
         return NCCLTrainerInitInfo(
-            address, port, world_size, rank=rank, packed=True, packed_buffer_size_bytes=bucket_bytes
+            address, port, world_size, rank=rank, packed=True, packed_buffer_size_bytes=buffer_bytes
         )
     if backend == "ipc":
-        return IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=bucket_bytes)
+        return IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=buffer_bytes)
     raise ValueError(f"rollout.weight_transfer must be 'nccl' or 'ipc', not {backend!r}")
 
 

@@ -2,13 +2,24 @@
 
 from rl.engines.base import RolloutEngine, SamplingParams
 
-__all__ = ["RolloutEngine", "SamplingParams", "build_rollout_engine", "engine_options"]
+__all__ = ["RolloutEngine", "SamplingParams", "build_rollout_engine", "engine_environment", "engine_options"]
 
 
-def engine_options(cfg, pad_token_id: int, load_weights: bool) -> dict:
-    """`build_rollout_engine`'s keyword arguments from an `RLConfig`. The transformers engine is built from
-    the model config and, unless `load_weights`, takes its weights from the first sync; vLLM always loads
-    `rollout.model` (default: `policy.init_from`)."""
+def engine_environment(rollout) -> dict[str, str]:
+    """Environment variables an engine's process needs, from `rollout` (a `RolloutConfig`). vLLM passes a
+    weight update to its engine-core process through its msgpack encoder, which refuses the CUDA-IPC
+    handles (`reduce_tensor`'s arguments hold types and a dtype) unless pickling is allowed. The engine core
+    listens on this machine only, and only our trainer sends to it."""
+    if rollout.engine == "vllm" and rollout.weight_transfer == "ipc":
+        return {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    return {}
+
+
+def engine_options(cfg, pad_token_id: int, load_weights: bool, index: int = 0, restarts: int = 0) -> dict:
+    """`build_rollout_engine`'s keyword arguments from an `RLConfig`, for engine `index` of the run's
+    `restarts`-th start. The transformers engine is built from the model config and, unless `load_weights`,
+    takes its weights from the first sync; vLLM always loads `rollout.model` (default: `policy.init_from`)
+    and samples with a seed of its own: `trainer.seed` + its index + restarts x engines."""
     import torch
 
     rollout = cfg.rollout
@@ -29,6 +40,7 @@ def engine_options(cfg, pad_token_id: int, load_weights: bool) -> dict:
         "gpu_memory_utilization": rollout.gpu_memory_utilization,
         "enforce_eager": rollout.enforce_eager,
         "weight_transfer": rollout.weight_transfer,
+        "seed": cfg.trainer.seed + index + restarts * rollout.num_engines,
     }
 
 

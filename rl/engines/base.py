@@ -35,4 +35,6 @@ class RolloutEngine(Protocol):
     def sleep(self) -> None:
         """Frees the accelerator memory the engine holds while the trainer uses it (colocated)."""
 
-    def wake_up(self) -> None: ...
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Takes back what `sleep` freed: `["weights"]` first (the weight sync writes into them), then
+        `["kv_cache"]`, so the sync's buffers and the KV cache are never on the GPU together; None: both."""

@@ -2,7 +2,8 @@
 
 It holds an ordinary (unpartitioned) copy of the policy. Log-probs come from the raw logits of each step
 at the sampling temperature, which is what the trainer computes, so the two agree to rounding in fp32
-(top-p, top-k and the suppressed image tokens shape what is sampled, not the reported log-probs). They
+(the suppressed image tokens shape what is sampled, not the reported log-probs; top-p and top-k are for
+evaluation only, since they would make the sampled distribution differ from the scored one). They
 are taken step by step, so memory holds one step's distribution, never the (batch, length, vocabulary)
 logits: with Qwen3's 152K vocabulary those would be hundreds of GB at RL lengths.
 """
@@ -150,5 +151,6 @@ class HFEngine:
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
-        self.model.to(self.device)
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if tags is None or "weights" in tags:  # its cache lives only within a generate call
+            self.model.to(self.device)

@@ -8,11 +8,15 @@ beside `config.json` (ours in an export, StepFun's in a released directory), hen
 vLLM expands each image's single `<im_patch>` itself, so it is given the chat-rendered prompt before
 expansion; the expanded prompt it reports must equal ours token for token, or the trainer would score
 other tokens than the engine sampled (checked on every request; tests/contract shows the two agree).
-Log-probs are vLLM's `processed_logprobs`: after the temperature, as the trainer computes them.
+Log-probs are vLLM's `processed_logprobs`: after the temperature, as the trainer computes them, which is
+why training rollouts sample the whole distribution (no top-p or top-k: rl/config.py refuses them).
 
-Requests are not seeded. One seed in one `SamplingParams` would give the k-th response of every prompt
-the same noise (vLLM seeds child k with seed + k), and seeded requests leave vLLM's batched sampler for a
-per-request one. So vLLM rollouts are not reproducible, as its batching is not either; the `hf` engine is.
+Each engine has a seed of its own (rl/engines/__init__.py: `engine_options`), and each request carries one:
+prompt i of a call gets `seed x 2^24 + i x n`, and vLLM gives its k-th response that plus k, so no two
+responses of an iteration share their noise. Seeded requests make what a response samples depend on the
+call, not on the engine's batching; the logits still do (vLLM's kernels are not batch-invariant), so vLLM
+rollouts repeat only approximately. The `hf` engine repeats exactly.
+
 vLLM is imported here only: the rest of the project runs without it.
 """
 
@@ -37,6 +41,11 @@ def vllm_request(processor, prompt: Prompt) -> dict:
     return request
 
 
+def request_seed(seed: int, index: int, n: int) -> int:
+    """Prompt `index`'s seed in a call seeded `seed`; vLLM seeds its k-th response with this plus k."""
+    return (seed * 2**24 + index * n) % 2**63
+
+
 class PromptMismatchError(RuntimeError):
     """vLLM expanded a prompt into other tokens than our processor."""
 
@@ -53,6 +62,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         weight_transfer: str = "nccl",  # "ipc" when the engine shares its GPUs with the trainer
         processor_config: dict | None = None,
+        seed: int = 0,
     ):
         try:
             from vllm import LLM
@@ -75,22 +85,26 @@ class VLLMEngine:
             enable_sleep_mode=True,
             logprobs_mode="processed_logprobs",
             weight_transfer_config={"backend": weight_transfer},
+            seed=seed,
         )
 
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
-        """`seed` is not used: see the module's docstring."""
         from vllm import SamplingParams as VLLMSamplingParams
 
-        params = VLLMSamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens,
-            stop_token_ids=sampling.stop_token_ids,
-            logprobs=0,  # the sampled token's own log-prob
-            logit_bias=dict.fromkeys(sampling.suppressed_token_ids, -100.0) or None,
-        )
+        params = [
+            VLLMSamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=sampling.stop_token_ids,
+                logprobs=0,  # the sampled token's own log-prob
+                logit_bias=dict.fromkeys(sampling.suppressed_token_ids, -100.0) or None,
+                seed=request_seed(seed, index, sampling.n),
+            )
+            for index in range(len(prompts))
+        ]
         requests = [vllm_request(self.processor, prompt) for prompt in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
@@ -132,5 +146,5 @@ class VLLMEngine:
     def sleep(self) -> None:
         self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.llm.wake_up(tags)

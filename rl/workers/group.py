@@ -41,8 +41,11 @@ def start_train_group(
     return workers, group
 
 
-def start_rollout_engines(count: int, num_gpus: float, engine: str, colocate_with=None, **kwargs) -> list:
-    """`count` engines, each on its own `num_gpus`, or on bundle i of the training group `colocate_with`."""
+def start_rollout_engines(
+    engine: str, options: list[dict], num_gpus: float, environment: dict[str, str], colocate_with=None
+) -> list:
+    """An engine for each of `options` (its keyword arguments), each on its own `num_gpus`, or on bundle i of
+    the training group `colocate_with`; `environment`: variables set in the engines' processes."""
     from rl.workers.rollout import RolloutWorker
 
     actor = ray.remote(RolloutWorker)
@@ -50,7 +53,8 @@ def start_rollout_engines(count: int, num_gpus: float, engine: str, colocate_wit
         actor.options(
             num_cpus=0 if colocate_with else 1,
             num_gpus=num_gpus,
+            runtime_env={"env_vars": environment} if environment else None,
             **({"scheduling_strategy": on_bundle(colocate_with, i)} if colocate_with else {}),
         ).remote(engine, **kwargs)
-        for i in range(count)
+        for i, kwargs in enumerate(options)
     ]

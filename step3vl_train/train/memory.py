@@ -408,3 +408,28 @@ def estimate_engine(config: Step3VLConfig, engine: EngineShape, resident: list[P
     if engine.colocated:
         gpu = [*resident, Part("trainer: CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed"), *gpu]
     return Estimate(gpu, [], budget_gib)
+
+
+def largest_tensor_bytes(config: Step3VLConfig) -> int:
+    """The largest tensor a weight sync sends, in bf16 (the embeddings or the LM head)."""
+    return 2 * max(p.numel() for p in build_on_meta(config).parameters())
+
+
+def estimate_colocated_sync(
+    config: Step3VLConfig, engine: EngineShape, resident: list[Part], bucket_bytes: int, budget_gib: float
+) -> Estimate:
+    """A colocated GPU during the weight sync (rl/sync.py, CUDA IPC): the training rank's states, the engine's
+    weights woken for the sync (its KV cache comes back after it), the ZeRO-3 gather feeding the sync, the
+    rank's IPC buffer and the engine's copy of the chunk it reads from that buffer."""
+    largest = largest_tensor_bytes(config)
+    buffer = max(bucket_bytes, largest)
+    weights = 2 * parameter_counts(config, ())["total"] / engine.tensor_parallel
+    gpu = [
+        *resident,
+        Part("trainer: CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed"),
+        Part("engine: weights", weights, f"2 B x params / TP {engine.tensor_parallel}; KV cache not yet woken"),
+        Part("sync: gathered bucket", buffer, "max(rollout.sync_bucket_mb, the largest tensor), bf16"),
+        Part("sync: IPC buffer", buffer, "the same: vLLM's packed producer needs the largest tensor to fit"),
+        Part("sync: engine's copy of a chunk", buffer, "vLLM clones each received tensor out of the buffer"),
+    ]
+    return Estimate(gpu, [], budget_gib)

@@ -4,7 +4,9 @@ vLLM needs CUDA torch to run, but its config, processor, model-registry, model-c
 modules import on CPU torch when vLLM is installed without its dependencies. That environment lives beside
 the project's venv (`<venv>/vllm-contract`, a `pip install --target` of requirements.txt: about 440 MB to
 download, 1 GB on disk, 20 s to install, made once and reused until requirements.txt changes). The checks
-themselves are in vllm_side.py, run there in one pytest process; each test here reports one of them.
+themselves are in the `vllm_*side.py` files (vllm_side.py: config, prompts, weight names, transfer ranks;
+vllm_sync_side.py: the weight sync; vllm_model_side.py: vLLM's model class run on the CPU), run there in one
+pytest process; each test here reports one letter of them.
 """
 
 import hashlib
@@ -25,6 +27,11 @@ CHECKS = {
     "b": "vLLM's processor expands prompts to our token ids",
     "c": "every exported tensor maps onto vLLM's model",
     "d": "the NCCL transfer ranks for N engines x TP are vLLM's valid layout",
+    "e": "an IPC update built by our sender crosses vLLM's msgpack encoder to the engine core",
+    "f": "vLLM's packed IPC producer takes every 10B tensor in our buffer",
+    "g": "vLLM's layerwise reload applies a trainable-only update and keeps the frozen tower",
+    "h": "a freeze that splits a module vLLM loads whole is refused; our module grouping is vLLM's",
+    "i": "vLLM's own model class runs on the CPU against ours",
 }
 
 
@@ -48,7 +55,8 @@ def contract_results(tmp_path_factory) -> tuple[dict[str, str | None], str]:
     environment = contract_environment()
     report = tmp_path_factory.mktemp("contract") / "report.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(environment), str(REPO)]), "VLLM_TARGET_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "vllm_side.py")]
+    sides = [str(path) for path in sorted(HERE.glob("vllm_*side.py"))]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sides]
     done = subprocess.run(
         [*command, f"--junitxml={report}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )

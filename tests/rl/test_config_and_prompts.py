@@ -59,11 +59,20 @@ def test_cpu_overrides_and_options():
         (["rollout.colocate=true"], "colocate"),
         (["prompts.sources=[]"], "prompts.sources is empty"),
         (["policy.micro_batch_tokens=0"], "policy.micro_batch_tokens must be positive"),
+        (["rollout.top_p=0.9"], "rollout.top_p=0.9, rollout.top_k=0: training rollouts sample the whole"),
+        (["rollout.top_k=50"], "importance ratios"),
+        (["rollout.sync_timeout_s=0"], "rollout.sync_timeout_s must be positive"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(overrides, message):
     with pytest.raises(Exception, match=message):
         compose_rl("stage=rlvr", *overrides)
+
+
+def test_evaluation_sampling_may_truncate():
+    """Validation's responses are never trained on: its log-probs need not be the trainer's."""
+    cfg = compose_rl("stage=rlvr", "rollout.eval.top_p=0.95", "rollout.eval.top_k=20")
+    assert (cfg.rollout.eval.top_p, cfg.rollout.eval.top_k) == (0.95, 20)
 
 
 def test_unknown_key_is_refused():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rl.preflight import PreflightError, check_resources, check_resume, check_weights, gpus_needed
+from rl.preflight import PreflightError, check_freeze, check_resources, check_resume, check_weights, gpus_needed
 from tests.conftest import REPO
 from tests.data.test_sources import write_shard
 from tests.rl.compose import compose_rl
@@ -38,6 +38,32 @@ def test_model_directories_are_checked(exported_tiny_model, tmp_path):
         check_weights(compose_rl(*TINY, f"policy.init_from={exported_tiny_model}", f"critic.init_from={tmp_path}"))
     with pytest.raises(PreflightError, match="rollout.model"):
         check_weights(compose_rl(*TINY, "rollout=vllm", f"policy.init_from={exported_tiny_model}", "rollout.model=x"))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "module"),
+    [
+        ("model.layers.0.self_attn.q_proj.", "model.layers.0.self_attn.qkv_proj"),
+        ("model.layers.1.mlp.up_proj.", "model.layers.1.mlp.gate_up_proj"),
+        (
+            "vision_model.transformer.resblocks.0.attn.in_proj_bias",
+            "vision_model.transformer.resblocks.0.attn.qkv_proj",
+        ),
+        ("vision_model.ln_pre.weight", "vision_model.ln_pre"),
+    ],
+)
+def test_a_freeze_that_splits_a_module_vllm_loads_whole_is_refused(prefix, module):
+    settings = [*TINY, "policy.from_scratch=true", "policy.image_feature_cache_mb=0", f"policy.freeze=[{prefix}]"]
+    with pytest.raises(PreflightError, match=f"policy.freeze splits 1 module.*e.g. {re.escape(module)}: "):
+        check_freeze(compose_rl(*settings, "rollout=vllm"))
+    check_freeze(compose_rl(*settings))  # the transformers engine loads tensor by tensor: any freeze
+
+
+@pytest.mark.parametrize(
+    "freeze", ["[vision_model.]", "[vision_model.,model.layers.0.]", "[vision_model.,model.layers.1.self_attn.]"]
+)
+def test_whole_module_freezes_pass(freeze):
+    check_freeze(compose_rl(*TINY, "policy.from_scratch=true", "rollout=vllm", f"policy.freeze={freeze}"))
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,12 @@ class FakeEngine:
     def pid(self):
         return 0
 
+    def sleep(self):
+        self.events.append(("sleep", self.driver.step, [], None))
+
+    def wake_up(self, tags):
+        self.events.append(("wake_up", self.driver.step, tags, None))
+
 
 class FakeWorker:
     def __init__(self, driver, events, kill_at):
@@ -150,6 +156,8 @@ class FakeWorker:
             self.events.append(("save", self.driver.step, [], None))
 
     def sync_weights(self, engines, everything):
+        if self is self.driver.workers[0].target:
+            self.events.append(("sync", self.driver.step, [], everything))
         return {}
 
     def load(self, path):
@@ -172,7 +180,8 @@ def run_driver(cfg, monkeypatch, kill_at=None):
         driver.engines = [Actor(FakeEngine(driver, events, driver.processor.tokenizer))]
         driver.group = None
 
-    fake_ray = SimpleNamespace(get=lambda refs, timeout=None: refs, kill=lambda actor: None,
+    fake_ray = SimpleNamespace(get=lambda refs, timeout=None: refs, wait=lambda refs, timeout=None: (refs, []),
+                               kill=lambda actor: None,
                                util=SimpleNamespace(remove_placement_group=lambda group: None))  # fmt: skip
     monkeypatch.setattr(rl.driver, "ray", fake_ray)
     monkeypatch.setattr(Driver, "start_actors", start_actors)

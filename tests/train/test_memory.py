@@ -6,7 +6,7 @@ import re
 import pytest
 
 from benchmarks.memory_cpu import in_subprocess, trace_decoder_layer
-from launch.estimate_memory import engine_estimate, estimate, main
+from launch.estimate_memory import colocated_sync_estimate, engine_estimate, estimate, main
 from step3vl_train.train.memory import ClusterConfig
 from step3vl_train.train.recipes import register_recipes
 from tests.conftest import REPO
@@ -142,6 +142,26 @@ def test_the_rollout_engine_by_hand():
     _, colocated = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"])
     crowded = engine_estimate(colocated, H100)
     assert "policy: fp32 master + Adam" in parts(crowded) and not crowded.fits
+
+
+def test_the_colocated_weight_sync_by_hand(capsys):
+    """The sync's moment: the engine's weights are back, its KV cache not yet (the wake's two steps), and three
+    buffers each the size of the largest tensor, 151,936 x 4,096 bf16 (1,187 MiB, above the 256 MiB bucket)."""
+    _, cfg = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"])
+    sync = colocated_sync_estimate(cfg, H100)
+    got = parts(sync)
+    embeddings = 151936 * 4096 * 2
+    assert (
+        got["sync: IPC buffer"] == got["sync: gathered bucket"] == got["sync: engine's copy of a chunk"] == embeddings
+    )
+    assert "engine: KV cache" not in got and sync.fits
+    trainer = sum(p.bytes for p in sync.gpu if p.name.startswith(("policy:", "critic:", "trainer:")))
+    assert sync.gpu_gib * GIB == pytest.approx(trainer + got["engine: weights"] + 3 * embeddings)
+    main(["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true", "cluster.gpus=8"])
+    assert (
+        "weight sync (colocated, CUDA IPC; the engine's KV cache is woken after it), per GPU:"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_128k_row_on_one_rank_does_not_fit_and_the_degree_that_does_is_named(capsys):
