@@ -379,10 +379,11 @@ class Driver:
 
     def sync_failure(self, what: str) -> str:
         """`what` happened to the weight sync after step N, and what each engine says of it."""
-        engines = []
-        for index, (engine, pid) in enumerate(zip(self.engines, self.engine_pids, strict=True)):
+        engines, probes = [], [engine.sync_failure.remote() for engine in self.engines]
+        deadline = time.monotonic() + 10  # for all of them: eight hung engines are not eight waits
+        for index, (probe, pid) in enumerate(zip(probes, self.engine_pids, strict=True)):
             try:
-                failure = ray.get(engine.sync_failure.remote(), timeout=10)
+                failure = ray.get(probe, timeout=max(deadline - time.monotonic(), 0))
             except GetTimeoutError:
                 failure = "does not answer (still in the update, or hung)"
             except RayActorError:

@@ -24,25 +24,28 @@ class Engine:
         self.failure = failure
 
     def sync_failure(self):
-        if self.failure == "hung":
-            raise rl.driver.GetTimeoutError
         return self.failure
+
+
+def fake_get(value, timeout=None):
+    """A hung engine's answer never comes; a dead one's is an error."""
+    if value == "hung":
+        raise rl.driver.GetTimeoutError
+    if value == "dead":
+        raise rl.driver.RayActorError
+    return value
 
 
 def test_a_failed_sync_names_each_engine_and_what_became_of_it(tmp_path, monkeypatch):
     driver = Driver(config(tmp_path), {})
     driver.step = 7
-    driver.engines = [
-        Actor(Engine(None)),
-        Actor(Engine("update_weights: OutOfMemoryError: CUDA")),
-        Actor(Engine("hung")),
-    ]
-    driver.engine_pids = [11, 12, 13]
-    monkeypatch.setattr(rl.driver.ray, "get", lambda value, timeout=None: value)
+    failures = [None, "update_weights: OutOfMemoryError: CUDA", "hung", "dead"]
+    driver.engines, driver.engine_pids = [Actor(Engine(failure)) for failure in failures], [11, 12, 13, 14]
+    monkeypatch.setattr(rl.driver.ray, "get", fake_get)
     assert driver.sync_failure("did not end within rollout.sync_timeout_s=600 s") == (
         "the weight sync after step 7 did not end within rollout.sync_timeout_s=600 s: rollout engine 1 (pid 12): "
         "update_weights: OutOfMemoryError: CUDA; rollout engine 2 (pid 13): does not answer (still in the update, "
-        "or hung)"
+        "or hung); rollout engine 3 (pid 14): has died"
     )
     driver.engines, driver.engine_pids = driver.engines[:1], [11]
     assert driver.sync_failure("failed").endswith("failed: no rollout engine reported a failure")
