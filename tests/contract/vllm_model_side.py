@@ -52,7 +52,7 @@ quick_gelu_schema = vllm_side.quick_gelu_schema
 
 
 @pytest.fixture(scope="module")
-def vllm_model(export, quick_gelu_schema, tmp_path_factory):
+def vllm_model(export, quick_gelu_schema):
     """(vLLM's StepVLForConditionalGeneration with the export's weights, its VllmConfig)."""
     from vllm.config import (
         CompilationConfig,
@@ -63,8 +63,6 @@ def vllm_model(export, quick_gelu_schema, tmp_path_factory):
         set_current_vllm_config,
     )
     from vllm.config.compilation import CompilationMode
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.model_executor.models.step_vl import StepVLForConditionalGeneration
 
@@ -78,11 +76,7 @@ def vllm_model(export, quick_gelu_schema, tmp_path_factory):
         compilation_config=CompilationConfig(mode=CompilationMode.NONE, custom_ops=["none"]),
     )
     with set_current_vllm_config(config):
-        if not model_parallel_is_initialized():
-            # Over a file store: a fixed port may still be held by a run a minute before.
-            store = tmp_path_factory.mktemp("gloo") / "store"
-            init_distributed_environment(1, 0, f"file://{store}", 0, backend="gloo")
-            initialize_model_parallel(1, 1)
+        vllm_side.one_rank_model_parallel()
         model = StepVLForConditionalGeneration(vllm_config=config)
         model.load_weights(read_released_tensors(export).items())
         process_weights_after_loading(model, model_config, torch.device("cpu"))  # as vLLM's loader does

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -322,20 +323,28 @@ def test_b_the_released_rule_differs_from_vllm_at_728(processors):
 # ---- (c) weights ----------------------------------------------------------------------------------------
 
 
+def one_rank_model_parallel() -> None:
+    """vLLM's model-parallel group of one rank (gloo), once a process, over a file store: a fixed port may
+    still be held by a run a minute before. Call it under `set_current_vllm_config`."""
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        store = Path(tempfile.mkdtemp(prefix="vllm-gloo-")) / "store"
+        init_distributed_environment(1, 0, f"file://{store}", 0, backend="gloo")
+        initialize_model_parallel(1, 1)
+
+
 def build_vllm_model(directory: Path, device: str):
     """vLLM's model class, built as its loader builds it (one rank, no tensor parallelism) on `device`."""
     from vllm.config import DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.model_executor.models.step_vl import StepVLForConditionalGeneration
 
     config = VllmConfig(
         model_config=vllm_model_config(directory), device_config=DeviceConfig("cpu"), load_config=LoadConfig()
     )
     with set_current_vllm_config(config):
-        if not model_parallel_is_initialized():
-            init_distributed_environment(1, 0, "tcp://127.0.0.1:29533", 0, backend="gloo")
-            initialize_model_parallel(1, 1)
+        one_rank_model_parallel()
         with torch.device(device):
             return StepVLForConditionalGeneration(vllm_config=config)
 

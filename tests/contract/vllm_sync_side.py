@@ -29,7 +29,7 @@ from rl.sync import VLLMSender, full_bytes, ipc_buffer_bytes, sync_parameters, z
 from step3vl_train.model import Step3VLForConditionalGeneration
 from step3vl_train.model.checkpoint import read_released_tensors
 from tests.contract import vllm_side
-from tests.contract.vllm_side import build_vllm_model, model_config, vllm_model_config
+from tests.contract.vllm_side import build_vllm_model, model_config, one_rank_model_parallel, vllm_model_config
 
 export = vllm_side.export  # the tiny export, as launch/export_hf.py writes it
 quick_gelu_schema = vllm_side.quick_gelu_schema
@@ -56,18 +56,12 @@ def policy(freeze: list[str], device: str = "cpu", preset: str = "tiny") -> Step
 
 
 @pytest.fixture(scope="module")
-def vllm_on_cpu(quick_gelu_schema, tmp_path_factory):
-    """vLLM's model class buildable here: QuickGELU's schema, and the one-rank model-parallel group over a file
-    store (`build_vllm_model` would listen on a fixed port, which a run a minute before may still hold)."""
+def vllm_on_cpu(quick_gelu_schema):
+    """vLLM's model class buildable here: QuickGELU's schema, and the one-rank model-parallel group."""
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
 
-    if not model_parallel_is_initialized():
-        store = tmp_path_factory.mktemp("gloo") / "store"
-        with set_current_vllm_config(VllmConfig()):
-            init_distributed_environment(1, 0, f"file://{store}", 0, backend="gloo")
-            initialize_model_parallel(1, 1)
+    with set_current_vllm_config(VllmConfig()):
+        one_rank_model_parallel()
 
 
 # ---- CUDA, stood in for ---------------------------------------------------------------------------------
