@@ -123,10 +123,9 @@ def engine_estimate(cfg, cluster: ClusterConfig) -> Estimate:
 def colocated_sync_estimate(cfg, cluster: ClusterConfig) -> Estimate:
     """A colocated GPU while the weights cross by CUDA IPC, between the engine's two wake steps."""
     model = Step3VLConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    rollout = cfg.rollout
-    engine = EngineShape(seq_len=0, tensor_parallel=rollout.tensor_parallel_size, colocated=True)
-    resident = rl_resident(model, *rl_shapes(cfg, cluster.gpus))
-    return estimate_colocated_sync(model, engine, resident, rollout.sync_bucket_mb * 2**20, cluster.gpu_memory_gb)
+    rollout, resident = cfg.rollout, rl_resident(model, *rl_shapes(cfg, cluster.gpus))
+    bucket_bytes = rollout.sync_bucket_mb * 2**20
+    return estimate_colocated_sync(model, rollout.tensor_parallel_size, resident, bucket_bytes, cluster.gpu_memory_gb)
 
 
 def estimate(recipe: str, cluster: ClusterConfig, overrides: list[str]) -> tuple[Estimate, object]:

@@ -123,15 +123,13 @@ def check_freeze(cfg: RLConfig) -> None:
     """vLLM takes a weight update a whole module at a time: `policy.freeze` must not cut one (rl/engines/fused.py)."""
     if cfg.rollout.engine != "vllm":
         return
-    import torch
+    from step3vl_train.model import Step3VLConfig
+    from step3vl_train.model.counting import build_on_meta
 
-    from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
-
-    with torch.device("meta"):  # the names alone, at any size
-        model = Step3VLForConditionalGeneration(Step3VLConfig.from_dict(cfg.model))
+    names = [name for name, _ in build_on_meta(Step3VLConfig.from_dict(cfg.model)).named_parameters()]
     freeze = tuple(cfg.policy.freeze)
     try:
-        check_whole_modules((name, not name.startswith(freeze)) for name, _ in model.named_parameters())
+        check_whole_modules((name, not name.startswith(freeze)) for name in names)
     except ValueError as error:
         raise PreflightError(str(error)) from None
 

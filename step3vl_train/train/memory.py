@@ -392,12 +392,12 @@ def kv_bytes_per_token(config: Step3VLConfig, tensor_parallel: int) -> float:
 
 def estimate_engine(config: Step3VLConfig, engine: EngineShape, resident: list[Part], budget_gib: float) -> Estimate:
     """One GPU of a rollout engine; `resident` is what a colocated training rank keeps beside it."""
-    weights = 2 * parameter_counts(config, ())["total"] / engine.tensor_parallel
+    weights = engine_weights(config, engine.tensor_parallel)
     cap = engine.memory_utilization * budget_gib * GIB
     per_token = kv_bytes_per_token(config, engine.tensor_parallel)
-    pool = cap - weights
+    pool = cap - weights.bytes
     gpu = [
-        Part("engine: weights", weights, f"2 B x params / TP {engine.tensor_parallel}"),
+        weights,
         Part(
             "engine: KV cache",
             pool,
@@ -405,9 +405,17 @@ def estimate_engine(config: Step3VLConfig, engine: EngineShape, resident: list[P
             f" {pool / (per_token * engine.seq_len):.1f} sequences of {engine.seq_len:,} tokens at once",
         ),
     ]
-    if engine.colocated:
-        gpu = [*resident, Part("trainer: CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed"), *gpu]
-    return Estimate(gpu, [], budget_gib)
+    return Estimate(beside_trainer(resident) + gpu if engine.colocated else gpu, [], budget_gib)
+
+
+def engine_weights(config: Step3VLConfig, tensor_parallel: int) -> Part:
+    weights = 2 * parameter_counts(config, ())["total"] / tensor_parallel
+    return Part("engine: weights", weights, f"2 B x params / TP {tensor_parallel}")
+
+
+def beside_trainer(resident: list[Part]) -> list[Part]:
+    """What a colocated training rank keeps on the engine's GPU: its states and its CUDA context."""
+    return [*resident, Part("trainer: CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed")]
 
 
 def largest_tensor_bytes(config: Step3VLConfig) -> int:
@@ -416,18 +424,16 @@ def largest_tensor_bytes(config: Step3VLConfig) -> int:
 
 
 def estimate_colocated_sync(
-    config: Step3VLConfig, engine: EngineShape, resident: list[Part], bucket_bytes: int, budget_gib: float
+    config: Step3VLConfig, tensor_parallel: int, resident: list[Part], bucket_bytes: int, budget_gib: float
 ) -> Estimate:
     """A colocated GPU during the weight sync (rl/sync.py, CUDA IPC): the training rank's states, the engine's
     weights woken for the sync (its KV cache comes back after it), the ZeRO-3 gather feeding the sync, the
     rank's IPC buffer and the engine's copy of the chunk it reads from that buffer."""
-    largest = largest_tensor_bytes(config)
-    buffer = max(bucket_bytes, largest)
-    weights = 2 * parameter_counts(config, ())["total"] / engine.tensor_parallel
+    buffer = max(bucket_bytes, largest_tensor_bytes(config))
+    weights = engine_weights(config, tensor_parallel)
     gpu = [
-        *resident,
-        Part("trainer: CUDA context, NCCL", CUDA_CONTEXT_GIB * GIB, "fixed"),
-        Part("engine: weights", weights, f"2 B x params / TP {engine.tensor_parallel}; KV cache not yet woken"),
+        *beside_trainer(resident),
+        replace(weights, detail=f"{weights.detail}; KV cache not yet woken"),
         Part("sync: gathered bucket", buffer, "max(rollout.sync_bucket_mb, the largest tensor), bf16"),
         Part("sync: IPC buffer", buffer, "the same: vLLM's packed producer needs the largest tensor to fit"),
         Part("sync: engine's copy of a chunk", buffer, "vLLM clones each received tensor out of the buffer"),
