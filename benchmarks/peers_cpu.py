@@ -3,7 +3,7 @@ CPU: transformers' Trainer + DeepSpeed ZeRO-3 for a pre-training step, TRL's GRP
 iteration and for the reward it reaches; and the ViT calls an RL iteration makes on image prompts.
 
 bash benchmarks/peers/setup.sh        # once: .venv-peers, the same libraries as .venv plus TRL and py-spy
-python benchmarks/peers_cpu.py [all|pretrain|rl|reward|vit|profile] [--rounds 2] [--work DIR] [--json FILE]
+python benchmarks/peers_cpu.py [all|pretrain|rl|reward|vit|profile|staleness] [--rounds 2] [--work DIR] [--json FILE]
 
 Our side runs from this interpreter (the project's .venv) through the public entry points, torchrun
 launch/pretrain.py and rl/run.py, and reads their metrics.jsonl. The peers run in .venv-peers
@@ -22,6 +22,8 @@ work on the machine. Each measure prints the 1-minute load average before and af
   are most of an iteration). Theirs: peers/trl_grpo.py, one process.
 - reward: that task, 100 iterations at the tiny size and 2 ranks, both sides from the same weights; the
   mean reward of each 10 iterations (why that task: peers_task.py's docstring).
+- staleness: `reward`'s run, ours only, at algo.max_staleness 0 and 1 (one step off-policy), both reward
+  curves in one plot (WORK/staleness.png); needs no .venv-peers.
 - vit: vision tower calls (StepVisionEncoder.forward, counted in every process by
   peers/count_vit/sitecustomize.py) in an RL iteration on image prompts (synthetic `choice`, one image
   each), 16 responses a prompt, PPO with the critic, 4 minibatches, 2 ranks.
@@ -220,7 +222,9 @@ TRUNCATED_SCORED = "reward.truncated_score=null"
 _takes_null: list[bool] = []  # learnt from the first run: whether the project takes TRUNCATED_SCORED
 
 
-def run_ours_rl(work: Path, name: str, steps: int, world: int, size: str) -> tuple[list[dict], bool]:
+def run_ours_rl(
+    work: Path, name: str, steps: int, world: int, size: str, extra: tuple[str, ...] = ()
+) -> tuple[list[dict], bool]:
     """Our RL run's metrics rows, and whether a response cut at the length limit was scored by the reward
     (`reward.truncated_score=null`; every response of 4 tokens is cut there). Where the project does not
     take null yet, the run goes on with its default (such responses score reward.truncated_score)."""
@@ -230,7 +234,7 @@ def run_ours_rl(work: Path, name: str, steps: int, world: int, size: str) -> tup
     env = {"PYTHONPATH": os.pathsep.join([str(PEERS), os.environ.get("PYTHONPATH", "")])}
     log = work / f"{name}.log"
     if _takes_null != [False]:
-        command = our_rl_command(work, out, steps, world, size, init, (TRUNCATED_SCORED,))
+        command = our_rl_command(work, out, steps, world, size, init, (TRUNCATED_SCORED, *extra))
         if run(command, log, env, check=False).returncode == 0:
             _takes_null[:] = [True]
             return metrics(out), True
@@ -238,7 +242,7 @@ def run_ours_rl(work: Path, name: str, steps: int, world: int, size: str) -> tup
             fail(command, log)
         _takes_null[:] = [False]
         shutil.rmtree(out, ignore_errors=True)
-    run(our_rl_command(work, out, steps, world, size, init), log, env)
+    run(our_rl_command(work, out, steps, world, size, init, extra), log, env)
     return metrics(out), False
 
 
@@ -357,6 +361,39 @@ def reward(args, work: Path) -> dict:
     return result
 
 
+def staleness(args, work: Path) -> dict:
+    """`reward`'s task and run, ours only, synchronous (algo.max_staleness=0) and one step off-policy (1):
+    the mean reward of each 10 iterations, and both curves in one plot (WORK/staleness.png)."""
+    n, window = args.reward_iterations, 10
+    curves = {}
+    for k in (0, 1):
+        rows, _ = run_ours_rl(work, f"ours_staleness_{k}", n, 2, TINY, (f"algo.max_staleness={k}",))
+        curves[k] = [r["reward_mean"] for r in rows]
+    means = {k: [statistics.mean(c[i : i + window]) for i in range(0, n, window)] for k, c in curves.items()}
+    spans = [f"{i + 1}-{min(i + window, n)}" for i in range(0, n, window)]
+    print(f"\n### Reward over {n} iterations, ours, synchronous and one step off-policy (the mean of each {window})\n")
+    print("| algo.max_staleness | " + " | ".join(spans) + " |\n|---|" + "---|" * len(spans))
+    for k, values in means.items():
+        print(f"| {k} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    for k, curve in curves.items():
+        axes.plot(range(1, n + 1), curve, label=f"algo.max_staleness={k}", alpha=0.8)
+    axes.set(xlabel="iteration", ylabel="mean reward", title="peers_task.py, tiny model, 2 ranks")
+    axes.legend()
+    figure.savefig(work / "staleness.png", dpi=100, bbox_inches="tight")
+    print(f"\nplot: {work / 'staleness.png'}")
+    return {
+        "iterations": n,
+        "means": {str(k): v for k, v in means.items()},
+        "last": {str(k): v[-1] for k, v in means.items()},
+    }
+
+
 CHOICE = "[{name:choice,paths:[choice/*.tar],weight:1.0}]"
 
 
@@ -469,7 +506,7 @@ def analyse_profiles(work: Path, steps: int, iterations: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    measures = ["all", "pretrain", "rl", "reward", "vit", "profile"]
+    measures = ["all", "pretrain", "rl", "reward", "vit", "profile", "staleness"]
     parser.add_argument("measure", nargs="?", default="all", choices=measures)
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--peers-python", default=str(REPO / ".venv-peers" / "bin" / "python"))
@@ -483,7 +520,7 @@ def main() -> None:
     parser.add_argument("--tiny-only", action="store_true", help="rl: leave out the 4 x 512 decoder")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
-    if args.measure != "vit" and not Path(args.peers_python).exists():
+    if args.measure not in ("vit", "staleness") and not Path(args.peers_python).exists():
         sys.exit(f"{args.peers_python} is missing: bash benchmarks/peers/setup.sh builds it")
     work = args.work or Path(tempfile.mkdtemp(prefix="peers_cpu_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -19,21 +19,22 @@ from omegaconf import OmegaConf
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from rl.algos.advantages import uniform_groups
 from rl.config import RLConfig
-from rl.engines import SamplingParams, engine_environment, engine_options
-from rl.experience import Prompt, Response
+from rl.engines import engine_environment, engine_options
+from rl.experience import Response
 from rl.iteration import (
     advantages,
     group_responses,
+    log_rollouts,
     logprob_metrics,
     minibatches,
     rank_shares,
-    sampling_params,
     score_rewards,
 )
+from rl.producer import RolloutProducer
 from rl.prompts import prompt_loader
 from rl.rewards import RewardScorer
+from rl.staleness import mark_ages, staleness_metrics
 from rl.validation import EVAL_SEED, Validation, evaluated_before_training, validation_metrics
 from rl.workers.group import start_rollout_engines, start_train_group
 from step3vl_train.cli import resume_hint
@@ -43,6 +44,7 @@ from step3vl_train.train.metrics import MetricsLog, truncate_jsonl
 from step3vl_train.train.preemption import Preempted, StopRequest
 
 logger = logging.getLogger("rl")
+ROLLOUTS = "rollouts.pkl"  # in a checkpoint: the producer's buffered rollouts (algo.max_staleness >= 1)
 
 
 class SyncFailed(RuntimeError):
@@ -76,15 +78,13 @@ class Driver:
         self.processor = load_processor(config.tokenizer, config.processor or None)
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.loader = prompt_loader(config, self.processor)  # checks the sources now
         self.scorer = RewardScorer(config.reward, service_url, service_token)
+        self.engines: list = []
+        self.producer = self.new_producer()  # checks the prompt sources now
         self.checkpointer = Checkpointer(self.run_dir, config.trainer.keep_last)
-        self.sampling = sampling_params(config, self.processor)
         self.validation = Validation(config, self.processor)  # checks the eval sources now
-        self.stop_token_ids = self.sampling.stop_token_ids
         self.step = 0
         self.workers: list = []
-        self.engines: list = []
         self.engine_pids: list[int] = []
         self.restarts = 0  # times the actors were replaced in this process
         self.start_sync: dict[str, float] = {}  # logged with the first iteration after the engines start
@@ -116,6 +116,7 @@ class Driver:
             cfg.engine_gpus,
             engine_environment(rollout),
             self.group if rollout.colocate else None,
+            concurrency=2 if rollout.partial else 1,
         )
         self.engine_pids = ray.get([e.pid.remote() for e in self.engines])
         pids = {"train": ray.get([w.pid.remote() for w in self.workers]), "rollout": self.engine_pids}
@@ -138,6 +139,7 @@ class Driver:
         if self.workers:
             ray.util.remove_placement_group(self.group)
         self.workers, self.engines = [], []
+        self.producer.stop()  # after the engines: a generation it waits on ends with them
 
     # ---- the run --------------------------------------------------------------------------------------
 
@@ -180,16 +182,20 @@ class Driver:
         if self.stopped is not None:
             raise Preempted(self.stopped)
 
+    def new_producer(self) -> RolloutProducer:
+        loader = prompt_loader(self.cfg, self.processor)
+        return RolloutProducer(self.cfg, self.processor, self.scorer, loader, self.engines)
+
     def resume(self) -> None:
         latest = self.checkpointer.latest()
         self.step = 0
         # A fresh loader even after a restart with no checkpoint yet: the run starts over from its first prompt.
-        self.loader = prompt_loader(self.cfg, self.processor)
+        self.producer = self.new_producer()
         if latest is not None:
             ray.get([worker.load.remote(str(latest)) for worker in self.workers])
             state = torch.load(latest / "driver.pt", weights_only=True)
             self.step = state["step"]
-            self.loader.load_state_dict(state["prompts"])
+            self.producer.load(latest / ROLLOUTS, state["prompts"], self.step)
             set_rng_state(state["rng"])
             logger.info("resumed from step %d (of %d): %s", self.step, self.cfg.trainer.max_steps, latest)
         # The engines have just started: every tensor, the frozen ones included, this once.
@@ -202,6 +208,7 @@ class Driver:
             return
         if self.step == 0 and self.validation.due(0) and not evaluated_before_training(self.run_dir):
             metrics.write({"step": 0, **self.evaluate()})
+        self.producer.start(self.step)
         progress = tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc=f"{self.cfg.stage}", unit="it")
         try:
             while self.step < self.cfg.trainer.max_steps:
@@ -219,6 +226,7 @@ class Driver:
                 progress.update(1)
                 if self.step % self.cfg.trainer.save_every == 0 or self.step == self.cfg.trainer.max_steps:
                     self.save()
+                self.producer.resume(self.step)
         finally:
             progress.close()
         logger.info("finished: step %d (of %d); the last checkpoint is %s", self.step, self.cfg.trainer.max_steps,
@@ -227,6 +235,7 @@ class Driver:
     def stop_here(self) -> None:
         """After a SIGTERM, between iterations: saves the last one where it has not been saved and the save
         fits in what is left of trainer.preempt_grace_s (the run's first save is always tried)."""
+        self.producer.pause()  # what it holds is saved as it stands
         if self.step and not self.checkpointer.published(self.step):
             if self.stop.save_fits(self.save_s):
                 self.save()
@@ -236,16 +245,25 @@ class Driver:
         self.stopped = f"stopped by SIGTERM at step {self.step} (of {self.cfg.trainer.max_steps})"
 
     def iteration(self) -> dict:
-        cfg, timings, started = self.cfg, {}, time.perf_counter()
-        responses, sampling_stats = self.collect(timings)
-        self.log_rollouts(responses)
+        """One update on the producer's next batch, then the weight sync, with the producer paused (the
+        loop resumes it once validation and the checkpoint are done)."""
+        cfg, started = self.cfg, time.perf_counter()
+        batch, waited = self.producer.take(self.step)
+        responses, timings = batch.responses, {**batch.timings, "time/wait_rollouts": waited}
+        log_rollouts(self.run_dir / "rollouts.jsonl", self.step, responses, cfg.rollout.n,
+                     cfg.trainer.log_responses, self.processor.tokenizer.decode)  # fmt: skip
         self.sleep_engines()
         self.score_with_models(responses, timings)
-        row = advantages(self.cfg, responses, self.entropy_sum)
-        shards, counts = minibatches(self.cfg, responses, self.step, len(self.workers))
+        row = advantages(cfg, responses, self.entropy_sum)
+        mark_ages(responses, self.step - 1, cfg.algo.max_staleness)
+        row |= staleness_metrics(responses, self.step - 1)
+        shards, counts = minibatches(cfg, responses, self.step, len(self.workers))
         tick = time.perf_counter()
         sums = ray.get([w.update.remote(s, counts) for w, s in zip(self.workers, shards, strict=True)])
         timings["time/update"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        self.producer.pause()
+        timings["time/pause"] = time.perf_counter() - tick
         tick = time.perf_counter()
         self.wake_engines(["weights"])
         sync = self.sync_weights(False)
@@ -262,7 +280,7 @@ class Driver:
             "clip_fraction": sum(s["clip_tokens"] for s in sums) / max(valid_tokens, 1),
             "approx_kl": sum(s["approx_kl"] for s in sums) / max(valid_tokens, 1),
             "grad_norm": sums[0]["policy_grad_norm"],
-            **sampling_stats,
+            **batch.stats,
             **self.image_cache,
             **{f"sync/{k.removeprefix('sync_')}": v for k, v in sync.items()},
             **timings,
@@ -272,78 +290,15 @@ class Driver:
 
     # ---- phases ---------------------------------------------------------------------------------------
 
-    def collect(self, timings: dict) -> tuple[list[Response], dict]:
-        """Prompts, rollouts and rewards. With dynamic sampling, prompts whose responses all scored the same
-        are set aside and more are drawn, for up to `algo.max_sampling_rounds` rounds; if the batch is still
-        short, set-aside prompts fill it."""
-        cfg, n = self.cfg, self.cfg.rollout.n
-        target = cfg.prompts.prompts_per_step * n
-        kept: list[Response] = []
-        spare: list[Response] = []
-        dropped, service = 0, {}
-        timings["time/rollout"] = timings["time/reward"] = 0.0
-        for round_ in range(cfg.algo.max_sampling_rounds if cfg.algo.drop_uniform_groups else 1):
-            prompts = self.loader.next_batch((target - len(kept)) // n, self.step)
-            responses = self.rollout(prompts, self.sampling, self.step * 1000 + round_, timings)
-            tick = time.perf_counter()
-            score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
-            timings["time/reward"] += time.perf_counter() - tick
-            service |= self.scorer.service_stats()
-            if cfg.algo.drop_uniform_groups:
-                rewards = torch.tensor([r.reward for r in responses])
-                uniform = uniform_groups(rewards, torch.tensor([r.group for r in responses])).tolist()
-                spare += [r for r, same in zip(responses, uniform, strict=True) if same]
-                responses = [r for r, same in zip(responses, uniform, strict=True) if not same]
-                dropped += sum(uniform) // n
-            kept += responses
-            if len(kept) == target:
-                break
-        kept += spare[: target - len(kept)]  # whole groups: both lists hold groups of n in order
-        for index, response in enumerate(kept):  # groups numbered afresh across rounds
-            response.group = index // n
-        return kept, {"dropped_groups": dropped, "prompts_skipped": sum(self.loader.skips.values()), **service}
-
-    def rollout(self, prompts: list[Prompt], sampling: SamplingParams, seed: int, timings: dict) -> list[Response]:
-        tick = time.perf_counter()
-        share = -(-len(prompts) // len(self.engines))
-        parts = [prompts[i : i + share] for i in range(0, len(prompts), share)]
-        calls = [
-            e.generate.remote(p, sampling, seed * 97 + i)
-            for i, (e, p) in enumerate(zip(self.engines, parts, strict=False))
-        ]
-        completions = [c for part, _ in ray.get(calls) for c in part]
-        timings["time/rollout"] += time.perf_counter() - tick
-        return group_responses(prompts, completions)
-
     def evaluate(self) -> dict:
-        """Validation's figures for the step's row; its responses end here, outside the update."""
+        """Validation's figures for the step's row; its responses end here, outside the update. The engines
+        are free: before the producer starts, or while it is paused."""
         tick = time.perf_counter()
         prompts = self.validation.prompts()
-        responses = self.rollout(prompts, self.validation.sampling, EVAL_SEED, {"time/rollout": 0.0})
-        score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.stop_token_ids)
+        completions = self.producer.answer(prompts, self.validation.sampling, EVAL_SEED)
+        responses = group_responses(prompts, completions)
+        score_rewards(self.scorer, responses, self.processor.tokenizer.decode, self.producer.sampling.stop_token_ids)
         return validation_metrics(responses) | {"time/eval": time.perf_counter() - tick}
-
-    def log_rollouts(self, responses: list[Response]) -> None:
-        """`rollouts.jsonl`: every prompt of the iteration with its rewards, and the text of the first
-        `trainer.log_responses` responses."""
-        n, shown = self.cfg.rollout.n, self.cfg.trainer.log_responses
-        decode = self.processor.tokenizer.decode
-        with (self.run_dir / "rollouts.jsonl").open("a") as handle:
-            for start in range(0, len(responses), n):
-                group = responses[start : start + n]
-                row = {
-                    "step": self.step,
-                    "key": group[0].prompt.key,
-                    "task": group[0].prompt.task,
-                    "answer": group[0].prompt.answer,
-                    "rewards": [r.reward for r in group],
-                    "statuses": [r.status for r in group],
-                }
-                if group[0].prompt.synthesis is not None:
-                    row["messages"] = group[0].prompt.synthesis.indices
-                if start < shown:
-                    row["responses"] = [decode(r.completion.token_ids) for r in group[: shown - start]]
-                handle.write(json.dumps(row) + "\n")
 
     def score_with_models(self, responses: list[Response], timings: dict) -> None:
         tick = time.perf_counter()
@@ -408,7 +363,9 @@ class Driver:
         started = time.perf_counter()
         partial = self.checkpointer.begin(self.step)
         ray.get([worker.save.remote(str(partial)) for worker in self.workers])
-        state = {"step": self.step, "prompts": self.loader.state_dict(), "rng": rng_state()}
+        state = {"step": self.step, "prompts": self.producer.loader.state_dict(), "rng": rng_state()}
         torch.save(state, partial / "driver.pt")
+        if self.producer.holds_rollouts:
+            self.producer.save(partial / ROLLOUTS)
         self.checkpointer.commit(self.step)
         self.save_s = time.perf_counter() - started

@@ -41,11 +41,36 @@ class SynthesisInfo:
     dropped: dict[str, int] = field(default_factory=dict)  # drawn but not given, by reason (over_budget)
 
 
+FINISHED = ("stop", "length")
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
     logprobs: list[float]  # the engine's log-probability of each token, at the sampling temperature
-    finish_reason: str  # "stop" (an end token, included in token_ids) or "length"
+    # "stop" (an end token, included in token_ids), "length", or "paused": cut short by a weight sync
+    # (rollout.partial), to be continued from these tokens under the new weights
+    finish_reason: str
+    # The policy version that sampled each token, run-length coded: [(version, tokens), ...] in token order
+    # (the producer stamps them; rl/producer.py). Versions never decrease along a response.
+    versions: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason in FINISHED
+
+    def token_versions(self) -> list[int]:
+        return [version for version, count in self.versions for _ in range(count)]
+
+    def stamped(self, version: int, previous: list[tuple[int, int]]) -> Completion:
+        """This completion, whose tokens after the `previous` runs' were sampled by `version`."""
+        new = len(self.token_ids) - sum(count for _, count in previous)
+        self.versions = list(previous)
+        if new and self.versions and self.versions[-1][0] == version:
+            self.versions[-1] = (version, self.versions[-1][1] + new)
+        elif new:
+            self.versions.append((version, new))
+        return self
 
 
 @dataclass
@@ -63,10 +88,31 @@ class Response:
     values: torch.Tensor | None = None  # (R,) the critic's V(s_t) for each response token
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    # Leading tokens sampled by an older policy than the one trained (algo.max_staleness >= 1; versions never
+    # decrease along a response, so they are a prefix): PPO's ratio takes them against the recorded behaviour
+    # log-probs. `stale` of them, more than algo.max_staleness versions old, are left out of the losses.
+    behind: int = 0
+    stale: int = 0
 
     @property
     def length(self) -> int:
         return len(self.completion.token_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.length - self.stale if self.valid else 0
+
+    def trained_mask(self) -> torch.Tensor:
+        """(R,) 1 on the tokens the losses take."""
+        mask = torch.full((self.length,), float(self.valid))
+        mask[: self.stale] = 0.0
+        return mask
+
+    def behind_mask(self) -> torch.Tensor:
+        """(R,) 1 on the tokens an older policy sampled."""
+        mask = torch.zeros(self.length)
+        mask[: self.behind] = 1.0
+        return mask
 
 
 @dataclass

@@ -4,8 +4,10 @@ that one iteration can also run in one process (benchmarks/gpu/rl_iteration.py).
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +179,27 @@ def synthesis_metrics(responses: list[Response]) -> dict[str, float]:
     return row
 
 
+def log_rollouts(path: Path, step: int, responses: list[Response], n: int, shown: int, decode) -> None:
+    """Appends to `rollouts.jsonl` every prompt of the iteration with its rewards, and the text of the first
+    `shown` responses."""
+    with path.open("a") as handle:
+        for start in range(0, len(responses), n):
+            group = responses[start : start + n]
+            row = {
+                "step": step,
+                "key": group[0].prompt.key,
+                "task": group[0].prompt.task,
+                "answer": group[0].prompt.answer,
+                "rewards": [r.reward for r in group],
+                "statuses": [r.status for r in group],
+            }
+            if group[0].prompt.synthesis is not None:
+                row["messages"] = group[0].prompt.synthesis.indices
+            if start < shown:
+                row["responses"] = [decode(r.completion.token_ids) for r in group[: shown - start]]
+            handle.write(json.dumps(row) + "\n")
+
+
 def rank_shares(responses: list[Response], world: int) -> list[list[Response]]:
     """Each training rank's responses for the whole iteration, scoring and update: equal consecutive runs,
     so that a prompt's responses (consecutive) sit on as few ranks as possible, each of which computes the
@@ -202,8 +225,8 @@ def minibatches(
     for _ in range(cfg.algo.epochs):
         for m in range(cfg.algo.minibatches):
             slices = [share[m * per_rank : (m + 1) * per_rank] for share in shares]
-            valid = [r for part in slices for r in part if r.valid]
-            counts.append(GlobalCounts(tokens=sum(r.length for r in valid), sequences=len(valid)))
+            trained = [r for part in slices for r in part if r.trained_tokens]
+            counts.append(GlobalCounts(tokens=sum(r.trained_tokens for r in trained), sequences=len(trained)))
             for rank, part in enumerate(slices):
                 shards[rank] += part
     return shards, counts

@@ -115,7 +115,7 @@ def check_resources(cfg: RLConfig, resources: dict[str, float]) -> None:
             f"{cfg.rollout.num_engines} {engines}, and a launched reward service's replicas) but the Ray cluster "
             f"has {available:g}. Without GPUs, run "
             "rollout=hf trainer.num_gpus_per_rank=0; with fewer, lower trainer.world_size or rollout.num_engines, "
-            "or set rollout.colocate=true."
+            "or set rollout.colocate=true (with algo.max_staleness=0 rollout.partial=false)."
         )
 
 

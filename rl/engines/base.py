@@ -28,6 +28,26 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, in order; the same seed gives the same completions."""
 
+    def generate_rows(
+        self,
+        rows: list[tuple[Prompt, Completion | None]],
+        sampling: SamplingParams,
+        seed: int,
+        groups: list[int] | None = None,
+        enough: int = 0,
+    ) -> list[Completion]:
+        """rollout.partial: one completion a row, new (None) or a paused one continued under the engine's
+        current weights (its tokens and log-probs, then the new ones), to a stop token or to
+        `sampling.max_new_tokens` in all. With `groups` (a group id a row), it returns as soon as `enough`
+        groups have every row finished, the others "paused"."""
+
+    def pause_generation(self) -> None:
+        """From another thread: the generation in progress ends at its next step, its unfinished
+        completions "paused" (as do calls that start before `resume_generation`)."""
+
+    def resume_generation(self) -> None:
+        """Generation runs to its end again."""
+
     def finish_weight_update(self) -> int:
         """After the last bucket: checks every weight was replaced, drops caches that hold old weights'
         results; returns the number of tensors updated."""

@@ -10,10 +10,12 @@ logits: with Qwen3's 152K vocabulary those would be hundreds of GB at RL lengths
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import replace
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, SuppressTokensLogitsProcessor
 
 from rl.engines.base import SamplingParams
 from rl.experience import Completion, Prompt
@@ -51,6 +53,31 @@ class StepLogprobs(LogitsProcessor):
         return self.buffer[:, : self.step].cpu()
 
 
+class RowBudgets(StoppingCriteria):
+    """Ends each row at its own budget of new tokens (a continued row has spent part of it already); every
+    row once `paused` is set (a weight sync is due), or once `enough` of the rows' groups are whole
+    (rollout.partial: the batch has what it needs, the rest is continued later)."""
+
+    def __init__(self, budgets: list[int], paused: threading.Event, start: int, stop_token_ids: list[int],
+                 groups: list[int] | None, enough: int, device: torch.device):  # fmt: skip
+        self.budgets = torch.tensor(budgets, device=device)
+        self.paused = paused
+        self.start = start  # input columns
+        self.stop_token_ids = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
+        self.finished = torch.zeros(len(budgets), dtype=torch.bool, device=device)
+        self.groups = torch.unique(torch.tensor(groups or [0] * len(budgets)), return_inverse=True)[1].to(device)
+        self.enough = enough
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.finished |= torch.isin(input_ids[:, -1], self.stop_token_ids)
+        self.finished |= self.budgets <= input_ids.shape[1] - self.start
+        open_rows = torch.zeros(int(self.groups.max()) + 1, device=input_ids.device)
+        open_rows.index_add_(0, self.groups, (~self.finished).float())
+        if self.paused.is_set() or (self.enough and int((open_rows == 0).sum()) >= self.enough):
+            return torch.ones_like(self.finished)
+        return self.finished.clone()
+
+
 class HFEngine:
     def __init__(
         self,
@@ -72,47 +99,93 @@ class HFEngine:
         self.batch_size = batch_size
         self.updated: set[str] = set()
         self.complete = False  # every tensor has been replaced once (the first sync sends them all)
+        self.paused = threading.Event()  # set from another thread of the actor (rollout.partial)
 
-    @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
-        rows = [prompt for prompt in prompts for _ in range(sampling.n)]
-        completions: list[Completion] = []
-        for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
-            torch.manual_seed(seed * 1_000_003 + chunk)
-            completions += self._generate(rows[start : start + self.batch_size], sampling)
+        rows = [(prompt, None) for prompt in prompts for _ in range(sampling.n)]
+        completions = self.generate_rows(rows, sampling, seed)
         return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
-    def _generate(self, prompts: list[Prompt], sampling: SamplingParams) -> list[Completion]:
+    def pause_generation(self) -> None:
+        self.paused.set()
+
+    def resume_generation(self) -> None:
+        self.paused.clear()
+
+    @torch.no_grad()
+    def generate_rows(
+        self,
+        rows: list[tuple[Prompt, Completion | None]],
+        sampling: SamplingParams,
+        seed: int,
+        groups: list[int] | None = None,
+        enough: int = 0,
+    ) -> list[Completion]:
+        """In calls of `batch_size` rows, each of which returns once its share of the `enough` groups is whole."""
+        completions: list[Completion] = []
+        total = len(set(groups)) if groups else 1
+        for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
+            torch.manual_seed(seed * 1_000_003 + chunk)
+            part = groups[start : start + self.batch_size] if groups else None
+            share = math.ceil(enough * len(set(part)) / total) if part else 0
+            completions += self._generate(rows[start : start + self.batch_size], sampling, part, share)
+        return completions
+
+    def _generate(
+        self, rows: list[tuple[Prompt, Completion | None]], sampling: SamplingParams, groups=None, enough: int = 0
+    ) -> list[Completion]:
+        """Each row's completion: a new one, or the row's paused one continued under these weights."""
+        prompts = [prompt for prompt, _ in rows]
+        prefixes = [list(prefix.token_ids) if prefix else [] for _, prefix in rows]
+        if self.paused.is_set():  # paused before it began: nothing new
+            return [
+                Completion(list(p.token_ids), list(p.logprobs), "paused") if p else Completion([], [], "paused")
+                for _, p in rows
+            ]
         # The images go in as features, each prompt's views encoded once for its `n` rows, not as pixels.
-        batch = collate([replace(p.sample, pixels=None) for p in prompts], self.pad_token_id, padding_side="left")
+        samples = []
+        for prompt, ids in zip(prompts, prefixes, strict=True):
+            input_ids = torch.cat([prompt.sample.input_ids, torch.tensor(ids, dtype=torch.long)])
+            samples.append(replace(prompt.sample, pixels=None, input_ids=input_ids, labels=input_ids))
+        batch = collate(samples, self.pad_token_id, padding_side="left")
         inputs = batch.model_inputs(False, device=self.device)
         inputs["image_features"] = self._image_features(prompts)
-        recorder = StepLogprobs(sampling.temperature, len(prompts), sampling.max_new_tokens, self.device)
+        budgets = [sampling.max_new_tokens - len(ids) for ids in prefixes]
+        recorder = StepLogprobs(sampling.temperature, len(rows), max(budgets), self.device)
         processors = [recorder]  # before generate's own warpers (temperature, top-k, top-p)
         if sampling.suppressed_token_ids:
             processors.append(SuppressTokensLogitsProcessor(sampling.suppressed_token_ids, device=self.device))
+        start = inputs["input_ids"].shape[1]
         output = self.model.generate(
             **inputs,
             do_sample=True,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=max(budgets),
             eos_token_id=sampling.stop_token_ids,
             logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=[
+                RowBudgets(budgets, self.paused, start, sampling.stop_token_ids, groups, enough, self.device)
+            ],
             pad_token_id=self.pad_token_id,
         )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens = output[:, start:]
         logprobs = recorder.logprobs(new_tokens)
         new_tokens = new_tokens.cpu()
         stops = torch.isin(new_tokens, torch.tensor(sampling.stop_token_ids, dtype=torch.long))
         completions = []
-        for row in range(len(prompts)):
-            hits = stops[row].nonzero()
-            end = int(hits[0]) + 1 if len(hits) else new_tokens.shape[1]
+        for row, (prefix, budget) in enumerate(zip(rows, budgets, strict=True)):
+            hits = stops[row, :budget].nonzero()
+            if len(hits):
+                end, reason = int(hits[0]) + 1, "stop"
+            else:
+                end = min(budget, new_tokens.shape[1])
+                reason = "length" if end == budget else "paused"
+            old_ids, old_logprobs = (prefix[1].token_ids, prefix[1].logprobs) if prefix[1] else ([], [])
             completions.append(
                 Completion(
-                    new_tokens[row, :end].tolist(), logprobs[row, :end].tolist(), "stop" if len(hits) else "length"
+                    [*old_ids, *new_tokens[row, :end].tolist()], [*old_logprobs, *logprobs[row, :end].tolist()], reason
                 )
             )
         return completions

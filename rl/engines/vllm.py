@@ -23,6 +23,8 @@ vLLM is imported here only: the rest of the project runs without it.
 from __future__ import annotations
 
 import io
+import itertools
+import threading
 
 from PIL import Image
 
@@ -48,6 +50,65 @@ def request_seed(seed: int, index: int, n: int) -> int:
 
 class PromptMismatchError(RuntimeError):
     """vLLM expanded a prompt into other tokens than our processor."""
+
+
+def check_prompt(prompt: Prompt, expanded, prefix: list[int]) -> None:
+    """vLLM's expanded prompt (`expanded`) must be ours followed by `prefix` (a paused row's tokens)."""
+    if list(expanded) != prompt.sample.input_ids.tolist() + prefix:
+        raise PromptMismatchError(f"{prompt.key}: vLLM's expanded prompt differs from the processor's")
+
+
+def vllm_sampling(sampling: SamplingParams, n: int, max_tokens: int, seed: int, **options):
+    """vLLM's sampling parameters for our `sampling`: the sampled token's own log-prob, image tokens never."""
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    return VLLMSamplingParams(
+        n=n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=max_tokens,
+        stop_token_ids=sampling.stop_token_ids,
+        logprobs=0,  # the sampled token's own log-prob
+        logit_bias=dict.fromkeys(sampling.suppressed_token_ids, -100.0) or None,
+        seed=seed,
+        **options,
+    )
+
+
+def row_sampling(sampling: SamplingParams, written: int, seed: int):
+    """A partial row's request: what is left of its budget, its output as deltas (an abort keeps them)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return vllm_sampling(sampling, 1, sampling.max_new_tokens - written, seed, output_kind=RequestOutputKind.DELTA)
+
+
+class RowRequest:
+    """One partial row in flight: its tokens and log-probs as vLLM's delta outputs bring them."""
+
+    def __init__(self, request_id: str, prompt: Prompt, prefix: Completion | None):
+        self.request_id, self.prompt = request_id, prompt
+        self.prefix = list(prefix.token_ids) if prefix else []
+        self.token_ids, self.logprobs = list(self.prefix), list(prefix.logprobs) if prefix else []
+        self.finish_reason: str | None = None
+
+    def take(self, output) -> None:
+        if output.prompt_token_ids is not None:
+            check_prompt(self.prompt, output.prompt_token_ids, self.prefix)
+        sample = output.outputs[0]
+        self.token_ids += sample.token_ids
+        self.logprobs += [step[t].logprob for t, step in zip(sample.token_ids, sample.logprobs or [], strict=True)]
+        if output.finished and sample.finish_reason not in ("abort", "error"):  # cut short by vLLM: "paused"
+            self.finish_reason = "length" if sample.finish_reason == "length" else "stop"
+
+    def completion(self) -> Completion:
+        return Completion(self.token_ids, self.logprobs, self.finish_reason or "paused")
+
+
+def whole_groups(requests: list[RowRequest], groups: list[int] | None) -> int:
+    """Groups whose rows here have all finished."""
+    open_ = {g for g, r in zip(groups or [], requests, strict=False) if r.finish_reason is None}
+    return len(set(groups or []) - open_)
 
 
 class VLLMEngine:
@@ -87,30 +148,19 @@ class VLLMEngine:
             weight_transfer_config={"backend": weight_transfer},
             seed=seed,
         )
+        self.paused = threading.Event()  # set from another thread of the actor (rollout.partial)
+        self.row_ids = itertools.count()
 
     def generate(self, prompts: list[Prompt], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
-        from vllm import SamplingParams as VLLMSamplingParams
-
         params = [
-            VLLMSamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                max_tokens=sampling.max_new_tokens,
-                stop_token_ids=sampling.stop_token_ids,
-                logprobs=0,  # the sampled token's own log-prob
-                logit_bias=dict.fromkeys(sampling.suppressed_token_ids, -100.0) or None,
-                seed=request_seed(seed, index, sampling.n),
-            )
+            vllm_sampling(sampling, sampling.n, sampling.max_new_tokens, request_seed(seed, index, sampling.n))
             for index in range(len(prompts))
         ]
         requests = [vllm_request(self.processor, prompt) for prompt in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for prompt, output in zip(prompts, outputs, strict=True):
-            if list(output.prompt_token_ids) != prompt.sample.input_ids.tolist():
-                raise PromptMismatchError(f"{prompt.key}: vLLM's expanded prompt differs from the processor's")
+            check_prompt(prompt, output.prompt_token_ids, [])
             results.append(
                 [
                     Completion(
@@ -122,6 +172,42 @@ class VLLMEngine:
                 ]
             )
         return results
+
+    def generate_rows(
+        self,
+        rows: list[tuple[Prompt, Completion | None]],
+        sampling: SamplingParams,
+        seed: int,
+        groups: list[int] | None = None,
+        enough: int = 0,
+    ) -> list[Completion]:
+        """rollout.partial: a request a row, its prompt followed by the row's tokens so far, stepped here
+        through vLLM's engine (`LLM.generate`'s own loop, with a stop): on `pause_generation`, or once
+        `enough` groups are whole, the open requests are aborted and come back "paused" with what they
+        wrote. Outputs stream as deltas, so an aborted request's tokens are known."""
+        engine, requests = self.llm.llm_engine, []
+        for index, (prompt, prefix) in enumerate(rows):
+            request_id = f"row-{next(self.row_ids)}"
+            done = list(prefix.token_ids) if prefix else []
+            params = row_sampling(sampling, len(done), request_seed(seed, index, 1))
+            request = vllm_request(self.processor, prompt)
+            request["prompt_token_ids"] = request["prompt_token_ids"] + done
+            engine.add_request(request_id, request, params)
+            requests.append(RowRequest(request_id, prompt, prefix))
+        by_id = {request.request_id: request for request in requests}
+        while engine.has_unfinished_requests():
+            if self.paused.is_set() or (enough and whole_groups(requests, groups) >= enough):
+                engine.abort_request([r.request_id for r in requests if r.finish_reason is None])
+                break
+            for output in engine.step():
+                by_id[output.request_id].take(output)
+        return [request.completion() for request in requests]
+
+    def pause_generation(self) -> None:
+        self.paused.set()
+
+    def resume_generation(self) -> None:
+        self.paused.clear()
 
     # vLLM's weight-transfer control plane, driven by the trainer's sender through Ray (see rl/sync.py).
     def init_weight_transfer_engine(self, request) -> None:

@@ -42,10 +42,16 @@ def start_train_group(
 
 
 def start_rollout_engines(
-    engine: str, options: list[dict], num_gpus: float, environment: dict[str, str], colocate_with=None
+    engine: str,
+    options: list[dict],
+    num_gpus: float,
+    environment: dict[str, str],
+    colocate_with=None,
+    concurrency: int = 1,
 ) -> list:
     """An engine for each of `options` (its keyword arguments), each on its own `num_gpus`, or on bundle i of
-    the training group `colocate_with`; `environment`: variables set in the engines' processes."""
+    the training group `colocate_with`; `environment`: variables set in the engines' processes;
+    `concurrency` 2: a second thread takes `pause_generation` while a generation runs (rollout.partial)."""
     from rl.workers.rollout import RolloutWorker
 
     actor = ray.remote(RolloutWorker)
@@ -53,6 +59,7 @@ def start_rollout_engines(
         actor.options(
             num_cpus=0 if colocate_with else 1,
             num_gpus=num_gpus,
+            max_concurrency=concurrency,
             runtime_env={"env_vars": environment} if environment else None,
             **({"scheduling_strategy": on_bundle(colocate_with, i)} if colocate_with else {}),
         ).remote(engine, **kwargs)

@@ -48,6 +48,19 @@ class RolloutWorker:
         started = time.perf_counter()
         return self.engine.generate(prompts, sampling, seed), time.perf_counter() - started
 
+    def generate_rows(
+        self, rows: list[tuple[Prompt, Completion | None]], sampling: SamplingParams, seed: int, groups, enough: int
+    ) -> tuple[list[Completion], float]:
+        started = time.perf_counter()
+        return self.engine.generate_rows(rows, sampling, seed, groups, enough), time.perf_counter() - started
+
+    # rollout.partial: called from a second thread of the actor while a generation runs
+    def pause_generation(self) -> None:
+        self.engine.pause_generation()
+
+    def resume_generation(self) -> None:
+        self.engine.resume_generation()
+
     @kept_failure
     def load_weights(self, tensors) -> None:
         self.engine.load_weights(tensors)

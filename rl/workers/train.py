@@ -185,7 +185,7 @@ class TrainWorker:
         out = {"policy_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
         out |= {"entropy_sum": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
         for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.policy.micro_batch_tokens):
-            mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
+            mask = sequences.scatter([r.trained_mask() for r in chunk])
             token_logprobs, token_entropy = self._scores(sequences, chunk, self.cfg.rollout.temperature, on_policy)
             device = token_logprobs.device
             mask = mask.to(device)
@@ -198,6 +198,9 @@ class TrainWorker:
                 out["mismatch_max"] = max(out["mismatch_max"], float(gap.max()))
             else:
                 old = sequences.scatter([r.old_logprobs for r in chunk]).to(device)
+            if any(r.behind for r in chunk):  # an older policy's tokens: the ratio, and the clip, against it
+                behind = sequences.scatter([r.behind_mask() for r in chunk]).to(device).bool()
+                old = torch.where(behind, rollout, old)
             loss, stats = policy_loss(
                 token_logprobs,
                 old,
@@ -219,7 +222,7 @@ class TrainWorker:
     def _critic_step(self, minibatch: list[Response], counts: GlobalCounts) -> float:
         world, engine, total = dist.get_world_size(), self.critic.engine, 0.0
         for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.critic.micro_batch_tokens):
-            mask = sequences.response_mask * torch.tensor([[float(r.valid)] for r in chunk])
+            mask = sequences.scatter([r.trained_mask() for r in chunk])
             values = engine(**self._inputs(sequences, chunk, self.critic_features))[:, :-1]
             device = values.device
             loss = value_loss(

@@ -5,8 +5,9 @@ modules import on CPU torch when vLLM is installed without its dependencies. Tha
 the project's venv (`<venv>/vllm-contract`, a `pip install --target` of requirements.txt: about 440 MB to
 download, 1 GB on disk, 20 s to install, made once and reused until requirements.txt changes). The checks
 themselves are in the `vllm_*side.py` files (vllm_side.py: config, prompts, weight names, transfer ranks;
-vllm_sync_side.py: the weight sync; vllm_model_side.py: vLLM's model class run on the CPU), run there in one
-pytest process; each test here reports one letter of them.
+vllm_sync_side.py: the weight sync; vllm_model_side.py: vLLM's model class run on the CPU;
+vllm_partial_side.py: partial rollouts through vLLM's engine front end), run there in one pytest process; each
+test here reports one letter of them.
 """
 
 import hashlib
@@ -32,6 +33,7 @@ CHECKS = {
     "g": "vLLM's layerwise reload applies a trainable-only update and keeps the frozen tower",
     "h": "a freeze that splits a module vLLM loads whole is refused; our module grouping is vLLM's",
     "i": "vLLM's own model class runs on the CPU against ours",
+    "j": "partial rollouts: paused rows continue, stream and abort through vLLM's engine front end",
 }
 
 

@@ -62,6 +62,13 @@ def test_cpu_overrides_and_options():
         (["rollout.top_p=0.9"], "rollout.top_p=0.9, rollout.top_k=0: training rollouts sample the whole"),
         (["rollout.top_k=50"], "importance ratios"),
         (["rollout.sync_timeout_s=0"], "rollout.sync_timeout_s must be positive"),
+        (["algo.max_staleness=-1"], "algo.max_staleness must be at least 0"),
+        (["rollout.partial=true"], "rollout.partial continues a response .* algo.max_staleness >= 1"),
+        (["rollout.partial_extra=-0.5"], "rollout.partial_extra must be at least 0"),
+        (
+            ["rollout=vllm", "rollout.colocate=true", "trainer.num_gpus_per_rank=1", "algo.max_staleness=1"],
+            "colocated engines sleep then",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(overrides, message):

@@ -99,3 +99,38 @@ def test_image_tokens_are_never_sampled(engine, tiny_processor):
     assert im_patch in free[0][0].token_ids
     suppressed = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6, suppressed_token_ids=[im_patch]), 0)
     assert all(im_patch not in c.token_ids for c in suppressed[0])
+
+
+def test_a_paused_generation_goes_on_from_its_tokens(engine, exported_tiny_model, tiny_processor):
+    """rollout.partial: a pause (here at the 5th decoding step) ends the generation with every row "paused";
+    continued, each row keeps its tokens and log-probs and finishes its budget, and every log-prob is the
+    trainer's for the whole response (the continuation sees prompt + prefix). With groups, the call
+    returns once `enough` of them are whole, the rest paused."""
+    prompts = [image_prompt(tiny_processor), text_prompt(tiny_processor)]
+    sampling = SamplingParams(n=1, temperature=0.7, max_new_tokens=12)  # no stop token: every row runs 12
+    steps = []
+
+    def count(_module, _args):
+        steps.append(1)
+        if len(steps) == 5:
+            engine.pause_generation()
+
+    hook = engine.model.register_forward_pre_hook(count)
+    paused = engine.generate_rows([(p, None) for p in prompts], sampling, seed=1)
+    assert [(c.finish_reason, len(c.token_ids), len(c.logprobs)) for c in paused] == [("paused", 5, 5)] * 2
+    assert [c.finish_reason for c in engine.generate_rows([(prompts[0], paused[0])], sampling, 1)] == ["paused"]
+    engine.resume_generation()
+    hook.remove()
+    done = engine.generate_rows(list(zip(prompts, paused, strict=True)), sampling, seed=2)
+    model = Step3VLForConditionalGeneration.from_pretrained(exported_tiny_model).eval()
+    for prompt, before, after in zip(prompts, paused, done, strict=True):
+        assert after.finish_reason == "length" and len(after.token_ids) == 12
+        assert after.token_ids[:5] == before.token_ids and after.logprobs[:5] == before.logprobs
+        expected = forward_logprobs(model, prompt, after.token_ids, 0.7)
+        assert torch.allclose(torch.tensor(after.logprobs), expected, atol=1e-5)
+
+    # group 0's row needs 2 more tokens, group 1's 12: the call returns when group 0 is whole
+    rows = [(prompts[0], done[0]), (prompts[1], None)]
+    done[0].token_ids, done[0].logprobs, done[0].finish_reason = done[0].token_ids[:10], done[0].logprobs[:10], "paused"
+    first = engine.generate_rows(rows, sampling, seed=3, groups=[7, 9], enough=1)
+    assert [(c.finish_reason, len(c.token_ids)) for c in first] == [("length", 12), ("paused", 2)]

@@ -71,7 +71,8 @@ def wait_for_group_to_end(group, timeout=60):
 def test_a_sigtermed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
     rlhf_corpus, tiny_reward_model, secret_task, tiny_processor, tmp_path
 ):
-    """RLHF, its reward-model service started inside the run. The driver gets SIGTERM after step 3 (as a
+    """RLHF one step off-policy (algo.max_staleness=1: each checkpoint holds the next batch, generated during
+    its update), its reward-model service started inside the run. The driver gets SIGTERM after step 3 (as a
     container's stop reaches its main process): it finishes the iteration in flight, saves it, shuts Ray
     and the service down (nothing of its process group is left) and exits with 143 and the resume line. The
     re-run command starts the service again and resumes, then loses a training rank and replaces it from the
@@ -81,7 +82,7 @@ def test_a_sigtermed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
     # cut at the length limit is scored by the truncation rule, never sent).
     settings = [f"prompts.root={rlhf_corpus}", f"policy.init_from={secret_task[1]}", "prompts.prompts_per_step=4",
                 "rollout.n=2", "algo.minibatches=2", "policy.micro_batch_tokens=512", "critic.micro_batch_tokens=512",
-                "rollout.max_new_tokens=16", "trainer.max_steps=6", "trainer.save_every=2",
+                "rollout.max_new_tokens=16", "trainer.max_steps=6", "trainer.save_every=2", "algo.max_staleness=1",
                 "reward.require_reasoning=false", f"reward.service.server.rm.scalar.model={tiny_reward_model}",
                 "reward.service.server.rm.scalar.processor=configs/processor/tiny.yaml"]  # fmt: skip
     loader = PromptLoader(compose_rl("stage=rlhf", *TINY, *settings).prompts, tiny_processor)
@@ -121,16 +122,19 @@ def test_a_sigtermed_rlhf_driver_and_a_dead_rank_lose_and_repeat_no_prompt(
 @pytest.mark.slow
 def test_critic_free_grpo_with_dynamic_sampling_and_validation(secret_task, tmp_path):
     """GRPO with dynamic sampling, validated on held-out prompts (tests/rl/test_validation.py) before training,
-    at step 2 and at the last step, 2 responses of at most 12 tokens each: its rollouts stay out of the batch."""
+    at step 2 and at the last step, 2 responses of at most 12 tokens each: its rollouts stay out of the batch.
+    Rollouts one step off-policy with partial rollouts (threaded engine actors, paused for each sync)."""
     prompts, model = secret_task
     metrics = run(tmp_path / "run", *SECRET, f"prompts.train={prompts}/*.tar", f"policy.init_from={model}",
                   "algo.estimator=grpo", "critic.enabled=false", "algo.drop_uniform_groups=true", "rollout.n=4",
                   "policy.micro_batch_tokens=512", "trainer.max_steps=3", write_held_out(tmp_path / "held_out"),
                   "trainer.eval_every=2", "trainer.eval_before_train=true", "rollout.eval.n=2",
-                  "rollout.eval.max_new_tokens=12")  # fmt: skip
+                  "rollout.eval.max_new_tokens=12", "algo.max_staleness=1", "rollout.partial=true")  # fmt: skip
     assert [row["step"] for row in metrics] == [0, 1, 2, 3]
     trained = metrics[1:]
     assert all(row["value_loss"] is None and row["explained_variance"] is None for row in trained)
+    # batch 1 by version 0; batch 2 begun during update 1 (by version 0), trained by version 1
+    assert trained[0]["staleness/max"] == 0 and trained[1]["staleness/max"] >= 1
     # two in three groups of 4 guesses at 1 in 10 all fail: they are dropped and more prompts drawn
     assert sum(row["dropped_groups"] for row in trained) > 0
     logged = rows(tmp_path / "run" / "rollouts.jsonl")

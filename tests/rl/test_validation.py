@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rl.driver
+import rl.producer
 from rl.driver import Driver
 from rl.experience import Completion, Prompt, Response
 from rl.prompts import prompt_loader
@@ -178,20 +179,31 @@ def run_driver(cfg, monkeypatch, kill_at=None):
     def start_actors(driver):
         driver.workers = [Actor(FakeWorker(driver, events, kill_at)) for _ in range(cfg.trainer.world_size)]
         driver.engines = [Actor(FakeEngine(driver, events, driver.processor.tokenizer))]
-        driver.group = None
 
+    run_with_fake_actors(cfg, monkeypatch, start_actors, killed=kill_at is not None)
+    return events
+
+
+def run_with_fake_actors(cfg, monkeypatch, start_actors, killed: bool) -> None:
+    """`Driver.run` with the actors `start_actors(driver)` makes and a Ray that calls them in place;
+    `killed`: the run must end in `Killed`."""
     fake_ray = SimpleNamespace(get=lambda refs, timeout=None: refs, wait=lambda refs, timeout=None: (refs, []),
                                kill=lambda actor: None,
                                util=SimpleNamespace(remove_placement_group=lambda group: None))  # fmt: skip
     monkeypatch.setattr(rl.driver, "ray", fake_ray)
-    monkeypatch.setattr(Driver, "start_actors", start_actors)
+    monkeypatch.setattr(rl.producer, "ray", fake_ray)
+
+    def start(driver):
+        start_actors(driver)
+        driver.group = None
+
+    monkeypatch.setattr(Driver, "start_actors", start)
     driver = Driver(cfg, {})
-    if kill_at is None:
-        driver.run()
-    else:
+    if killed:
         with pytest.raises(Killed):
             driver.run()
-    return events
+    else:
+        driver.run()
 
 
 def record_key(key):

@@ -13,6 +13,8 @@ from tests.conftest import REPO
 
 GIB = 2**30
 H100 = ClusterConfig(gpus=8, gpu_memory_gb=80)
+# Colocated engines sleep while the trainer works: the recipe's rollouts ahead of the update are turned off.
+COLOCATED = ["rollout.colocate=true", "algo.max_staleness=0", "rollout.partial=false"]
 register_recipes()
 
 
@@ -75,7 +77,7 @@ QUOTED = [
     (
         "docs/rl.md",
         r"the training rank's ([\d.]+) GiB of ZeRO-3 states",
-        ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"],
+        ["+recipe=rlvr", "rollout=vllm", *COLOCATED],
         8,
         "colocated states",
     ),
@@ -139,7 +141,7 @@ def test_the_rollout_engine_by_hand():
     result = engine_estimate(cfg, H100)
     assert "144 KiB a token" in result.table() and result.fits
     # Colocated, the training rank's states stay beside the engine: at 0.6 of the GPU they do not fit.
-    _, colocated = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"])
+    _, colocated = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", *COLOCATED])
     crowded = engine_estimate(colocated, H100)
     assert "policy: fp32 master + Adam" in parts(crowded) and not crowded.fits
 
@@ -147,7 +149,7 @@ def test_the_rollout_engine_by_hand():
 def test_the_colocated_weight_sync_by_hand(capsys):
     """The sync's moment: the engine's weights are back, its KV cache not yet (the wake's two steps), and three
     buffers each the size of the largest tensor, 151,936 x 4,096 bf16 (1,187 MiB, above the 256 MiB bucket)."""
-    _, cfg = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true"])
+    _, cfg = estimate("rlvr", H100, ["+recipe=rlvr", "rollout=vllm", *COLOCATED])
     sync = colocated_sync_estimate(cfg, H100)
     got = parts(sync)
     embeddings = 151936 * 4096 * 2
@@ -157,7 +159,7 @@ def test_the_colocated_weight_sync_by_hand(capsys):
     assert "engine: KV cache" not in got and sync.fits
     trainer = sum(p.bytes for p in sync.gpu if p.name.startswith(("policy:", "critic:", "trainer:")))
     assert sync.gpu_gib * GIB == pytest.approx(trainer + got["engine: weights"] + 3 * embeddings)
-    main(["+recipe=rlvr", "rollout=vllm", "rollout.colocate=true", "cluster.gpus=8"])
+    main(["+recipe=rlvr", "rollout=vllm", *COLOCATED, "cluster.gpus=8"])
     assert (
         "weight sync (colocated, CUDA IPC; the engine's KV cache is woken after it), per GPU:"
         in capsys.readouterr().out
