@@ -42,6 +42,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from rl.config import RLConfig  # noqa: E402
 from rl.driver import Driver  # noqa: E402
 from rl.experience import Completion  # noqa: E402
+from rl.iteration import LOGPROB_SUMS  # noqa: E402
 from step3vl_train.data.synthetic.tasks import write_corpus  # noqa: E402
 from step3vl_train.train.recipes import register_recipes  # noqa: E402
 
@@ -149,7 +150,7 @@ class ScriptedTrainer:
     def update(self, responses, counts):
         time.sleep(self.train_s * sum(r.length for r in responses) * 2 / 3)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0, "policy_grad_norm": 0.0}
-        return sums | {"entropy_sum": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
+        return sums | dict.fromkeys(LOGPROB_SUMS, 0.0)
 
     def sync_weights(self, engines, everything):
         time.sleep(SYNC_S)

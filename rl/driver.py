@@ -23,6 +23,7 @@ from rl.config import RLConfig
 from rl.engines import engine_environment, engine_options
 from rl.experience import Response
 from rl.iteration import (
+    LOGPROB_SUMS,
     advantages,
     group_responses,
     log_rollouts,
@@ -254,9 +255,8 @@ class Driver:
                      cfg.trainer.log_responses, self.processor.tokenizer.decode)  # fmt: skip
         self.sleep_engines()
         self.score_with_models(responses, timings)
-        row = advantages(cfg, responses, self.entropy_sum)
         mark_ages(responses, self.step - 1, cfg.algo.max_staleness)
-        row |= staleness_metrics(responses, self.step - 1)
+        row = advantages(cfg, responses, self.entropy_sum) | staleness_metrics(responses, self.step - 1)
         shards, counts = minibatches(cfg, responses, self.step, len(self.workers))
         tick = time.perf_counter()
         sums = ray.get([w.update.remote(s, counts) for w, s in zip(self.workers, shards, strict=True)])
@@ -271,8 +271,10 @@ class Driver:
         timings["time/sync"] = time.perf_counter() - tick
         valid_tokens = sum(c.tokens for c in counts)
         if cfg.on_policy_update:  # no scoring pass gave the old log-probs: the update's forward did
-            entropy, mismatch = (sum(s[key] for s in sums) for key in ("entropy_sum", "mismatch_sum"))
-            row |= logprob_metrics(entropy, mismatch, max(s["mismatch_max"] for s in sums), row["tokens"])
+            totals = {key: sum(s[key] for s in sums) for key in LOGPROB_SUMS} | {
+                "mismatch_max": max(s["mismatch_max"] for s in sums)
+            }
+            row |= logprob_metrics(totals["entropy_sum"], row["tokens"], totals)
         row |= {
             "step": self.step,
             "policy_loss": sum(s["policy_loss"] for s in sums) / len(counts),  # mean over minibatches

@@ -121,22 +121,35 @@ def advantages(cfg: RLConfig, responses: list[Response], entropy_sum: float) -> 
     row |= component_means(responses)
     row |= synthesis_metrics(responses)
     row |= {f"reward_status/{k}": v for k, v in sorted(Counter(r.status for r in responses).items())}
-    if all(r.old_logprobs is not None for r in responses if r.valid):
-        engine = torch.cat([torch.tensor(r.completion.logprobs) for r in responses if r.valid] or [torch.zeros(0)])
-        trainer = torch.cat([r.old_logprobs for r in responses if r.valid] or [torch.zeros(0)])
-        gap = (engine - trainer).abs()
-        row |= logprob_metrics(entropy_sum, float(gap.sum()), float(gap.max()) if len(gap) else 0.0, tokens)
+    valid = [r for r in responses if r.valid]
+    if all(r.old_logprobs is not None for r in valid):
+        engine = torch.cat([torch.tensor(r.completion.logprobs) for r in valid] or [torch.zeros(0)])
+        gap = (engine - torch.cat([r.old_logprobs for r in valid] or [torch.zeros(0)])).abs()
+        behind = torch.cat([r.behind_mask() for r in valid] or [torch.zeros(0)]).bool()
+        fresh, older = gap[~behind], gap[behind]
+        sums = {"mismatch_sum": float(fresh.sum()), "mismatch_max": float(fresh.max()) if len(fresh) else 0.0,
+                "mismatch_tokens": len(fresh), "gap_sum": float(older.sum()), "gap_tokens": len(older)}  # fmt: skip
+        row |= logprob_metrics(entropy_sum, tokens, sums)
     return row
 
 
-def logprob_metrics(entropy_sum: float, mismatch_sum: float, mismatch_max: float, tokens: int) -> dict[str, float]:
-    """The policy's mean entropy and its log-probs' distance from the engine's, from sums over the `tokens`
-    valid response tokens: of the entropy, and of |engine - trainer| log-prob (and its largest)."""
-    return {
-        "entropy": entropy_sum / max(tokens, 1),
-        "logprob_mismatch/mean_abs": mismatch_sum / tokens if tokens else 0.0,
-        "logprob_mismatch/max_abs": mismatch_max,
-    }
+# What the update sums where no scoring pass gave the old log-probs (`logprob_metrics`).
+LOGPROB_SUMS = ("entropy_sum", "mismatch_sum", "mismatch_max", "mismatch_tokens", "gap_sum", "gap_tokens")
+
+
+def logprob_metrics(entropy_sum: float, tokens: int, sums: dict[str, float]) -> dict[str, float]:
+    """The policy's mean entropy over the `tokens` valid response tokens; and its log-probs' distance from
+    the engine's, |engine - trainer|: over the tokens the trained version sampled, the engine's numerics
+    (`logprob_mismatch/*`: `mismatch_sum`, its largest `mismatch_max`, over `mismatch_tokens`), and over
+    those an older version sampled, how far the policy has moved from them (`staleness/logprob_gap`:
+    `gap_sum` over `gap_tokens`). Each where there are such tokens."""
+    row = {"entropy": entropy_sum / max(tokens, 1)}
+    if sums["mismatch_tokens"]:
+        row["logprob_mismatch/mean_abs"] = sums["mismatch_sum"] / sums["mismatch_tokens"]
+        row["logprob_mismatch/max_abs"] = sums["mismatch_max"]
+    if sums["gap_tokens"]:
+        row["staleness/logprob_gap"] = sums["gap_sum"] / sums["gap_tokens"]
+    return row
 
 
 # Components of the reward-model service's rewards that are not 0-1 parts of a reward, and their metric names.

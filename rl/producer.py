@@ -69,6 +69,7 @@ class BatchInProgress:
     draws: int = 0  # times prompts were drawn for it (dynamic sampling's rounds)
     calls: int = 0  # engine calls made for it (their seeds)
     dropped: int = 0
+    reissued: int = 0  # whole groups too old for it, whose prompts were answered again
     spare: list[Group] = field(default_factory=list)  # uniform groups, set aside
     service: dict = field(default_factory=dict)
     timings: dict = field(default_factory=lambda: {"time/rollout": 0.0, "time/reward": 0.0})
@@ -103,6 +104,7 @@ class RolloutProducer:
         self.unscored: list[Group] = []  # whole groups the last round gave, scored during the next one
         self.in_flight: list[Group] = []  # the groups of the round the engines are on
         self.carry: list[Group] = []  # groups with paused responses (rollout.partial)
+        self.reissued: list[Prompt] = []  # prompts of whole groups that grew too old, answered again next round
         self.ready: deque[RolloutBatch] = deque()
         self.condition = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -203,12 +205,13 @@ class RolloutProducer:
         complete); then their answers are taken in."""
         batch = self.building = self.building or BatchInProgress(self.next_step)
         wanted = self.target + (math.ceil(self.target * self.cfg.rollout.partial_extra) if self.partial else 0)
-        have = len(self.whole) + len(self.unscored) + len(self.carry)
+        have = len(self.whole) + len(self.unscored) + len(self.carry) + len(self.reissued)
         new = max(wanted - have, 0) if batch.draws < self.max_draws else 0
         prompts, self.drawn = self.drawn[:new], self.drawn[new:]
         if len(prompts) < new:
             prompts += self.loader.next_batch(new - len(prompts), batch.step)
         batch.draws += bool(new)
+        prompts, self.reissued = self.reissued + prompts, []
         round_ = self._launch(prompts, batch)
         if self.staleness:  # the next round's prompts made ready while the engines run (their images processed)
             self.drawn += self.loader.next_batch(max(wanted - len(self.drawn), 0), batch.step)
@@ -234,9 +237,24 @@ class RolloutProducer:
             whole = [group for group, same in zip(whole, uniform, strict=True) if not same]
             batch.dropped += sum(uniform)
         self.whole += whole
+        self._reissue_expired(batch)
         out_of_draws = batch.draws >= self.max_draws and not (self.carry or self.unscored or self.in_flight)
+        out_of_draws = out_of_draws and not self.reissued
         if len(self.whole) >= self.target or out_of_draws:
             self._hand_over(batch)
+
+    def _reissue_expired(self, batch: BatchInProgress) -> None:
+        """Whole groups every token of which is more than k versions older than the policy that trains this
+        batch (rollout.partial: groups made beyond a batch's need, and kept for the next) would train on
+        nothing: their prompts are answered again, first in the next round, and counted."""
+        oldest = batch.step - 1 - self.staleness
+        expired = [
+            g for g in self.whole if max((v for r in g for v, _ in r.completion.versions), default=oldest) < oldest
+        ]
+        if expired:
+            self.whole = [g for g in self.whole if not any(g is e for e in expired)]
+            self.reissued += [group[0].prompt for group in expired]
+            batch.reissued += len(expired)
 
     def _hand_over(self, batch: BatchInProgress) -> None:
         groups = self.whole[: self.target]
@@ -246,6 +264,8 @@ class RolloutProducer:
         for index, response in enumerate(responses):  # groups numbered afresh across rounds
             response.group = index // self.cfg.rollout.n
         stats = {"dropped_groups": batch.dropped, "prompts_skipped": sum(self.loader.skips.values()), **batch.service}
+        if self.partial:
+            stats["staleness/reissued_groups"] = batch.reissued
         with self.condition:
             self.ready.append(RolloutBatch(batch.step, responses, stats, batch.timings))
             self.building = None
@@ -254,8 +274,8 @@ class RolloutProducer:
 
     def _launch(self, prompts: list[Prompt], batch: BatchInProgress) -> tuple | None:
         """Starts the engines on this round: `prompts` answered `rollout.n` times each, and the carried
-        groups' paused responses continued. Returns (the round's groups, carried first; the calls; when
-        they began), or None where there is nothing to generate."""
+        groups' paused responses continued. Returns `_receive`'s arguments (the round's groups, carried
+        first; the calls; when they began; the batch), or None where there is nothing to generate."""
         n, seed = self.cfg.rollout.n, batch.step * 1000 + batch.calls
         groups = self.carry + [[Response(0, p, Completion([], [], "paused")) for _ in range(n)] for p in prompts]
         self.carry = []
@@ -305,7 +325,8 @@ class RolloutProducer:
         """rollout.partial: one `generate_rows` call an engine on an equal run of the responses, begun or
         continued, one row each; each engine returns once its share of the groups the batch still needs is
         whole."""
-        needed, groups = max(self.target - len(self.whole), 0), len({r.group for r in responses})
+        needed = max(self.target - len(self.whole) - len(self.unscored), 0)
+        groups = len({r.group for r in responses})
         sampling, calls = replace(self.sampling, n=1), []
         for index, (engine, part) in enumerate(zip(self.engines, runs(responses, len(self.engines)), strict=False)):
             rows = [(r.prompt, r.completion if r.completion.token_ids else None) for r in part]
@@ -318,13 +339,14 @@ class RolloutProducer:
 
     @property
     def holds_rollouts(self) -> bool:
-        return bool(self.ready or self.drawn or self.whole or self.unscored or self.carry or self.building)
+        held = self.drawn or self.reissued or self.whole or self.unscored or self.carry
+        return bool(held or self.ready or self.building)
 
     def save(self, path: Path) -> None:
         """What a resumed run needs to go on where this one is, taken while paused: the whole batches not
         yet trained, the batch in progress and the paused responses, pickled without prompts' pixels."""
-        state = {"next_step": self.next_step, "building": self.building, "drawn": self.drawn, "whole": self.whole,
-                 "unscored": self.unscored, "carry": self.carry}  # fmt: skip
+        state = {"next_step": self.next_step, "building": self.building, "drawn": self.drawn, "reissued": self.reissued,
+                 "whole": self.whole, "unscored": self.unscored, "carry": self.carry}  # fmt: skip
         buffer = io.BytesIO()
         WithoutPixels(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(state | {"ready": list(self.ready)})
         path.write_bytes(buffer.getvalue())
@@ -334,16 +356,17 @@ class RolloutProducer:
         rollouts (`save`)."""
         self.loader.load_state_dict(loader_state)
         self.next_step, self.building, self.ready = step + 1, None, deque()
-        self.drawn, self.whole, self.unscored, self.carry = [], [], [], []
+        self.drawn, self.reissued, self.whole, self.unscored, self.carry = [], [], [], [], []
         if path is None or not path.is_file():
             return
         state = pickle.loads(path.read_bytes())
         self.next_step, self.building = state["next_step"], state["building"]
-        self.drawn, self.whole, self.unscored = state["drawn"], state["whole"], state["unscored"]
+        self.drawn, self.reissued, self.whole = state["drawn"], state["reissued"], state["whole"]
+        self.unscored = state["unscored"]
         self.carry, self.ready = state["carry"], deque(state["ready"])
         groups = self.whole + self.unscored + self.carry + (self.building.spare if self.building else [])
         responses = [r for group in groups for r in group] + [r for b in self.ready for r in b.responses]
-        prompts = {id(r.prompt): r.prompt for r in responses} | {id(p): p for p in self.drawn}
+        prompts = {id(r.prompt): r.prompt for r in responses} | {id(p): p for p in self.drawn + self.reissued}
         for prompt in prompts.values():
             self._restore_pixels(prompt)
 

@@ -10,7 +10,6 @@ logits: with Qwen3's 152K vocabulary those would be hundreds of GB at RL lengths
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import replace
 
@@ -51,6 +50,20 @@ class StepLogprobs(LogitsProcessor):
         """(B, T) log-probs of `new_tokens`, the generated columns, once generation has ended."""
         self.record(new_tokens[:, -1])
         return self.buffer[:, : self.step].cpu()
+
+
+def paused(prefix: Completion | None) -> Completion:
+    """A row given back as it came: its tokens so far, none new."""
+    return (
+        Completion(list(prefix.token_ids), list(prefix.logprobs), "paused") if prefix else Completion([], [], "paused")
+    )
+
+
+def whole_groups(completions: list[Completion], groups: list[int]) -> int:
+    """Groups whose rows, all among the first `len(completions)`, have finished."""
+    done = len(completions)
+    open_ = {g for i, g in enumerate(groups) if i >= done or not completions[i].finished}
+    return len(set(groups) - open_)
 
 
 class RowBudgets(StoppingCriteria):
@@ -121,14 +134,17 @@ class HFEngine:
         groups: list[int] | None = None,
         enough: int = 0,
     ) -> list[Completion]:
-        """In calls of `batch_size` rows, each of which returns once its share of the `enough` groups is whole."""
+        """In calls of `batch_size` rows. With `enough`, each call returns once the groups made whole so far
+        reach it, and the calls after that give their rows back paused, untouched."""
         completions: list[Completion] = []
-        total = len(set(groups)) if groups else 1
         for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
             torch.manual_seed(seed * 1_000_003 + chunk)
-            part = groups[start : start + self.batch_size] if groups else None
-            share = math.ceil(enough * len(set(part)) / total) if part else 0
-            completions += self._generate(rows[start : start + self.batch_size], sampling, part, share)
+            part = rows[start : start + self.batch_size]
+            left = enough - whole_groups(completions, groups or []) if enough else 0
+            if enough and left <= 0:
+                completions += [paused(prefix) for _, prefix in part]
+                continue
+            completions += self._generate(part, sampling, (groups or [])[start : start + self.batch_size] or None, left)
         return completions
 
     def _generate(
@@ -138,10 +154,7 @@ class HFEngine:
         prompts = [prompt for prompt, _ in rows]
         prefixes = [list(prefix.token_ids) if prefix else [] for _, prefix in rows]
         if self.paused.is_set():  # paused before it began: nothing new
-            return [
-                Completion(list(p.token_ids), list(p.logprobs), "paused") if p else Completion([], [], "paused")
-                for _, p in rows
-            ]
+            return [paused(prefix) for _, prefix in rows]
         # The images go in as features, each prompt's views encoded once for its `n` rows, not as pixels.
         samples = []
         for prompt, ids in zip(prompts, prefixes, strict=True):

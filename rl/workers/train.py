@@ -21,6 +21,7 @@ from rl.algos.losses import GlobalCounts, policy_loss, value_loss
 from rl.config import ModelRoleConfig, RLConfig
 from rl.experience import Response, SequenceBatch, sequence_batch
 from rl.feature_cache import ImageFeatureCache, same_tower
+from rl.iteration import LOGPROB_SUMS
 from rl.micro_batches import agreed_micro_batches
 from rl.sync import RaySender, VLLMSender
 from step3vl_train.cli import quiet_known_warnings
@@ -149,10 +150,10 @@ class TrainWorker:
     def update(self, responses: list[Response], counts: list[GlobalCounts]) -> dict[str, float]:
         """One optimizer step of the policy (and the critic) per minibatch: this rank's share of each of
         `len(counts)` minibatches, in order, the responses it scored. Returns sums over this rank, for the
-        driver to add up; in an on-policy update also the entropy and log-prob mismatch sums that the
-        scoring pass gives otherwise (`mismatch_max` a maximum)."""
+        driver to add up; in an on-policy update also the entropy and log-prob sums that the scoring pass
+        gives otherwise (`LOGPROB_SUMS`; `mismatch_max` a maximum)."""
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
-        sums |= {"entropy_sum": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
+        sums |= dict.fromkeys(LOGPROB_SUMS, 0.0)
         for index, minibatch_counts in enumerate(counts):
             minibatch = responses[index * self.minibatch_per_rank : (index + 1) * self.minibatch_per_rank]
             for name, value in self._policy_step(minibatch, minibatch_counts).items():
@@ -183,24 +184,27 @@ class TrainWorker:
         algo, world, engine = self.cfg.algo, dist.get_world_size(), self.policy.engine
         on_policy = self.cfg.on_policy_update
         out = {"policy_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
-        out |= {"entropy_sum": 0.0, "mismatch_sum": 0.0, "mismatch_max": 0.0}
+        out |= dict.fromkeys(LOGPROB_SUMS, 0.0)
         for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.policy.micro_batch_tokens):
             mask = sequences.scatter([r.trained_mask() for r in chunk])
             token_logprobs, token_entropy = self._scores(sequences, chunk, self.cfg.rollout.temperature, on_policy)
             device = token_logprobs.device
             mask = mask.to(device)
             rollout = sequences.scatter([torch.tensor(r.completion.logprobs) for r in chunk]).to(device)
+            behind = sequences.scatter([r.behind_mask() for r in chunk]).to(device)
             if on_policy:  # the policy has not moved since the rollout: these are the old log-probs
                 old = token_logprobs.detach()
-                gap = (rollout - old).abs() * mask
+                gap, fresh = (rollout - old).abs(), mask * (1 - behind)
                 out["entropy_sum"] += float((token_entropy * mask).sum())
-                out["mismatch_sum"] += float(gap.sum())
-                out["mismatch_max"] = max(out["mismatch_max"], float(gap.max()))
+                out["mismatch_sum"] += float((gap * fresh).sum())
+                out["mismatch_max"] = max(out["mismatch_max"], float((gap * fresh).max()))
+                out["mismatch_tokens"] += float(fresh.sum())
+                out["gap_sum"] += float((gap * mask * behind).sum())
+                out["gap_tokens"] += float((mask * behind).sum())
             else:
                 old = sequences.scatter([r.old_logprobs for r in chunk]).to(device)
             if any(r.behind for r in chunk):  # an older policy's tokens: the ratio, and the clip, against it
-                behind = sequences.scatter([r.behind_mask() for r in chunk]).to(device).bool()
-                old = torch.where(behind, rollout, old)
+                old = torch.where(behind.bool(), rollout, old)
             loss, stats = policy_loss(
                 token_logprobs,
                 old,

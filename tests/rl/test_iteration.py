@@ -63,7 +63,8 @@ def test_scoring_metrics_only_from_a_scoring_pass():
     row = advantages(config(), batch, entropy_sum=64.0)
     tokens = sum(r.length for r in batch)
     gaps = sum(0.01 * (i % 3) * r.length for i, r in enumerate(batch))
-    expected = logprob_metrics(64.0, gaps, 0.02, tokens)
+    expected = logprob_metrics(64.0, tokens, {"mismatch_sum": gaps, "mismatch_max": 0.02, "mismatch_tokens": tokens,
+                                              "gap_sum": 0.0, "gap_tokens": 0})  # fmt: skip
     assert row["entropy"] == pytest.approx(expected["entropy"])
     assert row["logprob_mismatch/mean_abs"] == pytest.approx(expected["logprob_mismatch/mean_abs"], rel=1e-5)
     assert row["logprob_mismatch/max_abs"] == pytest.approx(0.02, rel=1e-5)

@@ -212,3 +212,20 @@ def test_a_checkpoint_keeps_buffered_image_prompts_and_makes_their_pixels_again(
     assert response.prompt is restored.drawn[0] and response.completion.versions == [(3, 2)]
     assert torch.equal(response.prompt.sample.pixels.data, prompt.sample.pixels.data)
     assert response.prompt.sample.pixels.windows == prompt.sample.pixels.windows
+
+
+def test_whole_groups_too_old_to_train_anything_have_their_prompts_answered_again(tmp_path, tiny_processor):
+    """k = 1, building batch 5 (trained by version 4): a whole group made by version 2 would have every token
+    left out; its prompt goes back to be answered first in the next round, counted. One with a token of
+    version 3 stays."""
+    cfg = config(tmp_path, "algo.max_staleness=1", "rollout.partial=true")
+    producer = RolloutProducer(cfg, tiny_processor, None, prompt_loader(cfg, tiny_processor), [])
+    producer.next_step = 5
+    prompts = [image_prompt(tiny_processor), image_prompt(tiny_processor, (90, 120))]
+    old, kept = ([Response(0, p, Completion([1, 2], [0.0, 0.0], "stop", versions))] for p, versions in
+                 zip(prompts, ([(2, 2)], [(2, 1), (3, 1)]), strict=True))  # fmt: skip
+    producer.unscored = [old, kept]
+    producer.scorer = SimpleNamespace(score=lambda requests: [SimpleNamespace(score=0.0, status="ok", valid=True,
+                                      components={}) for _ in requests], service_stats=dict)  # fmt: skip
+    producer._score()
+    assert producer.whole == [kept] and producer.reissued == [prompts[0]] and producer.building.reissued == 1
