@@ -91,10 +91,12 @@ class RowRequest:
         self.prefix = list(prefix.token_ids) if prefix else []
         self.token_ids, self.logprobs = list(self.prefix), list(prefix.logprobs) if prefix else []
         self.finish_reason: str | None = None
+        self.checked = False  # the expanded prompt, on the first output (every delta output repeats it)
 
     def take(self, output) -> None:
-        if output.prompt_token_ids is not None:
+        if not self.checked and output.prompt_token_ids is not None:
             check_prompt(self.prompt, output.prompt_token_ids, self.prefix)
+            self.checked = True
         sample = output.outputs[0]
         self.token_ids += sample.token_ids
         self.logprobs += [step[t].logprob for t, step in zip(sample.token_ids, sample.logprobs or [], strict=True)]
