@@ -64,11 +64,11 @@ class Engine(FakeEngine):
 class Worker(FakeWorker):
     """FakeWorker, whose update of step s first waits (up to 10 s) until the producer has made batch s + 1:
     with k >= 1 it is made during the update, so the wait ends at once; and the run's course does not
-    depend on the threads' timing. Kills the driver where `kill` says, once."""
+    depend on the threads' timing. Kills the driver where `shared.kill` says, once."""
 
-    def __init__(self, driver, events, shared, kill):
+    def __init__(self, driver, events, shared):
         super().__init__(driver, events, None)
-        self.shared, self.kill = shared, kill
+        self.shared = shared
 
     def update(self, responses, counts):
         step = self.driver.step
@@ -115,7 +115,7 @@ def run_driver(cfg, monkeypatch, kill=None):
 
     def start_actors(driver):
         shared.driver = driver
-        driver.workers = [Actor(Worker(driver, events, shared, kill)) for _ in range(cfg.trainer.world_size)]
+        driver.workers = [Actor(Worker(driver, events, shared)) for _ in range(cfg.trainer.world_size)]
         driver.engines = [Actor(Engine(driver, events, driver.processor.tokenizer, shared))]
 
     run_with_fake_actors(cfg, monkeypatch, start_actors, killed=kill is not None)
