@@ -21,6 +21,13 @@ class SamplingParams:
     suppressed_token_ids: list[int] = field(default_factory=list)
 
 
+def whole_groups(groups: list[int] | None, finished: list[bool]) -> int:
+    """rollout.partial: how many of the rows' `groups` have every row finished (a row past the end of
+    `finished` has not)."""
+    open_ = {g for i, g in enumerate(groups or []) if i >= len(finished) or not finished[i]}
+    return len(set(groups or []) - open_)
+
+
 class RolloutEngine(Protocol):
     """Weights arrive either as buckets of full tensors through Ray (`load_weights`, the transformers
     engine) or through vLLM's weight-transfer API (NCCL or CUDA IPC; see rl/sync.py)."""

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, SuppressTokensLogitsProcessor
 
-from rl.engines.base import SamplingParams
+from rl.engines.base import SamplingParams, whole_groups
 from rl.experience import Completion, Prompt
 from rl.feature_cache import encode_samples
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
@@ -57,13 +57,6 @@ def paused(prefix: Completion | None) -> Completion:
     return (
         Completion(list(prefix.token_ids), list(prefix.logprobs), "paused") if prefix else Completion([], [], "paused")
     )
-
-
-def whole_groups(completions: list[Completion], groups: list[int]) -> int:
-    """Groups whose rows, all among the first `len(completions)`, have finished."""
-    done = len(completions)
-    open_ = {g for i, g in enumerate(groups) if i >= done or not completions[i].finished}
-    return len(set(groups) - open_)
 
 
 class RowBudgets(StoppingCriteria):
@@ -140,7 +133,7 @@ class HFEngine:
         for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
             torch.manual_seed(seed * 1_000_003 + chunk)
             part = rows[start : start + self.batch_size]
-            left = enough - whole_groups(completions, groups or []) if enough else 0
+            left = enough - whole_groups(groups, [c.finished for c in completions]) if enough else 0
             if enough and left <= 0:
                 completions += [paused(prefix) for _, prefix in part]
                 continue

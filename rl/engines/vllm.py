@@ -28,7 +28,7 @@ import threading
 
 from PIL import Image
 
-from rl.engines.base import SamplingParams
+from rl.engines.base import SamplingParams, whole_groups
 from rl.experience import Completion, Prompt
 from step3vl_train.processing.chat import render_chat
 from step3vl_train.processing.processor import load_processor
@@ -105,12 +105,6 @@ class RowRequest:
 
     def completion(self) -> Completion:
         return Completion(self.token_ids, self.logprobs, self.finish_reason or "paused")
-
-
-def whole_groups(requests: list[RowRequest], groups: list[int] | None) -> int:
-    """Groups whose rows here have all finished."""
-    open_ = {g for g, r in zip(groups or [], requests, strict=False) if r.finish_reason is None}
-    return len(set(groups or []) - open_)
 
 
 class VLLMEngine:
@@ -198,7 +192,8 @@ class VLLMEngine:
             requests.append(RowRequest(request_id, prompt, prefix))
         by_id = {request.request_id: request for request in requests}
         while engine.has_unfinished_requests():
-            if self.paused.is_set() or (enough and whole_groups(requests, groups) >= enough):
+            whole = enough and whole_groups(groups, [r.finish_reason is not None for r in requests])
+            if self.paused.is_set() or (enough and whole >= enough):
                 engine.abort_request([r.request_id for r in requests if r.finish_reason is None])
                 break
             for output in engine.step():

@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from rl.engines.base import SamplingParams
-from rl.engines.vllm import PromptMismatchError, RowRequest, VLLMEngine, check_prompt, request_seed, whole_groups
+from rl.engines.base import SamplingParams, whole_groups
+from rl.engines.vllm import PromptMismatchError, RowRequest, VLLMEngine, check_prompt, request_seed
 from rl.experience import Completion
 from tests.contract import vllm_side
 from tests.contract.vllm_side import image_prompt, solid_images, vllm_model_config
@@ -261,8 +261,9 @@ def test_j_e_whole_groups_counts_groups_whose_rows_all_finished():
     requests = [RowRequest(f"row-{i}", None, None) for i in range(6)]
     for request, reason in zip(requests, ["stop", None, "length", "stop", None, "length"], strict=True):
         request.finish_reason = reason
-    assert whole_groups(requests, [0, 0, 1, 1, 2, 3]) == 2  # groups 1 and 3
-    assert whole_groups(requests, None) == 0
+    finished = [r.finish_reason is not None for r in requests]  # as generate_rows reads them
+    assert whole_groups([0, 0, 1, 1, 2, 3], finished) == 2  # groups 1 and 3
+    assert whole_groups(None, finished) == 0
 
 
 def test_j_f_the_engine_api_our_loop_calls():
