@@ -13,6 +13,7 @@ import functools
 import os
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from step3vl_train.usage import UsageError, unknown_key
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEBUG = "STEP3VL_DEBUG"
+RANK_ZERO_REPORT_S = 30.0
 
 # Third-party deprecations we cannot act on, matched by message so that any other warning still shows.
 KNOWN_WARNINGS = (
@@ -218,6 +220,8 @@ def launch(task: Callable[[DictConfig], None], config_name: str, doc: str, renam
     except UsageError as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
+        else:
+            leave_report_to_rank_zero(error, rank)
         sys.exit(1)
     stderr = sys.stderr
 
@@ -247,11 +251,21 @@ def run_reported(task: Callable[[DictConfig], None], cfg: DictConfig, rank: int)
         log = write_traceback(errors_folder(cfg) / f"rank{rank}.log")
         if os.environ.get(DEBUG):
             raise
-        if rank == 0 or not isinstance(error, UsageError):
+        if rank > 0 and isinstance(error, UsageError):
+            leave_report_to_rank_zero(error, rank, f"\n(traceback in {log}; {DEBUG}=1 prints it here)")
+        else:
             who = f"rank {rank}: " if rank else ""
             what = str(error) if isinstance(error, UsageError) else f"{type(error).__name__}: {error}"
             print(f"error: {who}{what}\n(traceback in {log}; {DEBUG}=1 prints it here)", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def leave_report_to_rank_zero(error: UsageError, rank: int, where: str = "") -> None:
+    """A mistake every rank makes is rank 0's to report. torchrun ends the other ranks as soon as one exits,
+    so a rank that meets it before rank 0 does waits: rank 0's exit ends the wait (torchrun's SIGTERM, with
+    the default handler by now). Should rank 0 not exit within `RANK_ZERO_REPORT_S`, this rank says it."""
+    time.sleep(RANK_ZERO_REPORT_S)
+    print(f"error: rank {rank}: {error}{where}", file=sys.stderr, flush=True)
 
 
 def resume_hint(output_dir: Path) -> str:
