@@ -5,6 +5,7 @@ timings it logs in metrics.jsonl.
 python benchmarks/rl_cpu.py phases [--steps 10]
 python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096 1024:12:4096:768:12]
 python benchmarks/rl_cpu.py engine [--lengths 64 256 1024]
+python benchmarks/rl_cpu.py shared [--repeats 3]
 
 `phases`: the tiny model on the synthetic RL prompts (images), 8 prompts x 4 responses of up to 48 tokens,
 PPO with the critic. The first iteration is left out (warm-up). `sync`: the decoder at hidden:layers:ffn,
@@ -13,7 +14,11 @@ tower scaled too where a size names it. The first sync (every tensor) and each i
 ones: the vision tower stays frozen), the median time of iterations 2 and 3. `engine`: the transformers
 engine alone, the tiny model with Qwen3's 151,936-token vocabulary, 8 responses of exactly N tokens; the
 growth of peak RSS over generation after a short warm-up one, in a fresh process per length, beside the
-logits that keeping every step's would take. Each mode prints a Markdown table.
+logits that keeping every step's would take. `shared`: a group's shared prompt computed once
+(algo.shared_prompt) against a row a response, in TrainWorker's scoring and update (one rank, ZeRO-3 over
+gloo, PPO with the critic, the tiny model) on PaCoRe's shape (16 responses to one prompt, prompt:response
+3:1) and RLVR's (1:5); the median time of `--repeats` from the same weights, and how far the results differ.
+Each mode prints a Markdown table.
 """
 
 import argparse
@@ -132,9 +137,88 @@ def engine_one(length: int) -> None:
     print(json.dumps({"growth": growth, "seconds": seconds}))
 
 
+SHAPES = {"PaCoRe (3:1)": (768, 256), "RLVR (1:5)": (128, 640)}  # prompt tokens, mean response tokens
+GROUP = 16
+BUDGET = 2048  # micro_batch_tokens: about the longest sequence, as the recipes size it
+
+
+def shared_prompts(args, work: Path) -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rl.algos.losses import GlobalCounts
+    from rl.experience import Completion, Prompt, Response
+    from rl.micro_batches import response_rows, shared_row_length
+    from rl.workers.train import TrainWorker
+    from step3vl_train.processing.processor import load_processor
+    from step3vl_train.train.distributed import free_port
+    from step3vl_train.train.recipes import register_recipes
+
+    register_recipes()
+    overrides = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny", "prompts.train=unused.tar",
+                 "rollout.n=16", "prompts.prompts_per_step=1", "algo.minibatches=2", "algo.estimator=gae",
+                 f"policy.micro_batch_tokens={BUDGET}", f"critic.micro_batch_tokens={BUDGET}"]  # fmt: skip
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        config = OmegaConf.to_container(compose("rl", overrides), resolve=True)
+    torch.manual_seed(0)
+    worker = TrainWorker(0, 1, "127.0.0.1", free_port(), config, pad_token_id=0)
+    processor = load_processor("tiny", str(REPO / "configs" / "processor" / "tiny.yaml"))
+    worker.save(str(work / "initial"))
+    print(
+        "| shape | prompt + responses | forward tokens, a row each / shared | forwards a pass | a row each s | "
+        "shared s | ratio | max abs. difference (log-probs, values, losses) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (prompt_tokens, mean) in SHAPES.items():
+        messages = [{"role": "user", "content": "hello there " * ((prompt_tokens - 14) // 4)}]
+        prompt = Prompt("k", "t", processor(messages, add_generation_prompt=True), messages, [], "math")
+        generator = torch.Generator().manual_seed(0)
+        lengths = torch.randint(mean // 2, mean * 3 // 2 + 1, (GROUP,), generator=generator).tolist()
+        responses = []
+        for length in lengths:
+            tokens = torch.randint(11, 1000, (length,), generator=generator).tolist()
+            logprobs = (-torch.rand(length, generator=generator)).tolist()
+            response = Response(0, prompt, Completion(tokens, logprobs, "stop"))
+            response.advantages, response.returns = torch.randn(length, generator=generator), torch.randn(length)
+            responses.append(response)
+        half = GROUP // 2  # two minibatches: the scoring pass gives the old log-probs
+        counts = [GlobalCounts(sum(lengths[:half]), half), GlobalCounts(sum(lengths[half:]), half)]
+        results, forwards = {}, []
+        for shared in (False, True):
+            worker.cfg.algo.shared_prompt = shared
+            forwards.append(len(worker._micro_batches(responses, BUDGET)))
+            times = []
+            for _ in range(args.repeats):
+                worker.load(str(work / "initial"))
+                started = time.perf_counter()
+                stats = worker.score(responses, 1.0)
+                for response, old, values in zip(responses, stats.old_logprobs, stats.values, strict=True):
+                    response.old_logprobs, response.values = old, values
+                sums = worker.update(responses, counts)
+                times.append(time.perf_counter() - started)
+            results[shared] = (statistics.median(times), stats, sums)
+        plain, shared = results[False], results[True]
+        difference = max(
+            max(float((a - b).abs().max()) for a, b in zip(plain[1].old_logprobs, shared[1].old_logprobs, strict=True)),
+            max(float((a - b).abs().max()) for a, b in zip(plain[1].values, shared[1].values, strict=True)),
+            abs(plain[2]["policy_loss"] - shared[2]["policy_loss"]),
+            abs(plain[2]["value_loss"] - shared[2]["value_loss"]),
+        )
+        prompt_length = len(prompt.sample.input_ids)
+        rows = response_rows([0] * GROUP, [prompt_length] * GROUP, lengths, BUDGET, shared=True)
+        tokens_shared = sum(shared_row_length(prompt_length, [lengths[i] for i in row]) for row in rows)
+        print(f"| {name} | {prompt_length} + {GROUP} x {statistics.mean(lengths):.0f} | "
+              f"{GROUP * prompt_length + sum(lengths):,} / {tokens_shared:,} | {forwards[0]} / {forwards[1]} | "
+              f"{plain[0]:.2f} | {shared[0]:.2f} | "
+              f"{shared[0] / plain[0]:.2f}x | {difference:.1e} |")  # fmt: skip
+    worker.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["phases", "sync", "engine", "engine-one"])
+    parser.add_argument("mode", choices=["phases", "sync", "engine", "engine-one", "shared"])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096", "1024:12:4096:768:12"]
@@ -147,6 +231,8 @@ def main() -> None:
         return engine_one(args.lengths[0])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.mode == "shared":
+            return shared_prompts(args, work)
         corpus = work / "rl"
         write_corpus("rl", str(corpus), num=200, seed=0, shard_size=10)
         (phases if args.mode == "phases" else sync)(args, corpus, work)

@@ -81,7 +81,9 @@ def rl_shapes(cfg, world: int) -> tuple[TrainingShape, TrainingShape]:
     """The policy and the critic on RL's `world` training ranks (with the rollout engines colocated, or on
     GPUs of their own). A forward holds `micro_batch_tokens` padded tokens, or one sequence (a prompt plus
     a whole response) where that is longer: the worst is that many tokens in as few rows as the longest
-    sequence allows, each row with a prompt's images."""
+    sequence allows, each row with a prompt's images. Shared rows (algo.shared_prompt) keep to the same
+    budget, with one prompt's images a row: no worse. A sequence-parallel group shares a forward, each rank
+    a slice of its tokens; with shared rows the kernel is flex_packed (its block mask counted)."""
     length = cfg.prompts.max_prompt_tokens + cfg.rollout.max_new_tokens
     views = cfg.prompts.max_prompt_tokens // 83  # crops a prompt's token budget holds
     zero = cfg.deepspeed.zero_optimization
@@ -93,10 +95,11 @@ def rl_shapes(cfg, world: int) -> tuple[TrainingShape, TrainingShape]:
             seq_len=-(-tokens // rows),
             micro_batch=rows,
             world=world,
+            sequence_parallel=role.sequence_parallel,
             checkpointing=role.gradient_checkpointing,
             vision_chunk=cfg.compute.vision_chunk,
             loss_chunk=cfg.compute.loss_chunk,
-            attention=cfg.compute.attention,
+            attention="flex_packed" if cfg.algo.shared_prompt else cfg.compute.attention,
             max_views_per_pack=views,
             max_images_per_pack=views,
             frozen=tuple(role.freeze),

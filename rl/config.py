@@ -128,6 +128,10 @@ class AlgoConfig:
     # 0 is the synchronous loop; k >= 1 generates up to k batches ahead while the trainer updates. Tokens
     # older than that (long responses continued across syncs, rollout.partial) stay out of the losses.
     max_staleness: int = 0
+    # A group's responses in one forward row after a single copy of their prompt, in scoring, the update and
+    # the critic (rl/experience.py: shared_sequence_batch): the same numbers as a row each, without running
+    # the prompt once a response. Needs a packed kernel (compute.attention auto: sdpa_packed, flex_packed).
+    shared_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -142,8 +146,9 @@ class AlgoConfig:
 class ModelRoleConfig:
     """The policy or the critic: a ZeRO-3 group of `world_size` ranks.
 
-    `micro_batch_tokens`: the padded tokens of one forward (rows x the longest row, prompt plus response).
-    Each rank cuts its share of a minibatch into forwards within it, responses of similar length together,
+    `micro_batch_tokens`: the padded tokens of one forward (rows x the longest row, prompt plus response),
+    those of a sequence-parallel group's forward where `sequence_parallel` ranks share its rows. Each rank
+    cuts its share of a minibatch into forwards within it, responses of similar length together,
     and every rank makes as many forwards as the rank that needs the most (rl/micro_batches.py). A single
     sequence longer than the budget is a forward of its own: size the budget to the longest sequence
     (prompts.max_prompt_tokens + rollout.max_new_tokens) where that one must fit as well.
@@ -154,6 +159,9 @@ class ModelRoleConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     freeze: list[str] = field(default_factory=lambda: ["vision_model."])  # name prefixes not trained
     micro_batch_tokens: int = 2048  # padded tokens a forward; a longer single sequence runs alone
+    # Ranks sharing each forward's rows, a slice each (DeepSpeed Ulysses, as trainer.sequence_parallel in
+    # pretraining and SFT): divides trainer.world_size, and the critic's equals the policy's.
+    sequence_parallel: int = 1
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     enabled: bool = True  # the critic: off for critic-free estimators
@@ -249,11 +257,13 @@ class RLConfig:
             raise ValueError(f"trainer.eval_every must be 0 (never) or positive, not {self.trainer.eval_every}")
         if (self.trainer.eval_every or self.trainer.eval_before_train) and not self.prompts.eval:
             raise ValueError("trainer.eval_every and eval_before_train need held-out prompts: prompts.eval is empty")
+        self._check_sequence_parallel()
         responses = self.prompts.prompts_per_step * self.rollout.n
-        if responses % (self.algo.minibatches * self.trainer.world_size):
+        if responses % (self.algo.minibatches * self.data_parallel):
             raise ValueError(
                 f"{responses} responses an iteration (prompts.prompts_per_step x rollout.n) do not split into "
-                f"algo.minibatches={self.algo.minibatches} x trainer.world_size={self.trainer.world_size} equal parts"
+                f"algo.minibatches={self.algo.minibatches} x {self.data_parallel} equal parts (trainer.world_size="
+                f"{self.trainer.world_size} / policy.sequence_parallel={self.sequence_parallel})"
             )
         for name, role in (("policy", self.policy), ("critic", self.critic)):
             if name == "critic" and not self.uses_critic:
@@ -275,10 +285,31 @@ class RLConfig:
         wrote it, so that forward's log-probs are the old ones and no scoring pass computes them."""
         return self.algo.minibatches == 1 and self.algo.epochs == 1
 
+    def _check_sequence_parallel(self) -> None:
+        size, world = self.policy.sequence_parallel, self.trainer.world_size
+        if size < 1 or world % size:
+            raise ValueError(f"policy.sequence_parallel={size} must divide trainer.world_size={world}")
+        if self.uses_critic and self.critic.sequence_parallel != size:
+            raise ValueError(
+                f"critic.sequence_parallel={self.critic.sequence_parallel} differs from policy.sequence_parallel="
+                f"{size}: DeepSpeed's Ulysses keeps one sequence-parallel group a process and wraps the attention "
+                "kernel of every model in it; set them equal"
+            )
+
+    @property
+    def sequence_parallel(self) -> int:
+        """Ranks sharing each forward's rows (the critic's the same)."""
+        return self.policy.sequence_parallel
+
+    @property
+    def data_parallel(self) -> int:
+        """Groups of ranks that hold different responses."""
+        return self.trainer.world_size // self.sequence_parallel
+
     @property
     def minibatch_per_rank(self) -> int:
-        """Responses each rank trains on in each minibatch."""
-        return self.prompts.prompts_per_step * self.rollout.n // (self.algo.minibatches * self.trainer.world_size)
+        """Responses each rank trains on in each minibatch (those of its sequence-parallel group)."""
+        return self.prompts.prompts_per_step * self.rollout.n // (self.algo.minibatches * self.data_parallel)
 
     @property
     def trainer_gpu_share(self) -> float:

@@ -260,6 +260,7 @@ class Driver:
         shards, counts = minibatches(cfg, responses, self.step, len(self.workers))
         tick = time.perf_counter()
         sums = ray.get([w.update.remote(s, counts) for w, s in zip(self.workers, shards, strict=True)])
+        sums = sums[:: cfg.sequence_parallel]  # a sequence-parallel group's ranks return the same sums
         timings["time/update"] = time.perf_counter() - tick
         tick = time.perf_counter()
         self.producer.pause()
@@ -304,10 +305,11 @@ class Driver:
 
     def score_with_models(self, responses: list[Response], timings: dict) -> None:
         tick = time.perf_counter()
-        parts = rank_shares(responses, len(self.workers))
+        parts = rank_shares(responses, len(self.workers), self.cfg.sequence_parallel)
         stats = ray.get(
             [w.score.remote(p, self.cfg.rollout.temperature) for w, p in zip(self.workers, parts, strict=True)]
         )
+        parts, stats = parts[:: self.cfg.sequence_parallel], stats[:: self.cfg.sequence_parallel]  # a group's once
         for part, stat in zip(parts, stats, strict=True):
             for index, response in enumerate(part):
                 response.old_logprobs = stat.old_logprobs[index] if stat.old_logprobs is not None else None

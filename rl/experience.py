@@ -3,7 +3,7 @@ rewards, log-probs, values and advantages; and the padded batches the trainer ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -122,6 +122,9 @@ class SequenceBatch:
 
     batch: Batch
     response_mask: torch.Tensor  # (B, L-1) 1 where the target is a response token
+    # Rows of several responses (shared_sequence_batch): (B, L-1) which response, in the order of `gather`,
+    # each target belongs to, -1 where none. None: a response a row.
+    response_index: torch.Tensor | None = None
 
     def scatter(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """Per-response vectors (R_i,) into a (B, L-1) tensor at the response positions, 0 elsewhere."""
@@ -138,7 +141,8 @@ class SequenceBatch:
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """(B, L-1) back into per-response vectors."""
-        lengths = self.response_mask.sum(1).tolist()
+        index = self.response_index
+        lengths = (self.response_mask.sum(1) if index is None else torch.bincount(index[index >= 0])).tolist()
         return list(tensor[self.response_mask.bool()].detach().float().split([int(n) for n in lengths]))
 
 
@@ -146,19 +150,52 @@ def sequence_batch(items: list[tuple[ProcessedSample, list[int]]], pad_token_id:
     """Rows of (prompt, response token ids)."""
     samples, starts = [], []
     for prompt, response in items:
-        ids = torch.cat([prompt.input_ids, torch.tensor(response, dtype=torch.long)])
-        samples.append(
-            ProcessedSample(
-                input_ids=ids,
-                labels=ids.clone(),
-                pixels=prompt.pixels,
-                num_patches=prompt.num_patches,
-                patch_newline_mask=prompt.patch_newline_mask,
-            )
-        )
+        samples.append(row_sample(prompt, [prompt.input_ids, torch.tensor(response, dtype=torch.long)]))
         starts.append((len(prompt.input_ids), len(response)))
     batch = collate(samples, pad_token_id)
     mask = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, dtype=torch.long)
     for row, (prompt_len, response_len) in enumerate(starts):
         mask[row, prompt_len - 1 : prompt_len - 1 + response_len] = 1
     return SequenceBatch(batch, mask)
+
+
+def shared_sequence_batch(rows: list[tuple[ProcessedSample, list[list[int]]]], pad_token_id: int) -> SequenceBatch:
+    """Rows of (prompt, the token ids of responses to it), each laid out as the prompt but its last token
+    once, then each response after its own copy of that token: the copy continues the prompt's positions, so
+    the row's position ids tell the packed kernels (model/attention.py) that the response sees the prompt and
+    itself only, as it would in a row of its own, and its first token is predicted where it would be there.
+    Rows are packed (position ids, no padding mask); the padding after a row is a sample of its own. A row of
+    one response is `sequence_batch`'s row."""
+    samples, positions, spans = [], [], []
+    for prompt, responses in rows:
+        prefix, last = prompt.input_ids[:-1], prompt.input_ids[-1:]
+        parts, place, row_spans = [prefix], [torch.arange(len(prefix))], []
+        for response in responses:
+            row_spans.append((sum(len(part) for part in parts), len(response)))
+            parts += [last, torch.tensor(response, dtype=torch.long)]
+            place.append(torch.arange(len(prefix), len(prefix) + 1 + len(response)))
+        samples.append(row_sample(prompt, parts))
+        positions.append(torch.cat(place))
+        spans.append(row_spans)
+    batch = collate(samples, pad_token_id)
+    position_ids = torch.zeros_like(batch.input_ids)
+    for row, place in enumerate(positions):
+        position_ids[row, : len(place)] = place
+        position_ids[row, len(place) :] = torch.arange(position_ids.shape[1] - len(place))
+    index = torch.full((batch.input_ids.shape[0], batch.input_ids.shape[1] - 1), -1, dtype=torch.long)
+    placed = [(row, start, length) for row, row_spans in enumerate(spans) for start, length in row_spans]
+    for response, (row, start, length) in enumerate(placed):
+        index[row, start : start + length] = response
+    return SequenceBatch(replace(batch, position_ids=position_ids), (index >= 0).long(), index)
+
+
+def row_sample(prompt: ProcessedSample, parts: list[torch.Tensor]) -> ProcessedSample:
+    """A forward row of these token ids, with the prompt's images."""
+    ids = torch.cat(parts)
+    return ProcessedSample(
+        input_ids=ids,
+        labels=ids.clone(),
+        pixels=prompt.pixels,
+        num_patches=prompt.num_patches,
+        patch_newline_mask=prompt.patch_newline_mask,
+    )

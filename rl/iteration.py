@@ -213,12 +213,15 @@ def log_rollouts(path: Path, step: int, responses: list[Response], n: int, shown
             handle.write(json.dumps(row) + "\n")
 
 
-def rank_shares(responses: list[Response], world: int) -> list[list[Response]]:
+def rank_shares(responses: list[Response], world: int, sequence_parallel: int = 1) -> list[list[Response]]:
     """Each training rank's responses for the whole iteration, scoring and update: equal consecutive runs,
     so that a prompt's responses (consecutive) sit on as few ranks as possible, each of which computes the
-    prompt's image features once (rl/feature_cache.py)."""
-    per_rank = len(responses) // world
-    return [responses[rank * per_rank : (rank + 1) * per_rank] for rank in range(world)]
+    prompt's image features once (rl/feature_cache.py) and runs their prompt once a row (algo.shared_prompt).
+    The `sequence_parallel` consecutive ranks of a group share one run (they split its rows, not its
+    responses)."""
+    groups = world // sequence_parallel
+    per_group = len(responses) // groups
+    return [responses[(rank // sequence_parallel) * per_group :][:per_group] for rank in range(world)]
 
 
 def minibatches(
@@ -227,19 +230,20 @@ def minibatches(
     """Each rank's share (`rank_shares`) shuffled (seeded by the run's seed and `step`) and cut into
     `algo.minibatches` equal slices; minibatch m is the m-th slice of every rank, so a rank trains on the
     responses it scored, as verl's ranks do. Returns each rank's slices in order (every epoch's), and the
-    global counts of valid tokens and responses of each minibatch."""
+    global counts of valid tokens and responses of each minibatch (each sequence-parallel group's once)."""
     rng = random.Random(cfg.trainer.seed * 1_000_003 + step)
-    shares = [list(share) for share in rank_shares(responses, world)]
+    size = cfg.sequence_parallel
+    shares = [list(share) for share in rank_shares(responses, world, size)[::size]]  # a group's, once
     for share in shares:
         rng.shuffle(share)
-    per_rank = len(responses) // (cfg.algo.minibatches * world)
-    shards: list[list[Response]] = [[] for _ in range(world)]
+    per_rank = len(responses) // (cfg.algo.minibatches * len(shares))
+    shards: list[list[Response]] = [[] for _ in shares]
     counts = []
     for _ in range(cfg.algo.epochs):
         for m in range(cfg.algo.minibatches):
             slices = [share[m * per_rank : (m + 1) * per_rank] for share in shares]
             trained = [r for part in slices for r in part if r.trained_tokens]
             counts.append(GlobalCounts(tokens=sum(r.trained_tokens for r in trained), sequences=len(trained)))
-            for rank, part in enumerate(slices):
-                shards[rank] += part
-    return shards, counts
+            for group, part in enumerate(slices):
+                shards[group] += part
+    return [shards[rank // size] for rank in range(world)], counts

@@ -6,11 +6,15 @@ Under ZeRO-3 every forward all-gathers parameters, a collective, so the ranks mu
 forwards: they agree on the most any of them needs (`agreed_micro_batches`), and each then splits its own
 responses into exactly that many. Rows of similar length go together (longest first, consecutive rows),
 which leaves the least padding; the split makes its largest forward as small as it can.
+
+A row holds one response after its prompt, or, with `algo.shared_prompt`, several responses to one prompt
+after a single copy of it (rl/experience.py: `shared_sequence_batch`): `response_rows` forms those rows,
+each within the budget, a group too long for one split over several that each repeat the prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,10 +84,55 @@ def split_micro_batches(lengths: Sequence[int], budget: int, count: int) -> list
     return groups
 
 
-def agreed_micro_batches(lengths: Sequence[int], budget: int, device: torch.device) -> list[list[int]]:
-    """A collective of every rank: this rank's rows split into as many micro-batches as the rank that
-    needs the most (an all-reduce MAX on `device`, the engine's: NCCL takes no CPU tensors). Every rank
-    must hold at least that many rows, which holds where every rank holds the same number."""
-    count = torch.tensor(count_micro_batches(lengths, budget), device=device)
+def shared_row_length(prompt_length: int, response_lengths: Sequence[int]) -> int:
+    """Tokens of a shared row: the prompt but its last token once, then each response after a copy of that
+    token (a row of one response is the prompt and the response)."""
+    return prompt_length - 1 + sum(n + 1 for n in response_lengths)
+
+
+def response_rows(
+    prompts: Sequence[Hashable], prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,
+    shared: bool,
+) -> list[list[int]]:  # fmt: skip
+    """Indices of responses in forward rows: one a row, or with `shared`, the responses to one prompt
+    (equal `prompts` keys) together, in order of first appearance, a row taking them while it stays within
+    `budget` tokens (`shared_row_length`); a response longer than that alone is a row of its own."""
+    if not shared:
+        return [[index] for index in range(len(prompts))]
+    by_prompt: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(prompts):
+        by_prompt.setdefault(key, []).append(index)
+    rows = []
+    for indices in by_prompt.values():
+        row: list[int] = []
+        for index in indices:
+            lengths = [response_lengths[i] for i in (*row, index)]
+            if row and shared_row_length(prompt_lengths[index], lengths) > budget:
+                rows.append(row)
+                row = []
+            row.append(index)
+        rows.append(row)
+    return rows
+
+
+def agreed_micro_batches(rows: list[list[int]], row_length, budget: int, device: torch.device) -> list[list[list[int]]]:
+    """A collective of every rank: this rank's rows (lists of response indices) split into as many
+    micro-batches as the rank that needs the most (an all-reduce MAX on `device`, the engine's: NCCL takes
+    no CPU tensors). A rank with fewer rows than that splits its longest rows of several responses in two (each half
+    repeats the prompt) until it has enough, which it can where every rank holds the same number of
+    responses. `row_length(row)`: its tokens."""
+    count = torch.tensor(count_micro_batches([row_length(row) for row in rows], budget), device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return split_micro_batches(lengths, budget, int(count))
+    rows = enough_rows(rows, int(count), row_length)
+    lengths = [row_length(row) for row in rows]
+    return [[rows[i] for i in group] for group in split_micro_batches(lengths, budget, int(count))]
+
+
+def enough_rows(rows: list[list[int]], count: int, row_length) -> list[list[int]]:
+    """At least `count` rows: the longest row of several responses cut in two while there are fewer."""
+    rows = list(rows)
+    while len(rows) < count:
+        longest = max((row for row in rows if len(row) > 1), key=row_length)
+        at = rows.index(longest)
+        rows[at : at + 1] = [longest[: len(longest) // 2], longest[len(longest) // 2 :]]
+    return rows

@@ -3,7 +3,9 @@ engine over the same process group (gloo on the CPU, NCCL on GPUs).
 
 The driver hands every rank the same number of responses; the ranks cut them into micro-batches by a token
 budget and agree on their number, so all make the same forward passes and collectives (rl/micro_batches.py).
-Losses are divided by counts of the whole minibatch (all ranks), handed in by the driver.
+Losses are divided by counts of the whole minibatch (all ranks), handed in by the driver. Under sequence
+parallelism (`policy.sequence_parallel`) the ranks of a group hold the same responses and each runs a slice
+of every row through the decoder (DeepSpeed Ulysses, step3vl_train/model/sequence.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch.distributed as dist
 
 from rl.algos.losses import GlobalCounts, policy_loss, value_loss
 from rl.config import ModelRoleConfig, RLConfig
-from rl.experience import Response, SequenceBatch, sequence_batch
+from rl.experience import Response, SequenceBatch, sequence_batch, shared_sequence_batch
 from rl.feature_cache import ImageFeatureCache, same_tower
 from rl.iteration import LOGPROB_SUMS
-from rl.micro_batches import agreed_micro_batches
+from rl.micro_batches import agreed_micro_batches, response_rows, shared_row_length
 from rl.sync import RaySender, VLLMSender
 from step3vl_train.cli import quiet_known_warnings
 from step3vl_train.model import Step3VLConfig, Step3VLForConditionalGeneration
@@ -40,6 +42,16 @@ class ResponseStats:
     values: list[torch.Tensor] | None
     entropy_sum: float  # summed over valid response tokens
     image_cache: dict[str, float] = field(default_factory=dict)  # ImageFeatureCache.stats
+
+
+@dataclass
+class ForwardRows:
+    """One forward's rows."""
+
+    indices: list[int]  # of the responses, into the list they came from, in the rows' order
+    responses: list[Response]  # in the rows' order: the order of the batch's per-response vectors
+    heads: list[Response]  # each row's first: whose prompt (and images) the row holds
+    sequences: SequenceBatch
 
 
 class TrainWorker:
@@ -96,17 +108,27 @@ class TrainWorker:
         ds_config = deepspeed_config(self.cfg.deepspeed, 1, 1, role.grad_clip, self.bf16)
         model_class = Step3VLForValue if critic else Step3VLForConditionalGeneration
         engine = build_engine(
-            self.model_config, role.optim, ds_config, init_from, model_class, tuple(role.freeze), self.cfg.compute
-        )
+            self.model_config, role.optim, ds_config, init_from, model_class, tuple(role.freeze), self.cfg.compute,
+            role.sequence_parallel, self.cfg.algo.shared_prompt,
+        )  # fmt: skip
         if role.gradient_checkpointing:
             engine.model.gradient_checkpointing_enable()
         return engine
 
-    def _micro_batches(self, responses: list[Response], budget: int) -> list[list[int]]:
-        """Indices of `responses` in forwards of at most `budget` padded tokens, as many forwards as any
-        rank needs (a collective: ZeRO-3 gathers parameters in every forward)."""
-        lengths = [len(r.prompt.sample.input_ids) + r.length for r in responses]  # a row of sequence_batch
-        return agreed_micro_batches(lengths, budget, self.policy.engine.device)
+    def _micro_batches(self, responses: list[Response], budget: int) -> list[list[list[int]]]:
+        """`responses` in forwards of at most `budget` padded tokens, as many forwards as any rank needs (a
+        collective: ZeRO-3 gathers parameters in every forward): each forward its rows, each row the indices
+        of its responses (one, or with algo.shared_prompt a group's, after one copy of their prompt)."""
+        prompts = [len(r.prompt.sample.input_ids) for r in responses]
+        lengths = [r.length for r in responses]
+        rows = response_rows(
+            [(r.group, r.prompt.key) for r in responses], prompts, lengths, budget, self.cfg.algo.shared_prompt
+        )
+
+        def row_length(row: list[int]) -> int:
+            return shared_row_length(prompts[row[0]], [lengths[i] for i in row])
+
+        return agreed_micro_batches(rows, row_length, budget, self.policy.engine.device)
 
     # ---- scoring before the update -------------------------------------------------------------------
 
@@ -123,24 +145,24 @@ class TrainWorker:
         entropy_sum = 0.0
         if not self.cfg.on_policy_update:
             logprobs = [None] * len(responses)
-            for group in self._micro_batches(responses, self.cfg.policy.micro_batch_tokens):
-                chunk = [responses[i] for i in group]
-                sequences = self._sequences(chunk)
+            for rows in self._micro_batches(responses, self.cfg.policy.micro_batch_tokens):
+                forward = self._forward_rows(responses, rows)
+                sequences = forward.sequences
                 with torch.no_grad():
-                    token_logprobs, token_entropy = self._scores(sequences, chunk, temperature, with_entropy=True)
-                for index, row in zip(group, sequences.gather(token_logprobs.cpu()), strict=True):
+                    token_logprobs, token_entropy = self._scores(forward, temperature, with_entropy=True)
+                for index, row in zip(forward.indices, sequences.gather(token_logprobs.cpu()), strict=True):
                     logprobs[index] = row
                 token_entropy = token_entropy.cpu() * sequences.response_mask
-                entropy_sum += sum(float(token_entropy[i].sum()) for i, r in enumerate(chunk) if r.valid)
+                valid = sequences.scatter([torch.full((r.length,), float(r.valid)) for r in forward.responses])
+                entropy_sum += float((token_entropy * valid).sum())
         values: list | None = None
         if self.critic is not None:
             values = [None] * len(responses)
-            for group in self._micro_batches(responses, self.cfg.critic.micro_batch_tokens):
-                chunk = [responses[i] for i in group]
-                sequences = self._sequences(chunk)
+            for rows in self._micro_batches(responses, self.cfg.critic.micro_batch_tokens):
+                forward = self._forward_rows(responses, rows)
                 with torch.no_grad():
-                    out = self.critic.engine(**self._inputs(sequences, chunk, self.critic_features))
-                for index, row in zip(group, sequences.gather(out[:, :-1].cpu()), strict=True):
+                    out = self.critic.engine(**self._inputs(forward, self.critic_features))
+                for index, row in zip(forward.indices, forward.sequences.gather(out[:, :-1].cpu()), strict=True):
                     values[index] = row
         cache = self.policy_features or self.critic_features
         return ResponseStats(logprobs, values, entropy_sum, cache.stats() if cache is not None else {})
@@ -167,27 +189,33 @@ class TrainWorker:
 
     def _train_micro_batches(
         self, engine: deepspeed.DeepSpeedEngine, minibatch: list[Response], budget: int
-    ) -> Iterator[tuple[list[Response], SequenceBatch]]:
-        """Yields the minibatch's micro-batches (responses, their rows) for the caller to run forward and
+    ) -> Iterator[ForwardRows]:
+        """Yields the minibatch's micro-batches for the caller to run forward and
         `engine.backward` on, then makes the minibatch's one optimizer step. The boundary is set before each
         forward: False accumulates (ZeRO-3 reduce-scatters each backward's gradients into the fp32
         partitions), True on the last makes `engine.step()` update and zero them. DeepSpeed's own count
         (gradient_accumulation_steps) would step mid-minibatch where the number of micro-batches varies."""
-        groups = self._micro_batches(minibatch, budget)
-        for position, group in enumerate(groups):
-            engine.set_gradient_accumulation_boundary(position == len(groups) - 1)
-            chunk = [minibatch[i] for i in group]
-            yield chunk, self._sequences(chunk)
+        forwards = self._micro_batches(minibatch, budget)
+        for position, rows in enumerate(forwards):
+            engine.set_gradient_accumulation_boundary(position == len(forwards) - 1)
+            yield self._forward_rows(minibatch, rows)
         engine.step()
 
+    def _backward_scale(self) -> float:
+        """ZeRO-3 averages gradients over every rank; under sequence parallelism the ranks of a group compute
+        the same loss from the whole rows (LocalSequence.to_batch), whose gradient reaches each slice once
+        from every rank of the group."""
+        return dist.get_world_size() / self.cfg.sequence_parallel
+
     def _policy_step(self, minibatch: list[Response], counts: GlobalCounts) -> dict[str, float]:
-        algo, world, engine = self.cfg.algo, dist.get_world_size(), self.policy.engine
+        algo, scale, engine = self.cfg.algo, self._backward_scale(), self.policy.engine
         on_policy = self.cfg.on_policy_update
         out = {"policy_loss": 0.0, "clip_tokens": 0.0, "approx_kl": 0.0}
         out |= dict.fromkeys(LOGPROB_SUMS, 0.0)
-        for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.policy.micro_batch_tokens):
+        for forward in self._train_micro_batches(engine, minibatch, self.cfg.policy.micro_batch_tokens):
+            chunk, sequences = forward.responses, forward.sequences
             mask = sequences.scatter([r.trained_mask() for r in chunk])
-            token_logprobs, token_entropy = self._scores(sequences, chunk, self.cfg.rollout.temperature, on_policy)
+            token_logprobs, token_entropy = self._scores(forward, self.cfg.rollout.temperature, on_policy)
             device = token_logprobs.device
             mask = mask.to(device)
             rollout = sequences.scatter([torch.tensor(r.completion.logprobs) for r in chunk]).to(device)
@@ -216,18 +244,20 @@ class TrainWorker:
                 algo.clip_high,
                 algo.tis_cap,
                 algo.loss_aggregation,
+                responses_of(sequences, device),
             )
-            engine.backward(loss * world, scale_wrt_gas=False)  # ZeRO-3 averages over the ranks
+            engine.backward(loss * scale, scale_wrt_gas=False)
             out["policy_loss"] += loss.item()
             out["clip_tokens"] += float(stats["clip_fraction"])
             out["approx_kl"] += float(stats["approx_kl"])
         return out
 
     def _critic_step(self, minibatch: list[Response], counts: GlobalCounts) -> float:
-        world, engine, total = dist.get_world_size(), self.critic.engine, 0.0
-        for chunk, sequences in self._train_micro_batches(engine, minibatch, self.cfg.critic.micro_batch_tokens):
+        scale, engine, total = self._backward_scale(), self.critic.engine, 0.0
+        for forward in self._train_micro_batches(engine, minibatch, self.cfg.critic.micro_batch_tokens):
+            chunk, sequences = forward.responses, forward.sequences
             mask = sequences.scatter([r.trained_mask() for r in chunk])
-            values = engine(**self._inputs(sequences, chunk, self.critic_features))[:, :-1]
+            values = engine(**self._inputs(forward, self.critic_features))[:, :-1]
             device = values.device
             loss = value_loss(
                 values,
@@ -237,33 +267,42 @@ class TrainWorker:
                 counts,
                 self.cfg.algo.value_clip,
                 self.cfg.algo.loss_aggregation,
+                responses_of(sequences, device),
             )
-            engine.backward(loss * world, scale_wrt_gas=False)
+            engine.backward(loss * scale, scale_wrt_gas=False)
             total += loss.item()
         return total
 
-    def _sequences(self, responses: list[Response]) -> SequenceBatch:
-        return sequence_batch([(r.prompt.sample, r.completion.token_ids) for r in responses], self.pad_token_id)
+    def _forward_rows(self, responses: list[Response], rows: list[list[int]]) -> ForwardRows:
+        indices = [index for row in rows for index in row]
+        if self.cfg.algo.shared_prompt or self.cfg.sequence_parallel > 1:  # packed rows (Ulysses takes no others)
+            tokens = [[responses[i].completion.token_ids for i in row] for row in rows]
+            prompts = [responses[row[0]].prompt.sample for row in rows]
+            sequences = shared_sequence_batch(list(zip(prompts, tokens, strict=True)), self.pad_token_id)
+        else:
+            items = [(responses[i].prompt.sample, responses[i].completion.token_ids) for i in indices]
+            sequences = sequence_batch(items, self.pad_token_id)
+        return ForwardRows(indices, [responses[i] for i in indices], [responses[row[0]] for row in rows], sequences)
 
     def _scores(
-        self, sequences: SequenceBatch, responses: list[Response], temperature: float, with_entropy: bool = False
+        self, forward: ForwardRows, temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The policy's log-probs (and entropy) of the response tokens, (B, L-1) aligned with
         `response_mask`: the head runs on response positions only, `compute.loss_chunk` at a time."""
         out = self.policy.engine(
-            **self._inputs(sequences, responses, self.policy_features),
-            labels=sequences.response_labels().to(self.policy.engine.device),
+            **self._inputs(forward, self.policy_features),
+            labels=forward.sequences.response_labels().to(self.policy.engine.device),
             logprobs_temperature=temperature,
             return_entropy=with_entropy,
         )
         return out.logprobs[:, :-1], out.entropy[:, :-1] if with_entropy else None
 
-    def _inputs(self, sequences: SequenceBatch, responses: list[Response], cache: ImageFeatureCache | None) -> dict:
-        """The model's inputs for these rows (`responses`, in order): the cached tower features of their
-        images in place of the pixels where `cache` has them all."""
+    def _inputs(self, forward: ForwardRows, cache: ImageFeatureCache | None) -> dict:
+        """The model's inputs for these rows: the cached tower features of their images in place of the
+        pixels where `cache` has them all."""
         engine = self.policy.engine
-        features = cache.batch(responses) if cache is not None else None
-        batch = sequences.batch if features is None else replace(sequences.batch, pixels=None)
+        features = cache.batch(forward.heads) if cache is not None else None
+        batch = forward.sequences.batch if features is None else replace(forward.sequences.batch, pixels=None)
         inputs = batch.model_inputs(with_labels=False, device=engine.device, pixel_dtype=engine.module.dtype)
         return inputs if features is None else {**inputs, "image_features": features}
 
@@ -307,3 +346,8 @@ class TrainWorker:
 
     def close(self) -> None:
         close_distributed()
+
+
+def responses_of(sequences: SequenceBatch, device: torch.device) -> torch.Tensor | None:
+    index = sequences.response_index
+    return index.to(device) if index is not None else None

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# `sdpa_packed` is our CPU reference for packed rows under sequence parallelism (attention.py).
-ATTENTION_KERNELS = ("auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "sdpa_packed")
+# `sdpa_packed` (the CPU's) and `flex_packed` (GPUs') find packed samples, and shared prompts, in the
+# position ids (attention.py).
+ATTENTION_KERNELS = (
+    "auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "sdpa_packed", "flex_packed",
+)  # fmt: skip
+PACKED_KERNELS = ("sdpa_packed", "flex_packed")
 # Kernels that take packed rows as one flattened row and find the samples from the position ids
 # (transformers' flash-attention path detects packing only at batch size 1).
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
@@ -50,30 +54,41 @@ class ComputeConfig:
             raise ValueError("compute.vision_chunk and compute.loss_chunk must be >= 0")
 
 
-def resolve_attention(requested: str, device_type: str, sequence_parallel: int = 1) -> str:
-    """The kernel for training rows on `device_type` ("cuda" or "cpu"). Raises AttentionChoiceError for
-    one that would materialise an (L x L) mask on a GPU, let packed samples see each other, or is not
-    installed."""
+def resolve_attention(
+    requested: str, device_type: str, sequence_parallel: int = 1, shared_prompts: bool = False
+) -> str:
+    """The kernel for training rows on `device_type` ("cuda" or "cpu"). `shared_prompts`: rows that hold a
+    prompt once and its responses after it (RL's algo.shared_prompt), which only the packed kernels read.
+    Raises AttentionChoiceError for one that would materialise an (L x L) mask on a GPU, let packed samples
+    see each other, or is not installed."""
     kernel = requested
     if requested == "auto":
         if device_type != "cuda":
-            kernel = "sdpa_packed" if sequence_parallel > 1 else "sdpa"
+            kernel = "sdpa_packed" if sequence_parallel > 1 or shared_prompts else "sdpa"
+        elif shared_prompts or (sequence_parallel > 1 and not _flash_attn_installed()):
+            kernel = "flex_packed"
         else:
             kernel = "flash_attention_2" if _flash_attn_installed() else "flex_attention"
     if device_type == "cuda" and kernel in ("sdpa", "sdpa_packed"):
         raise AttentionChoiceError(
             f"compute.attention={kernel} builds an (L x L) mask for packed and padded rows (16 GiB at 128K tokens), "
             "which GPUs cannot afford at the paper's lengths: use compute.attention=flash_attention_2 (pip install "
-            "flash-attn) or flex_attention"
+            "flash-attn), flex_packed or flex_attention"
         )
-    if device_type != "cuda" and kernel in (*VARLEN_KERNELS, "flex_attention"):
+    if device_type != "cuda" and kernel in (*VARLEN_KERNELS, "flex_attention", "flex_packed"):
         raise AttentionChoiceError(f"compute.attention={kernel} is a GPU kernel; on the CPU use sdpa (or auto)")
-    if sequence_parallel > 1 and kernel not in (*VARLEN_KERNELS, "sdpa_packed"):
+    if shared_prompts and kernel not in PACKED_KERNELS:
         raise AttentionChoiceError(
-            f"trainer.sequence_parallel={sequence_parallel} needs a kernel that finds the packed samples in the "
+            f"algo.shared_prompt=true lays a group's responses after one copy of its prompt, a mask only "
+            f"{' and '.join(PACKED_KERNELS)} read from the position ids, not compute.attention={kernel}: use "
+            "compute.attention=auto (flex_packed on GPUs), or algo.shared_prompt=false"
+        )
+    if sequence_parallel > 1 and kernel not in (*VARLEN_KERNELS, *PACKED_KERNELS):
+        raise AttentionChoiceError(
+            f"sequence_parallel={sequence_parallel} needs a kernel that finds the packed samples in the "
             f"gathered position ids: DeepSpeed's Ulysses drops the {kernel} mask (and rebuilds flex's as plainly "
-            "causal), so packed samples would attend to each other. Use compute.attention=flash_attention_2 on "
-            "GPUs (sdpa_packed is the CPU reference)"
+            "causal), so packed samples would attend to each other. Use compute.attention=flash_attention_2 or "
+            "flex_packed on GPUs (sdpa_packed is the CPU reference)"
         )
     if kernel == "flash_attention_2" and not _flash_attn_installed():
         raise AttentionChoiceError("compute.attention=flash_attention_2 needs flash-attn: pip install flash-attn")

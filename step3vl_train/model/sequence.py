@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -33,6 +34,35 @@ class LocalSequence:
     def is_whole(self) -> bool:
         """The whole batch, possibly flattened: outputs can be put back in (B, L) shape."""
         return self.input_ids.numel() == self.batch_shape[0] * self.batch_shape[1]
+
+    def to_batch(self, values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Per-position values of this part (its shape) -> (B, L) of the whole batch: reshaped where this rank
+        holds it all, else gathered over the sequence-parallel `group` (RL's log-probs and values: every rank
+        of the group then computes the same losses from the whole rows)."""
+        if self.is_whole:
+            return values.reshape(self.batch_shape)
+        rows, length = self.batch_shape
+        return _GatherSlices.apply(values, group)[:, : rows * length].reshape(rows, length)
+
+
+class _GatherSlices(torch.autograd.Function):
+    """(1, l) slices of the sequence-parallel ranks -> (1, l x size), in rank order. Backward: the whole
+    gradient summed over the group (each rank's loss read the whole), and this rank's slice of it."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, values.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        part = grad.shape[1] // size
+        return grad[:, rank * part : (rank + 1) * part], None
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -242,7 +242,8 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         their number; the head runs only on labelled positions, `compute.loss_chunk` at a time, and no
         logits are returned. With `logprobs_temperature` as well: `logprobs` (B, L), log p(labels[t + 1])
         at position t under softmax(logits / temperature), 0 where unlabelled (RL's scores), and with
-        `return_entropy` the entropy there too; no loss.
+        `return_entropy` the entropy there too; no loss. Under sequence parallelism each rank computes its
+        slice's and receives the whole batch's (`LocalSequence.to_batch`).
         """
         targets = shift_targets(labels) if labels is not None else None
         outputs, local = self.decode(
@@ -274,12 +275,10 @@ class Step3VLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if logprobs_temperature is None:
             count = num_items_in_batch if num_items_in_batch is not None else max(int(scored.sum()), 1)
             return Step3VLOutput(loss=-logprobs.sum() / count)
-        if not local.is_whole:
-            raise ValueError("per-token log-probs need the whole batch on this rank (no sequence parallelism)")
-        shape = local.batch_shape
+        group = self.runtime.sequence_group
         return Step3VLOutput(
-            logprobs=_scatter(logprobs, scored, shape),
-            entropy=_scatter(entropy, scored, shape) if want_entropy else None,
+            logprobs=local.to_batch(_scatter(logprobs, scored), group),
+            entropy=local.to_batch(_scatter(entropy, scored), group) if want_entropy else None,
         )
 
     def decode(
@@ -427,8 +426,8 @@ def _is_prefill(past_key_values) -> bool:
     return past_key_values is None or past_key_values.get_seq_length() == 0
 
 
-def _scatter(values: torch.Tensor, where: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(N,) values at the N True positions of `where` -> (B, L), zero elsewhere."""
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the N True positions of `where`, zero elsewhere."""
     out = values.new_zeros(where.shape)
     out[where] = values
-    return out.reshape(shape)
+    return out

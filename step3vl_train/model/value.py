@@ -33,13 +33,14 @@ class Step3VLForValue(Step3VLForConditionalGeneration):
         image_features: ViewFeatures | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """(B, L) float32: V(s_t) after each token. `image_features`: as the policy's `forward` takes them."""
-        outputs, _ = self.decode(
+        """(B, L) float32: V(s_t) after each token (under sequence parallelism, the whole batch's on every
+        rank of the group). `image_features`: as the policy's `forward` takes them."""
+        outputs, local = self.decode(
             input_ids, attention_mask, position_ids, None, None, pixel_values, patch_pixel_values, num_patches, False,
             image_features=image_features,
         )  # fmt: skip
-        hidden = outputs.last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()
+        values = self.value_head(outputs.last_hidden_state).squeeze(-1).float()
+        return local.to_batch(values, self.runtime.sequence_group)
 
 
 def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ def build_engine(
     freeze: tuple[str, ...] = (),
     compute: ComputeConfig | None = None,
     sequence_parallel: int = 1,
+    shared_prompts: bool = False,
 ) -> Engine:
     """Builds the model partitioned from the start (transformers' zero.Init path, which also gathers each
     module to initialise it), loads `init_from` (a released-format directory) if given, then wraps it in
@@ -60,13 +61,14 @@ def build_engine(
     copies from them. Parameters whose names start with a prefix in `freeze` are not trained.
 
     `compute` picks the attention kernel for this device and the chunk sizes; `sequence_parallel` > 1
-    wraps the kernel in DeepSpeed's Ulysses attention, consecutive ranks sharing one packed row. The image
+    wraps the kernel in DeepSpeed's Ulysses attention, consecutive ranks sharing one packed row;
+    `shared_prompts` takes a kernel that reads RL's shared-prompt rows (model/attention.py). The image
     path and the head are kept whole on every rank (`keep_whole`). Call after torch.distributed is
     initialised."""
     compute = compute or ComputeConfig()
     check_gradient_reduce(ds_config.get("zero_optimization", {}), sequence_parallel)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    kernel = resolve_attention(compute.attention, device_type, sequence_parallel)
+    kernel = resolve_attention(compute.attention, device_type, sequence_parallel, shared_prompts)
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     # A copy: the kernel is recorded in the config, and the caller's may build other models.

@@ -25,7 +25,8 @@ Every figure is bytes per rank, from the model's shapes, the run's lengths and t
   input of every call is kept, and one block of one call is recomputed at a time (VIT_SAVED); by calls:
   one call's every block is recomputed at a time, and only the tokens are kept.
 - Attention: flash and flex keep O(T) (in the layer's tensors); sdpa with a mask, the CPU's kernel, keeps
-  a (B, L, L) bool mask. Ulysses adds its all-to-all buffers (q, k, v in both layouts).
+  a (B, L, L) bool mask; flex_packed (RL's shared prompts) a block mask over the whole rows, four int32
+  (L/128 x L/128) tables a row. Ulysses adds its all-to-all buffers (q, k, v in both layouts).
 - Transient parts (*) happen at different moments of a step (the head's tile at the start of backward,
   a decoder layer's recompute, a vision call's recompute, the gather after the update): only the largest
   counts towards the total.
@@ -62,6 +63,7 @@ LAYER_PEAK = "kept + b * (2 * intermediate + hidden)"
 VIT_SAVED = "9 * width + 4 * mlp"
 CUDA_CONTEXT_GIB = 1.5  # CUDA context, cuBLAS workspaces and NCCL buffers
 FRAGMENTATION = 0.10  # the caching allocator's slack, on top of everything else
+FLEX_BLOCK = 128  # flex attention's block size, each side
 HOST_BYTES_PER_VIEW = 2 * 3 * 504 * 504  # a uint8 504 crop window plus as much again of its image's source
 
 
@@ -236,9 +238,12 @@ def decoder_parts(config: Step3VLConfig, shape: TrainingShape) -> list[Part]:
     else:
         every = kept * layers * tokens
         parts.append(Part("decoder activations", every, f"{layers} layers x {tokens} x {kept:,.0f} B ({LAYER_KEPT})"))
+    rows, length = shape.micro_batch, shape.seq_len
     if shape.attention in ("sdpa", "sdpa_packed", "eager"):
-        rows, length = shape.micro_batch, shape.seq_len
         parts.append(Part("attention mask", rows * length * length, f"{rows} x ({length} x {length}) bool"))
+    if shape.attention == "flex_packed":
+        blocks = -(-length // FLEX_BLOCK)
+        parts.append(Part("flex block mask", rows * 16 * blocks**2, f"{rows} x 4 x ({blocks} x {blocks}) int32"))
     if shape.sequence_parallel > 1:
         parts.append(Part("Ulysses all-to-all", 2 * b * tokens * (q + 2 * kv), "q, k, v in both layouts"))
     head_tokens = min(shape.loss_chunk or tokens, tokens)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch.distributed as dist
+from deepspeed.runtime.sequence_parallel import parallel_state_sp
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
 from step3vl_train.data.loader import PackedLoader
@@ -48,6 +49,12 @@ def init_sequence_parallel(model, size: int, kernel: str):
     if size == 1:
         return None
     data_parallel_rank(size)  # the divisibility check, before DeepSpeed's own assertion
+    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is not None:
+        # A second model of the process (RL's critic beside the policy): DeepSpeed keeps one set of groups a
+        # process, and has wrapped the kernel for every model already; wrapping it again would nest Ulysses.
+        if parallel_state_sp.get_sequence_parallel_world_size() != size:
+            raise ValueError("every model of a process must have the same sequence_parallel")
+        return parallel_state_sp
     return UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model,
         core_attn_implementation=kernel,

@@ -64,33 +64,40 @@ def test_flattened_rows_through_the_reference_kernel_equal_transformers_packed_m
 
 
 @pytest.mark.parametrize(
-    "requested,device,sp,flash,chosen",
+    "requested,device,sp,flash,shared,chosen",
     [
-        ("auto", "cpu", 1, False, "sdpa"),
-        ("auto", "cpu", 2, False, "sdpa_packed"),
-        ("auto", "cuda", 1, True, "flash_attention_2"),
-        ("auto", "cuda", 1, False, "flex_attention"),
-        ("auto", "cuda", 4, True, "flash_attention_2"),
-        ("flex_attention", "cuda", 1, False, "flex_attention"),
+        ("auto", "cpu", 1, False, False, "sdpa"),
+        ("auto", "cpu", 2, False, False, "sdpa_packed"),
+        ("auto", "cuda", 1, True, False, "flash_attention_2"),
+        ("auto", "cuda", 1, False, False, "flex_attention"),
+        ("auto", "cuda", 4, True, False, "flash_attention_2"),
+        ("auto", "cuda", 4, False, False, "flex_packed"),  # flex reading the samples from the position ids
+        ("flex_attention", "cuda", 1, False, False, "flex_attention"),
+        ("auto", "cpu", 1, False, True, "sdpa_packed"),  # RL's shared prompts: a packed kernel
+        ("auto", "cuda", 4, True, True, "flex_packed"),
     ],
 )
-def test_the_kernel_for_the_device(monkeypatch, requested, device, sp, flash, chosen):
+def test_the_kernel_for_the_device(monkeypatch, requested, device, sp, flash, shared, chosen):
     monkeypatch.setattr("step3vl_train.model.compute._flash_attn_installed", lambda: flash)
-    assert resolve_attention(requested, device, sp) == chosen
+    assert resolve_attention(requested, device, sp, shared) == chosen
 
 
 @pytest.mark.parametrize(
-    "requested,device,sp,flash,reason",
+    "requested,device,sp,flash,shared,reason",
     [
-        ("sdpa", "cuda", 1, True, "L x L"),  # a materialised mask at 128K
-        ("sdpa_packed", "cuda", 2, True, "L x L"),
-        ("auto", "cuda", 4, False, "Ulysses drops"),  # flex under SP: samples would see each other
-        ("flex_attention", "cuda", 2, True, "Ulysses drops"),
-        ("flash_attention_2", "cuda", 1, False, "pip install flash-attn"),
-        ("flash_attention_2", "cpu", 1, True, "GPU kernel"),
+        ("sdpa", "cuda", 1, True, False, "L x L"),  # a materialised mask at 128K
+        ("sdpa_packed", "cuda", 2, True, False, "L x L"),
+        ("flex_attention", "cuda", 2, True, False, "Ulysses drops"),  # flex's own mask: samples would mix
+        ("flash_attention_2", "cuda", 1, False, False, "pip install flash-attn"),
+        ("flash_attention_2", "cpu", 1, True, False, "GPU kernel"),
+        ("flex_packed", "cpu", 1, False, True, "GPU kernel"),
+        ("flash_attention_2", "cuda", 1, True, True, "algo.shared_prompt"),  # no mask for a shared prompt
+        ("sdpa", "cpu", 1, False, True, "algo.shared_prompt"),
     ],
 )
-def test_kernels_that_cannot_keep_samples_apart_or_fit_are_refused(monkeypatch, requested, device, sp, flash, reason):
+def test_kernels_that_cannot_keep_samples_apart_or_fit_are_refused(
+    monkeypatch, requested, device, sp, flash, shared, reason
+):
     monkeypatch.setattr("step3vl_train.model.compute._flash_attn_installed", lambda: flash)
     with pytest.raises(AttentionChoiceError, match=reason):
-        resolve_attention(requested, device, sp)
+        resolve_attention(requested, device, sp, shared)

@@ -15,7 +15,7 @@ import torch
 
 from rl.algos.losses import AGGREGATIONS, GlobalCounts, policy_loss
 from rl.experience import Completion, Prompt, Response, sequence_batch
-from rl.micro_batches import count_micro_batches, padded_tokens, split_micro_batches
+from rl.micro_batches import count_micro_batches, padded_tokens, response_rows, shared_row_length, split_micro_batches
 from tests.rl.ranks import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,15 +64,17 @@ def test_the_largest_forward_is_balanced():
     assert sorted(len(g) for g in groups) == [2, 2, 2]
 
 
-def fake_responses(lengths, prompt_sample, seed=0):
-    """Responses of these lengths to one prompt, with log-probs and advantages to train on."""
+def fake_responses(lengths, prompt_sample, seed=0, per_prompt=1):
+    """Responses of these lengths, `per_prompt` consecutive ones to each prompt (all of them the same
+    sample), with log-probs and advantages to train on."""
     generator = torch.Generator().manual_seed(seed)
     responses = []
     for index, length in enumerate(lengths):
         tokens = torch.randint(11, 1000, (length,), generator=generator).tolist()
         rollout = (-torch.rand(length, generator=generator) * 3).tolist()
-        prompt = Prompt(f"k{index}", "t", prompt_sample, [], [], "math")
-        response = Response(index, prompt, Completion(tokens, rollout, "stop"), valid=index % 5 != 4)
+        group = index // per_prompt
+        prompt = Prompt(f"k{group}", "t", prompt_sample, [], [], "math")
+        response = Response(group, prompt, Completion(tokens, rollout, "stop"), valid=index % 5 != 4)
         response.old_logprobs = torch.tensor(rollout) + 0.1 * torch.randn(length, generator=generator)
         response.advantages = torch.randn(length, generator=generator)
         response.values = torch.randn(length, generator=generator)
@@ -168,6 +170,12 @@ def record_backwards(engine) -> list[int]:
     return trace
 
 
+def forwards_needed(lengths, budget, shared):
+    """This rank's forwards for a share (a 25-token prompt to each 3 consecutive responses), before agreeing."""
+    rows = response_rows([i // 3 for i in range(len(lengths))], [25] * len(lengths), lengths, budget, shared)
+    return count_micro_batches([shared_row_length(25, [lengths[i] for i in row]) for row in rows], budget)
+
+
 def rank_main(rank: int, port: int, out: Path) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -185,7 +193,7 @@ def rank_main(rank: int, port: int, out: Path) -> None:
     sample = processor([{"role": "user", "content": "Say the secret digit."}], add_generation_prompt=True)
     assert len(sample.input_ids) == 25
     minibatches = [
-        [fake_responses(SHARES[r][m], sample, seed=10 * m + r) for r in range(2)] for m in range(2)
+        [fake_responses(SHARES[r][m], sample, seed=10 * m + r, per_prompt=3) for r in range(2)] for m in range(2)
     ]  # [minibatch][rank]
     counts = [global_counts(minibatches[m][0] + minibatches[m][1]) for m in range(2)]
     mine = minibatches[0][rank] + minibatches[1][rank]
@@ -193,15 +201,16 @@ def rank_main(rank: int, port: int, out: Path) -> None:
     initial = {name: partition(engine) for name, engine in engines.items()}
     worker.save(str(out / "initial"))
     results = {}
-    for budget in (LARGE, SMALL):
+    for budget, shared in ((LARGE, False), (SMALL, False), (SMALL, True)):
         worker.load(str(out / "initial"))
         assert all(torch.equal(partition(engine), initial[name]) for name, engine in engines.items())
+        worker.cfg.algo.shared_prompt = shared
         for role in (worker.cfg.policy, worker.cfg.critic):
             role.micro_batch_tokens = budget
         stats = worker.score(mine, 1.0)
         traces = {name: record_backwards(engine) for name, engine in engines.items()}
         sums = worker.update(mine, counts)
-        results[budget] = {
+        results[budget, shared] = {
             "old_logprobs": stats.old_logprobs,
             "values": stats.values,
             "entropy_sum": stats.entropy_sum,
@@ -209,7 +218,7 @@ def rank_main(rank: int, port: int, out: Path) -> None:
             "traces": traces,
             "global_steps": {name: engine.global_steps for name, engine in engines.items()},
             "moved": {name: partition(engine) - initial[name] for name, engine in engines.items()},
-            "needed": [count_micro_batches([25 + n for n in share], budget) for share in SHARES[rank]],
+            "needed": [forwards_needed(share, budget, shared) for share in SHARES[rank]],
         }
         for engine in engines.values():
             del engine.backward  # the class's again
@@ -222,24 +231,27 @@ def test_two_ranks_step_once_a_minibatch_and_any_budget_gives_the_same_update(tm
     """Rank 0 needs 3 forwards for minibatch 0 where rank 1 needs 2, and 2 for minibatch 1 where rank 1
     needs 1: both make 3 then 2 (else ZeRO-3's gathers hang), the optimizer steps after the 3rd and after
     the 5th backward only (DeepSpeed's own count, or a step every micro-batch, would step elsewhere), and
-    the scores, losses and parameter updates equal those of one forward a minibatch."""
+    the scores, losses and parameter updates equal those of one forward a minibatch. So do they with each
+    prompt's responses in shared rows (algo.shared_prompt), a group split over rows where the budget cuts."""
     run_ranks("tests.rl.test_micro_batches", tmp_path, timeout=300)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        small, large = results[SMALL], results[LARGE]
-        assert small["needed"] == ([3, 2] if rank == 0 else [2, 1])
-        for name in ("policy", "critic"):
-            assert large["traces"][name] == [0, 1], name  # one forward a minibatch
-            assert small["traces"][name] == [0, 0, 0, 1, 1], name  # 3 then 2 forwards, a step after each set
-            assert small["global_steps"][name] == large["global_steps"][name] == 2
-            assert small["moved"][name].abs().max() > 1e-4
-            torch.testing.assert_close(small["moved"][name], large["moved"][name], rtol=1e-4, atol=1e-6)
-        for key in ("old_logprobs", "values"):
-            for got, expected in zip(small[key], large[key], strict=True):
-                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        assert small["entropy_sum"] == pytest.approx(large["entropy_sum"], rel=1e-5)
-        for key, value in large["sums"].items():
-            assert small["sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        large = results[LARGE, False]
+        for shared in (False, True):
+            small = results[SMALL, shared]
+            assert small["needed"] == ([3, 2] if rank == 0 else [2, 1])
+            for name in ("policy", "critic"):
+                assert large["traces"][name] == [0, 1], name  # one forward a minibatch
+                assert small["traces"][name] == [0, 0, 0, 1, 1], name  # 3 then 2 forwards, a step after each set
+                assert small["global_steps"][name] == large["global_steps"][name] == 2
+                assert small["moved"][name].abs().max() > 1e-4
+                torch.testing.assert_close(small["moved"][name], large["moved"][name], rtol=1e-4, atol=1e-6)
+            for key in ("old_logprobs", "values"):
+                for got, expected in zip(small[key], large[key], strict=True):
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            assert small["entropy_sum"] == pytest.approx(large["entropy_sum"], rel=1e-5)
+            for key, value in large["sums"].items():
+                assert small["sums"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (shared, key)
 
 
 if __name__ == "__main__":
