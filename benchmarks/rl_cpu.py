@@ -5,7 +5,7 @@ timings it logs in metrics.jsonl.
 python benchmarks/rl_cpu.py phases [--steps 10]
 python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096 1024:12:4096:768:12]
 python benchmarks/rl_cpu.py engine [--lengths 64 256 1024]
-python benchmarks/rl_cpu.py shared [--repeats 3]
+python benchmarks/rl_cpu.py shared [--repeats 7]
 
 `phases`: the tiny model on the synthetic RL prompts (images), 8 prompts x 4 responses of up to 48 tokens,
 PPO with the critic. The first iteration is left out (warm-up). `sync`: the decoder at hidden:layers:ffn,
@@ -17,7 +17,8 @@ growth of peak RSS over generation after a short warm-up one, in a fresh process
 logits that keeping every step's would take. `shared`: a group's shared prompt computed once
 (algo.shared_prompt) against a row a response, in TrainWorker's scoring and update (one rank, ZeRO-3 over
 gloo, PPO with the critic, the tiny model) on PaCoRe's shape (16 responses to one prompt, prompt:response
-3:1) and RLVR's (1:5); the median time of `--repeats` from the same weights, and how far the results differ.
+3:1) and RLVR's (1:5); the median time of `--repeats` from the same weights (the two ways in turn), and how
+far the results differ.
 Each mode prints a Markdown table.
 """
 
@@ -184,21 +185,22 @@ def shared_prompts(args, work: Path) -> None:
             responses.append(response)
         half = GROUP // 2  # two minibatches: the scoring pass gives the old log-probs
         counts = [GlobalCounts(sum(lengths[:half]), half), GlobalCounts(sum(lengths[half:]), half)]
-        results, forwards = {}, []
+        times, outcome, forwards = {False: [], True: []}, {}, []
         for shared in (False, True):
             worker.cfg.algo.shared_prompt = shared
             forwards.append(len(worker._micro_batches(responses, BUDGET)))
-            times = []
-            for _ in range(args.repeats):
+        for _ in range(args.repeats):  # the two ways in turn, so that the machine's drift falls on both
+            for shared in (False, True):
+                worker.cfg.algo.shared_prompt = shared
                 worker.load(str(work / "initial"))
                 started = time.perf_counter()
                 stats = worker.score(responses, 1.0)
                 for response, old, values in zip(responses, stats.old_logprobs, stats.values, strict=True):
                     response.old_logprobs, response.values = old, values
                 sums = worker.update(responses, counts)
-                times.append(time.perf_counter() - started)
-            results[shared] = (statistics.median(times), stats, sums)
-        plain, shared = results[False], results[True]
+                times[shared].append(time.perf_counter() - started)
+                outcome[shared] = (stats, sums)
+        plain, shared = [(statistics.median(times[s]), *outcome[s]) for s in (False, True)]
         difference = max(
             max(float((a - b).abs().max()) for a, b in zip(plain[1].old_logprobs, shared[1].old_logprobs, strict=True)),
             max(float((a - b).abs().max()) for a, b in zip(plain[1].values, shared[1].values, strict=True)),
@@ -218,7 +220,7 @@ def shared_prompts(args, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["phases", "sync", "engine", "engine-one", "shared"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096", "1024:12:4096:768:12"]

@@ -14,7 +14,7 @@ from rl.algos.losses import AGGREGATIONS
 from rl.pacore.config import PaCoReConfig
 from rl.rewards.scorer import RewardConfig
 from step3vl_train.data.config import SourceConfig, train_source
-from step3vl_train.model.compute import ComputeConfig
+from step3vl_train.model.compute import PACKED_KERNELS, ComputeConfig
 from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.processing.model_processor import model_settings
 from step3vl_train.train.config import LoggingConfig, OptimConfig
@@ -289,6 +289,13 @@ class RLConfig:
         size, world = self.policy.sequence_parallel, self.trainer.world_size
         if size < 1 or world % size:
             raise ValueError(f"policy.sequence_parallel={size} must divide trainer.world_size={world}")
+        kernel = self.compute.attention
+        if self.algo.shared_prompt and kernel not in ("auto", *PACKED_KERNELS):
+            raise ValueError(
+                f"algo.shared_prompt=true lays a group's responses after one copy of its prompt, a mask only "
+                f"{' and '.join(PACKED_KERNELS)} read, not compute.attention={kernel}: use compute.attention=auto, "
+                "or algo.shared_prompt=false"
+            )
         if self.uses_critic and self.critic.sequence_parallel != size:
             raise ValueError(
                 f"critic.sequence_parallel={self.critic.sequence_parallel} differs from policy.sequence_parallel="

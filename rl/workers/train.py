@@ -190,11 +190,11 @@ class TrainWorker:
     def _train_micro_batches(
         self, engine: deepspeed.DeepSpeedEngine, minibatch: list[Response], budget: int
     ) -> Iterator[ForwardRows]:
-        """Yields the minibatch's micro-batches for the caller to run forward and
-        `engine.backward` on, then makes the minibatch's one optimizer step. The boundary is set before each
-        forward: False accumulates (ZeRO-3 reduce-scatters each backward's gradients into the fp32
-        partitions), True on the last makes `engine.step()` update and zero them. DeepSpeed's own count
-        (gradient_accumulation_steps) would step mid-minibatch where the number of micro-batches varies."""
+        """Yields the minibatch's micro-batches for the caller to run forward and `engine.backward` on, then
+        makes the minibatch's one optimizer step. The boundary is set before each forward: False accumulates
+        (ZeRO-3 reduce-scatters each backward's gradients into the fp32 partitions), True on the last makes
+        `engine.step()` update and zero them. DeepSpeed's own count (gradient_accumulation_steps) would step
+        mid-minibatch where the number of micro-batches varies."""
         forwards = self._micro_batches(minibatch, budget)
         for position, rows in enumerate(forwards):
             engine.set_gradient_accumulation_boundary(position == len(forwards) - 1)

@@ -69,6 +69,39 @@ class PackedLayout:
         )  # fmt: skip
 
 
+@dataclass
+class SamplePiece:
+    """One sample of a row, as `sdpa_packed` runs it."""
+
+    own: slice  # its tokens
+    prompt: slice  # the keys of the prompt it continues (empty: none)
+    mask: torch.Tensor | None  # (own, prompt + own) where its queries alone go in with an explicit mask
+
+
+def sample_pieces(position_ids: torch.Tensor) -> list[list[SamplePiece]] | None:
+    """Each row's samples (None: one sample a row, starting at 0: plainly causal). A sample with a prompt
+    takes the prompt's keys, then its own, causally; where it is the longer part, the prompt's queries go in
+    too and their outputs are dropped (no mask): the causal kernel skips the masked half, which costs less
+    than an explicit mask over the sample's own keys."""
+    layout = PackedLayout.of(position_ids)
+    if layout.is_causal:
+        return None
+    rows = []
+    for row in range(position_ids.shape[0]):
+        sample = layout.sample[row]
+        starts = torch.nonzero(torch.diff(sample, prepend=sample[:1] - 1)).flatten().tolist()
+        pieces = []
+        for start, end in zip(starts, [*starts[1:], len(sample)], strict=True):
+            prompt = slice(int(layout.prefix_start[row, start]), int(layout.prefix_end[row, start]))
+            length, prompt_length, mask = end - start, prompt.stop - prompt.start, None
+            if prompt_length and prompt_length >= length:
+                mask = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+                mask = torch.cat([mask.new_ones(length, prompt_length), mask], dim=1)
+            pieces.append(SamplePiece(slice(start, end), prompt, mask))
+        rows.append(pieces)
+    return rows
+
+
 def sdpa_packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -91,47 +124,58 @@ def sdpa_packed_attention(
         if query.shape[0] != 1 or query.shape[2] != 1:
             raise ValueError("sdpa_packed decodes one unpadded row at a time")
         return attend(query, key, value).transpose(1, 2).contiguous(), None
-    layout = PackedLayout.of(position_ids) if position_ids is not None else None
-    if layout is None or layout.is_causal:
+    plan = SAMPLE_PIECES.of(position_ids) if position_ids is not None else None
+    if plan is None:
         return attend(query, key, value, is_causal=True).transpose(1, 2).contiguous(), None
     rows = []
-    for row in range(query.shape[0]):
+    for row, pieces in enumerate(plan):
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
-        starts = torch.nonzero(torch.diff(layout.sample[row], prepend=layout.sample[row, :1] - 1)).flatten().tolist()
-        pieces = []
-        for start, end in zip(starts, [*starts[1:], query.shape[2]], strict=True):
-            prompt = slice(int(layout.prefix_start[row, start]), int(layout.prefix_end[row, start]))
-            own = slice(start, end)
+        outputs = []
+        for piece in pieces:
+            own, prompt = piece.own, piece.prompt
             if prompt.start == prompt.stop:
-                pieces.append(attend(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True))
+                outputs.append(attend(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True))
                 continue
-            # the prompt's keys, then the sample's own, causal
-            mask = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
-            mask = torch.cat([mask.new_ones(end - start, prompt.stop - prompt.start), mask], dim=1)
             keys = torch.cat([k[:, :, prompt], k[:, :, own]], dim=2)
-            pieces.append(attend(q[:, :, own], keys, torch.cat([v[:, :, prompt], v[:, :, own]], dim=2), attn_mask=mask))
-        rows.append(torch.cat(pieces, dim=2))
+            values = torch.cat([v[:, :, prompt], v[:, :, own]], dim=2)
+            if piece.mask is not None:
+                outputs.append(attend(q[:, :, own], keys, values, attn_mask=piece.mask))
+                continue
+            queries = torch.cat([q[:, :, prompt], q[:, :, own]], dim=2)
+            outputs.append(attend(queries, keys, values, is_causal=True)[:, :, prompt.stop - prompt.start :])
+        rows.append(torch.cat(outputs, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
-class _BlockMasks:
-    """The block mask of the last position ids seen: every layer of a forward gets the same ones (a fresh
-    tensor each under Ulysses, which gathers them a layer), and building the mask is the costly part."""
+class PerPositions:
+    """What `build` makes of the last position ids seen: every layer of a forward gets the same ones (the
+    same tensor, or under Ulysses a fresh gathered one a layer, compared by value), and building is the
+    costly part."""
 
-    def __init__(self):
-        self.position_ids: torch.Tensor | None = None
-        self.mask: BlockMask | None = None
+    def __init__(self, build):
+        self.build = build
+        self.seen: torch.Tensor | None = None  # the tensor last given
+        self.position_ids: torch.Tensor | None = None  # a copy of its values
+        self.built = None
 
-    def of(self, position_ids: torch.Tensor) -> BlockMask:
+    def of(self, position_ids: torch.Tensor):
+        if position_ids is self.seen:
+            return self.built
         known = self.position_ids
-        if known is None or known.shape != position_ids.shape or known.device != position_ids.device:
-            known = None
-        if known is None or not torch.equal(known, position_ids):
-            self.position_ids, self.mask = position_ids.clone(), PackedLayout.of(position_ids).block_mask()
-        return self.mask
+        same = (
+            known is not None
+            and known.shape == position_ids.shape
+            and known.device == position_ids.device
+            and torch.equal(known, position_ids)
+        )
+        if not same:
+            self.position_ids, self.built = position_ids.clone(), self.build(position_ids)
+        self.seen = position_ids
+        return self.built
 
 
-BLOCK_MASKS = _BlockMasks()
+SAMPLE_PIECES = PerPositions(sample_pieces)
+BLOCK_MASKS = PerPositions(lambda position_ids: PackedLayout.of(position_ids).block_mask())
 
 
 def flex_packed_attention(

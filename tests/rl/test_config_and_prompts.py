@@ -65,6 +65,9 @@ def test_cpu_overrides_and_options():
         (["algo.max_staleness=-1"], "algo.max_staleness must be at least 0"),
         (["rollout.partial=true"], "rollout.partial continues a response .* algo.max_staleness >= 1"),
         (["rollout.partial_extra=-0.5"], "rollout.partial_extra must be at least 0"),
+        (["compute.attention=flash_attention_2"], "algo.shared_prompt=true .* compute.attention=auto"),
+        (["policy.sequence_parallel=3"], "policy.sequence_parallel=3 must divide trainer.world_size=2"),
+        (["trainer.world_size=4", "policy.sequence_parallel=2", "critic.sequence_parallel=1"], "set them equal"),
         (
             ["rollout=vllm", "rollout.colocate=true", "trainer.num_gpus_per_rank=1", "algo.max_staleness=1"],
             "colocated engines sleep then",

@@ -37,17 +37,20 @@ def test_a_continuing_sample_sees_the_prompt_and_itself_only():
     assert not PackedLayout.of(positions).is_causal
 
 
-def test_flex_attention_with_the_block_mask_equals_the_dense_mask():
-    """Forward only: flex attention has no backward on the CPU (its own, on GPUs, is benchmarks/gpu's)."""
+def test_flex_attention_with_the_block_mask_equals_the_per_sample_kernel():
+    """Forward only: flex attention has no backward on the CPU (its own, on GPUs, is benchmarks/gpu's). The
+    block mask is built once for equal position ids (a fresh tensor a layer under Ulysses), again for others."""
     torch.manual_seed(0)
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 0, 1, 2, 0, 1]] * 2)
     positions[1] = torch.arange(16)
+    other = torch.tensor([[0, 1, 2, 3, 4, 5, 2, 3, 4, 2, 3, 4, 5, 6, 0, 1]] * 2)
     query, key, value = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
-    dense, _ = sdpa_packed_attention(torch.nn.Module(), query, key, value, None, position_ids=positions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # eager flex on the CPU says it is unfused
-        flex, _ = flex_packed_attention(torch.nn.Module(), query, key, value, None, position_ids=positions)
-    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-6)
+    for position_ids in (positions, positions.clone(), other, positions):
+        dense, _ = sdpa_packed_attention(torch.nn.Module(), query, key, value, None, position_ids=position_ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager flex on the CPU says it is unfused
+            flex, _ = flex_packed_attention(torch.nn.Module(), query, key, value, None, position_ids=position_ids)
+        torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_a_group_fills_rows_within_the_budget_and_a_rank_splits_rows_to_agree():
@@ -81,7 +84,7 @@ def packed(model_class, config):
 def test_shared_rows_give_a_row_each_numbers_and_gradients(tiny_config, tiny_processor, kind):
     prompt = noise_prompt(tiny_processor) if kind == "image" else text_prompt(tiny_processor)
     generator = torch.Generator().manual_seed(1)
-    lengths = [7, 3, 12, 5, 9]
+    lengths = [7, 3, 60, 5, 9]  # one longer than the prompt: the kernel takes the other way for it
     responses = [torch.randint(11, 500, (n,), generator=generator).tolist() for n in lengths]
     old = [-torch.rand(n, generator=generator) for n in lengths]
     advantages = [torch.randn(n, generator=generator) for n in lengths]
