@@ -5,7 +5,7 @@ timings it logs in metrics.jsonl.
 python benchmarks/rl_cpu.py phases [--steps 10]
 python benchmarks/rl_cpu.py sync [--sizes 64:2:128 256:4:1024 512:8:2048 1024:12:4096 1024:12:4096:768:12]
 python benchmarks/rl_cpu.py engine [--lengths 64 256 1024]
-python benchmarks/rl_cpu.py shared [--repeats 7]
+python benchmarks/rl_cpu.py shared [--repeats 5] [--layers 8]
 
 `phases`: the tiny model on the synthetic RL prompts (images), 8 prompts x 4 responses of up to 48 tokens,
 PPO with the critic. The first iteration is left out (warm-up). `sync`: the decoder at hidden:layers:ffn,
@@ -159,7 +159,9 @@ def shared_prompts(args, work: Path) -> None:
     register_recipes()
     overrides = ["stage=rlvr", "model=tiny", "processor=tiny", "tokenizer=tiny", "prompts.train=unused.tar",
                  "rollout.n=16", "prompts.prompts_per_step=1", "algo.minibatches=2", "algo.estimator=gae",
-                 f"policy.micro_batch_tokens={BUDGET}", f"critic.micro_batch_tokens={BUDGET}"]  # fmt: skip
+                 f"policy.micro_batch_tokens={BUDGET}", f"critic.micro_batch_tokens={BUDGET}",
+                 f"model.text_config.num_hidden_layers={args.layers}",
+                 f"model.text_config.max_window_layers={args.layers}"]  # fmt: skip
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         config = OmegaConf.to_container(compose("rl", overrides), resolve=True)
     torch.manual_seed(0)
@@ -220,7 +222,8 @@ def shared_prompts(args, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["phases", "sync", "engine", "engine-one", "shared"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=8, help="shared: decoder layers of the tiny model")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--sizes", nargs="+", default=["64:2:128", "256:4:1024", "512:8:2048", "1024:12:4096", "1024:12:4096:768:12"]
