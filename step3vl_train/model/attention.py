@@ -12,8 +12,9 @@ once and each response after it, every response attending to the prompt and to i
 such mask; flex attention takes it as a block mask, whose fully masked blocks it skips, so a response row
 costs what its own tokens and the prompt's cost.
 
-`sdpa_packed` runs each sample apart (a Python loop over them: the CPU's reference, refused on GPUs by
-compute.resolve_attention); `flex_packed` builds a block mask from the same rule, once a forward.
+`sdpa_packed` is the CPU's reference, refused on GPUs by compute.resolve_attention: one call under an (L x L)
+mask where no sample continues a prompt, else a call a sample (a Python loop); `flex_packed` builds a block
+mask from the same rule, once a forward.
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ class PackedLayout:
         return cls(first.cumsum(-1), anchor.clamp(min=0), prefix_end)
 
     @property
+    def shares_prompts(self) -> bool:
+        """Whether a sample continues a prompt."""
+        return bool((self.prefix_end > self.prefix_start).any())
+
+    @property
     def is_causal(self) -> bool:
-        """One sample a row, starting at 0: the plain causal mask."""
-        return bool((self.sample[:, -1] == self.sample[:, 0]).all() and (self.prefix_end == 0).all())
+        """One sample a row, sharing no prompt: the plain causal mask."""
+        return bool((self.sample[:, -1] == self.sample[:, 0]).all()) and not self.shares_prompts
 
     def allows(self, b: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Whether query q of row b sees key k (broadcasting index tensors; flex attention's mask_mod)."""
@@ -78,14 +84,28 @@ class SamplePiece:
     mask: torch.Tensor | None  # (own, prompt + own) where its queries alone go in with an explicit mask
 
 
-def sample_pieces(position_ids: torch.Tensor) -> list[list[SamplePiece]] | None:
-    """Each row's samples (None: one sample a row, starting at 0: plainly causal). A sample with a prompt
-    takes the prompt's keys, then its own, causally; where it is the longer part, the prompt's queries go in
-    too and their outputs are dropped (no mask): the causal kernel skips the masked half, which costs less
-    than an explicit mask over the sample's own keys."""
+@dataclass
+class PackedPlan:
+    """How `sdpa_packed` runs a batch's rows: plainly causal (neither field: one sample a row, from 0); one
+    call under the samples' block-diagonal mask (`mask`, (B, 1, L, L): rows whose samples share nothing, as
+    pre-training and SFT pack them, at the CPU's lengths); or a call a sample (`pieces`, each row's: rows where
+    samples continue a prompt)."""
+
+    mask: torch.Tensor | None = None
+    pieces: list[list[SamplePiece]] | None = None
+
+
+def packed_plan(position_ids: torch.Tensor) -> PackedPlan:
+    """A sample with a prompt takes the prompt's keys, then its own, causally; where it is the longer part,
+    the prompt's queries go in too and their outputs are dropped (no mask): the causal kernel skips the
+    masked half, which costs less than an explicit mask over the sample's own keys."""
     layout = PackedLayout.of(position_ids)
     if layout.is_causal:
-        return None
+        return PackedPlan()
+    if not layout.shares_prompts:
+        earlier = torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool).tril()
+        mask = (layout.sample[:, :, None] == layout.sample[:, None, :]) & earlier.to(position_ids.device)
+        return PackedPlan(mask=mask[:, None])
     rows = []
     for row in range(position_ids.shape[0]):
         sample = layout.sample[row]
@@ -99,7 +119,7 @@ def sample_pieces(position_ids: torch.Tensor) -> list[list[SamplePiece]] | None:
                 mask = torch.cat([mask.new_ones(length, prompt_length), mask], dim=1)
             pieces.append(SamplePiece(slice(start, end), prompt, mask))
         rows.append(pieces)
-    return rows
+    return PackedPlan(pieces=rows)
 
 
 def sdpa_packed_attention(
@@ -115,20 +135,20 @@ def sdpa_packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """query (B, heads, Lq, D), key and value (B, kv_heads, Lk, D) -> (B, Lq, heads, D).
 
-    Rows are packed samples told apart by `position_ids` (B, Lq), as above: each sample attends over its
-    own keys (and the prompt it continues) only, one call a sample, so that a row costs what its samples
-    cost apart. A decode step over a KV cache (Lq < Lk, one unpadded row, as in generation) attends to
-    every cached key."""
+    Rows are packed samples told apart by `position_ids` (B, Lq), as above (`packed_plan`: where samples
+    continue a prompt, one call a sample, so that a row costs what its samples cost apart). A decode step
+    over a KV cache (Lq < Lk, one unpadded row, as in generation) attends to every cached key."""
     attend = functools.partial(F.scaled_dot_product_attention, scale=scaling, dropout_p=dropout, enable_gqa=True)
     if query.shape[2] != key.shape[2]:
         if query.shape[0] != 1 or query.shape[2] != 1:
             raise ValueError("sdpa_packed decodes one unpadded row at a time")
         return attend(query, key, value).transpose(1, 2).contiguous(), None
-    plan = SAMPLE_PIECES.of(position_ids) if position_ids is not None else None
-    if plan is None:
-        return attend(query, key, value, is_causal=True).transpose(1, 2).contiguous(), None
+    plan = PACKED_PLANS.of(position_ids) if position_ids is not None else PackedPlan()
+    if plan.pieces is None:
+        out = attend(query, key, value, attn_mask=plan.mask, is_causal=plan.mask is None)
+        return out.transpose(1, 2).contiguous(), None
     rows = []
-    for row, pieces in enumerate(plan):
+    for row, pieces in enumerate(plan.pieces):
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
         outputs = []
         for piece in pieces:
@@ -174,7 +194,7 @@ class PerPositions:
         return self.built
 
 
-SAMPLE_PIECES = PerPositions(sample_pieces)
+PACKED_PLANS = PerPositions(packed_plan)
 BLOCK_MASKS = PerPositions(lambda position_ids: PackedLayout.of(position_ids).block_mask())
 
 
