@@ -14,7 +14,7 @@ from rl.algos.losses import AGGREGATIONS
 from rl.pacore.config import PaCoReConfig
 from rl.rewards.scorer import RewardConfig
 from step3vl_train.data.config import SourceConfig, train_source
-from step3vl_train.model.compute import PACKED_KERNELS, ComputeConfig
+from step3vl_train.model.compute import ComputeConfig, check_shared_prompts
 from step3vl_train.model.config import Step3VLConfig
 from step3vl_train.processing.model_processor import model_settings
 from step3vl_train.train.config import LoggingConfig, OptimConfig
@@ -257,7 +257,7 @@ class RLConfig:
             raise ValueError(f"trainer.eval_every must be 0 (never) or positive, not {self.trainer.eval_every}")
         if (self.trainer.eval_every or self.trainer.eval_before_train) and not self.prompts.eval:
             raise ValueError("trainer.eval_every and eval_before_train need held-out prompts: prompts.eval is empty")
-        self._check_sequence_parallel()
+        self._check_forward_rows()
         responses = self.prompts.prompts_per_step * self.rollout.n
         if responses % (self.algo.minibatches * self.data_parallel):
             raise ValueError(
@@ -285,17 +285,13 @@ class RLConfig:
         wrote it, so that forward's log-probs are the old ones and no scoring pass computes them."""
         return self.algo.minibatches == 1 and self.algo.epochs == 1
 
-    def _check_sequence_parallel(self) -> None:
+    def _check_forward_rows(self) -> None:
+        """Sequence parallelism, and the kernel that reads shared-prompt rows."""
         size, world = self.policy.sequence_parallel, self.trainer.world_size
         if size < 1 or world % size:
             raise ValueError(f"policy.sequence_parallel={size} must divide trainer.world_size={world}")
-        kernel = self.compute.attention
-        if self.algo.shared_prompt and kernel not in ("auto", *PACKED_KERNELS):
-            raise ValueError(
-                f"algo.shared_prompt=true lays a group's responses after one copy of its prompt, a mask only "
-                f"{' and '.join(PACKED_KERNELS)} read, not compute.attention={kernel}: use compute.attention=auto, "
-                "or algo.shared_prompt=false"
-            )
+        if self.algo.shared_prompt:
+            check_shared_prompts(self.compute.attention)  # here as well as where the engine resolves it: at start
         if self.uses_critic and self.critic.sequence_parallel != size:
             raise ValueError(
                 f"critic.sequence_parallel={self.critic.sequence_parallel} differs from policy.sequence_parallel="

@@ -233,7 +233,7 @@ def minibatches(
     global counts of valid tokens and responses of each minibatch (each sequence-parallel group's once)."""
     rng = random.Random(cfg.trainer.seed * 1_000_003 + step)
     size = cfg.sequence_parallel
-    shares = [list(share) for share in rank_shares(responses, world, size)[::size]]  # a group's, once
+    shares = [list(share) for share in rank_shares(responses, world // size)]  # a sequence-parallel group's
     for share in shares:
         rng.shuffle(share)
     per_rank = len(responses) // (cfg.algo.minibatches * len(shares))

@@ -118,9 +118,9 @@ def response_rows(
 def agreed_micro_batches(rows: list[list[int]], row_length, budget: int, device: torch.device) -> list[list[list[int]]]:
     """A collective of every rank: this rank's rows (lists of response indices) split into as many
     micro-batches as the rank that needs the most (an all-reduce MAX on `device`, the engine's: NCCL takes
-    no CPU tensors). A rank with fewer rows than that splits its longest rows of several responses in two (each half
-    repeats the prompt) until it has enough, which it can where every rank holds the same number of
-    responses. `row_length(row)`: its tokens."""
+    no CPU tensors). A rank with fewer rows than that splits its longest rows of several responses in two
+    (each half repeats the prompt) until it has enough, which it can where every rank holds the same number
+    of responses. `row_length(row)`: its tokens."""
     count = torch.tensor(count_micro_batches([row_length(row) for row in rows], budget), device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     rows = enough_rows(rows, int(count), row_length)

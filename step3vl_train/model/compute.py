@@ -77,12 +77,8 @@ def resolve_attention(
         )
     if device_type != "cuda" and kernel in (*VARLEN_KERNELS, "flex_attention", "flex_packed"):
         raise AttentionChoiceError(f"compute.attention={kernel} is a GPU kernel; on the CPU use sdpa (or auto)")
-    if shared_prompts and kernel not in PACKED_KERNELS:
-        raise AttentionChoiceError(
-            f"algo.shared_prompt=true lays a group's responses after one copy of its prompt, a mask only "
-            f"{' and '.join(PACKED_KERNELS)} read from the position ids, not compute.attention={kernel}: use "
-            "compute.attention=auto (flex_packed on GPUs), or algo.shared_prompt=false"
-        )
+    if shared_prompts:
+        check_shared_prompts(kernel)
     if sequence_parallel > 1 and kernel not in (*VARLEN_KERNELS, *PACKED_KERNELS):
         raise AttentionChoiceError(
             f"sequence_parallel={sequence_parallel} needs a kernel that finds the packed samples in the "
@@ -93,6 +89,16 @@ def resolve_attention(
     if kernel == "flash_attention_2" and not _flash_attn_installed():
         raise AttentionChoiceError("compute.attention=flash_attention_2 needs flash-attn: pip install flash-attn")
     return kernel
+
+
+def check_shared_prompts(kernel: str) -> None:
+    """Refuses a kernel (a requested one: `auto` picks a packed one) that cannot read RL's shared-prompt rows."""
+    if kernel not in ("auto", *PACKED_KERNELS):
+        raise AttentionChoiceError(
+            f"algo.shared_prompt=true lays a group's responses after one copy of its prompt, a mask only "
+            f"{' and '.join(PACKED_KERNELS)} read from the position ids, not compute.attention={kernel}: use "
+            "compute.attention=auto (flex_packed on GPUs), or algo.shared_prompt=false"
+        )
 
 
 def _flash_attn_installed() -> bool:
